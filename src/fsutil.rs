@@ -1,0 +1,269 @@
+//! Durable file operations: the one recipe for writes (temp, fsync, rename, fsync dir),
+//! tree copies, atomic exchange of two directories, and free-space checks.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// A filesystem operation that failed, with the path it failed on.
+#[derive(Debug, Error)]
+pub enum FsError {
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error(
+        "not enough free space in {path}: {needed} bytes needed, {available} available; free space there (old backups are \
+         listed by `etcd-migrate status`) and run again"
+    )]
+    NoSpace { path: PathBuf, needed: u64, available: u64 },
+    #[error("{path} is a symbolic link or special file; refusing to follow it")]
+    NotRegular { path: PathBuf },
+}
+
+impl FsError {
+    pub(crate) fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+        move |source| FsError::Io { op, path: path.to_path_buf(), source }
+    }
+
+    /// The error came from a full disk.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            FsError::NoSpace { .. } => true,
+            FsError::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            FsError::NotRegular { .. } => false,
+        }
+    }
+}
+
+/// fsync a directory so that renames and creations inside it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
+    let f = File::open(dir).map_err(FsError::io("open dir", dir))?;
+    f.sync_all().map_err(FsError::io("fsync dir", dir))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably: a crash leaves the old content or the new,
+/// never an empty or partial file.
+pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
+    let dir = parent_of(path);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(FsError::io("create", &tmp))?;
+        f.write_all(bytes).map_err(FsError::io("write", &tmp))?;
+        fail::fail_point!("write-durable-before-fsync", |_| Err(injected(&tmp)));
+        f.sync_all().map_err(FsError::io("fsync", &tmp))?;
+        drop(f);
+        fail::fail_point!("write-durable-before-rename", |_| Err(injected(&tmp)));
+        fs::rename(&tmp, path).map_err(FsError::io("rename", path))?;
+        fail::fail_point!("write-durable-after-rename", |_| Err(injected(path)));
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The error a failpoint returns when it is configured to fail rather than crash.
+pub(crate) fn injected(path: &Path) -> FsError {
+    FsError::Io { op: "failpoint", path: path.to_path_buf(), source: io::Error::other("injected failure") }
+}
+
+/// Creates a directory (and parents) with the given mode for the leaf.
+pub fn create_dir_mode(path: &Path, mode: u32) -> Result<(), FsError> {
+    fs::DirBuilder::new().recursive(true).mode(mode).create(path).map_err(FsError::io("create dir", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(FsError::io("chmod", path))
+}
+
+/// Bytes used by the regular files of a tree (symlinks are not followed).
+pub fn tree_size(root: &Path) -> Result<u64, FsError> {
+    let meta = fs::symlink_metadata(root).map_err(FsError::io("stat", root))?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    if !meta.is_dir() {
+        return Ok(0);
+    }
+    let mut total = 0;
+    for entry in fs::read_dir(root).map_err(FsError::io("read dir", root))? {
+        let entry = entry.map_err(FsError::io("read dir", root))?;
+        total += tree_size(&entry.path())?;
+    }
+    Ok(total)
+}
+
+/// Free bytes available to us on the filesystem holding `path`.
+pub fn available_space(path: &Path) -> Result<u64, FsError> {
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| FsError::Io { op: "statvfs", path: path.to_path_buf(), source: e.into() })?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Refuses early when `dir`'s filesystem cannot take `needed` more bytes (plus 5% and 1 MiB slack).
+pub fn ensure_space(dir: &Path, needed: u64) -> Result<(), FsError> {
+    let want = needed + needed / 20 + (1 << 20);
+    let available = available_space(dir)?;
+    if available < want {
+        return Err(FsError::NoSpace { path: dir.to_path_buf(), needed: want, available });
+    }
+    Ok(())
+}
+
+/// Copies a tree of directories and regular files durably (each file and directory fsynced),
+/// keeping permission bits. Symlinks and special files are refused: a data dir has none.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<u64, FsError> {
+    let meta = fs::symlink_metadata(src).map_err(FsError::io("stat", src))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_dir() {
+        create_dir_mode(dst, mode)?;
+        let mut copied = 0;
+        let mut entries: Vec<_> = fs::read_dir(src)
+            .map_err(FsError::io("read dir", src))?
+            .collect::<Result<_, _>>()
+            .map_err(FsError::io("read dir", src))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            copied += copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
+            fail::fail_point!("copy-tree-mid-copy", |_| Err(injected(dst)));
+        }
+        fsync_dir(dst)?;
+        Ok(copied)
+    } else if meta.is_file() {
+        let mut from = File::open(src).map_err(FsError::io("open", src))?;
+        let mut to = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(dst)
+            .map_err(FsError::io("create", dst))?;
+        let n = io::copy(&mut from, &mut to).map_err(FsError::io("copy to", dst))?;
+        to.sync_all().map_err(FsError::io("fsync", dst))?;
+        Ok(n)
+    } else {
+        Err(FsError::NotRegular { path: src.to_path_buf() })
+    }
+}
+
+/// Atomically exchanges two paths on the same filesystem (renameat2 RENAME_EXCHANGE), then
+/// fsyncs their parent: either both have moved or neither.
+pub fn exchange(a: &Path, b: &Path) -> Result<(), FsError> {
+    let ca = cpath(a)?;
+    let cb = cpath(b)?;
+    // SAFETY-free: a plain syscall through libc with valid NUL-terminated paths.
+    let rc = unsafe_renameat2(&ca, &cb, libc::RENAME_EXCHANGE);
+    if rc != 0 {
+        return Err(FsError::Io { op: "exchange", path: a.to_path_buf(), source: io::Error::last_os_error() });
+    }
+    fsync_dir(parent_of(a))?;
+    if parent_of(a) != parent_of(b) {
+        fsync_dir(parent_of(b))?;
+    }
+    Ok(())
+}
+
+fn cpath(p: &Path) -> Result<CString, FsError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| FsError::Io {
+        op: "path",
+        path: p.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"),
+    })
+}
+
+#[allow(unsafe_code)]
+fn unsafe_renameat2(a: &CString, b: &CString, flags: libc::c_uint) -> libc::c_int {
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
+    unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) }
+}
+
+/// Renames durably (fsync of the destination's parent, and the source's when different).
+pub fn rename_durable(from: &Path, to: &Path) -> Result<(), FsError> {
+    fs::rename(from, to).map_err(FsError::io("rename", from))?;
+    fsync_dir(parent_of(to))?;
+    if parent_of(from) != parent_of(to) {
+        fsync_dir(parent_of(from))?;
+    }
+    Ok(())
+}
+
+/// Removes a tree if it exists.
+pub fn remove_tree(path: &Path) -> Result<(), FsError> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FsError::Io { op: "stat", path: path.to_path_buf(), source: e }),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(FsError::io("remove", path)),
+        Ok(_) => fs::remove_file(path).map_err(FsError::io("remove", path)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_durable_replaces_content_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("version.txt");
+        write_durable(&p, b"3.4.23/etcd3\n", 0o644).unwrap();
+        write_durable(&p, b"3.5.1/etcd3\n", 0o644).unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "3.5.1/etcd3\n");
+        let names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn copy_tree_copies_modes_and_bytes_and_refuses_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir_all(src.join("member/wal")).unwrap();
+        fs::write(src.join("member/wal/0.wal"), vec![7u8; 70_000]).unwrap();
+        fs::set_permissions(src.join("member"), fs::Permissions::from_mode(0o700)).unwrap();
+        let n = copy_tree(&src, &d.path().join("dst")).unwrap();
+        assert_eq!(n, 70_000);
+        assert_eq!(fs::read(d.path().join("dst/member/wal/0.wal")).unwrap(), vec![7u8; 70_000]);
+        let mode = fs::metadata(d.path().join("dst/member")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        std::os::unix::fs::symlink("/etc", src.join("escape")).unwrap();
+        let e = copy_tree(&src, &d.path().join("dst2")).unwrap_err();
+        assert!(matches!(e, FsError::NotRegular { .. }), "{e}");
+    }
+
+    #[test]
+    fn exchange_swaps_two_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        fs::write(a.join("x"), "old").unwrap();
+        fs::write(b.join("x"), "new").unwrap();
+        exchange(&a, &b).unwrap();
+        assert_eq!(fs::read_to_string(a.join("x")).unwrap(), "new");
+        assert_eq!(fs::read_to_string(b.join("x")).unwrap(), "old");
+    }
+
+    #[test]
+    fn ensure_space_refuses_with_the_figures() {
+        let d = tempfile::tempdir().unwrap();
+        let e = ensure_space(d.path(), u64::MAX / 4).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("bytes needed") && msg.contains(&d.path().display().to_string()), "{msg}");
+        assert!(e.is_no_space());
+        ensure_space(d.path(), 1).unwrap();
+    }
+}

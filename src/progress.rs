@@ -1,0 +1,154 @@
+//! The only writer of version.txt and of the journal of completed steps.
+//!
+//! version.txt always names what the data on disk really is: it is rewritten atomically and
+//! durably after every completed step (or written into a staged data dir before the swap that
+//! makes it live).
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::fsutil::{self, FsError};
+use crate::version::{ParseError, VersionFile};
+
+/// The file the image contract revolves around.
+pub const VERSION_FILE: &str = "version.txt";
+/// One JSON object per line: what each run did, for `status` and for people.
+pub const JOURNAL_FILE: &str = "etcd-migrate.journal";
+
+/// Reading or writing progress failed.
+#[derive(Debug, Error)]
+pub enum ProgressError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(
+        "{path} holds {content:?}, which is not <X.Y.Z>/<etcd2|etcd3>; it must name the version and storage that wrote the \
+         data (e.g. 3.0.17/etcd3); fix it by hand, nothing was changed"
+    )]
+    Garbage { path: PathBuf, content: String },
+}
+
+/// Reads `<dir>/version.txt`: `Ok(None)` when there is none.
+pub fn read_version(dir: &Path) -> Result<Option<VersionFile>, ProgressError> {
+    let path = dir.join(VERSION_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FsError::Io { op: "read", path, source: e }.into()),
+    };
+    let content = String::from_utf8_lossy(&bytes).into_owned();
+    content.parse().map(Some).map_err(|_: ParseError| ProgressError::Garbage { path, content })
+}
+
+/// Records that the data in `dir` now is `vf`: atomic, durable.
+pub fn record(dir: &Path, vf: VersionFile) -> Result<(), ProgressError> {
+    fail::fail_point!("record-before-write", |_| Err(fsutil::injected(dir).into()));
+    fsutil::write_durable(&dir.join(VERSION_FILE), format!("{vf}\n").as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// UTC time, RFC 3339.
+    pub at: String,
+    /// `step`, `backup`, `restore`, `fresh`.
+    pub event: String,
+    /// Step kind (`upgrade`, `migrate-storage`, ...), when the event is a step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub elapsed_ms: u64,
+    /// Keys seen after the step, when counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<u64>,
+    /// Free-form details: TTL counts, backup path.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Appends an entry to `<dir>/etcd-migrate.journal` and fsyncs it.
+pub fn append_journal(dir: &Path, entry: &JournalEntry) -> Result<(), ProgressError> {
+    let path = dir.join(JOURNAL_FILE);
+    let mut line = serde_json::to_vec(entry).unwrap_or_default();
+    line.push(b'\n');
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(FsError::io("open", &path))?;
+    f.write_all(&line).map_err(FsError::io("append", &path))?;
+    f.sync_all().map_err(FsError::io("fsync", &path))?;
+    Ok(())
+}
+
+/// The last `n` readable journal entries (a torn last line is skipped).
+pub fn read_journal(dir: &Path, n: usize) -> Vec<JournalEntry> {
+    let Ok(f) = fs::File::open(dir.join(JOURNAL_FILE)) else {
+        return Vec::new();
+    };
+    let all: Vec<JournalEntry> = BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    all[all.len().saturating_sub(n)..].to_vec()
+}
+
+/// Current UTC time as RFC 3339 with seconds.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_then_read_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(read_version(d.path()).unwrap().is_none());
+        record(d.path(), "3.4.23/etcd3".parse().unwrap()).unwrap();
+        assert_eq!(fs::read_to_string(d.path().join(VERSION_FILE)).unwrap(), "3.4.23/etcd3\n");
+        assert_eq!(read_version(d.path()).unwrap().unwrap().to_string(), "3.4.23/etcd3");
+    }
+
+    #[test]
+    fn garbage_version_file_is_quoted_in_the_error() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(VERSION_FILE), "3.4.23/etcd5\n").unwrap();
+        let e = read_version(d.path()).unwrap_err().to_string();
+        assert!(e.contains("\"3.4.23/etcd5\\n\""), "{e}");
+        fs::write(d.path().join(VERSION_FILE), "").unwrap();
+        assert!(read_version(d.path()).is_err(), "an empty version.txt is garbage, not absent");
+    }
+
+    #[test]
+    fn journal_keeps_the_last_entries_and_skips_torn_lines() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            let e = JournalEntry {
+                at: now_rfc3339(),
+                event: "step".into(),
+                kind: Some("upgrade".into()),
+                from: format!("3.{i}.0/etcd3"),
+                to: format!("3.{}.0/etcd3", i + 1),
+                elapsed_ms: i,
+                keys: Some(10),
+                detail: Default::default(),
+            };
+            append_journal(d.path(), &e).unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(d.path().join(JOURNAL_FILE)).unwrap();
+        f.write_all(b"{\"at\":\"torn").unwrap();
+        let last = read_journal(d.path(), 2);
+        assert_eq!(last.len(), 2);
+        assert_eq!(last[1].to, "3.5.0/etcd3");
+    }
+}
