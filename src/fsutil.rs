@@ -82,6 +82,7 @@ pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError
 }
 
 /// The error a failpoint returns when it is configured to fail rather than crash.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub(crate) fn injected(path: &Path) -> FsError {
     FsError::Io { op: "failpoint", path: path.to_path_buf(), source: io::Error::other("injected failure") }
 }

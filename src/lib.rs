@@ -1,8 +1,13 @@
 //! etcd-migrate: brings an etcd data directory to the version a manifest asks for.
 pub mod cli;
 pub mod config;
+pub mod datadir;
+pub mod etcd;
 pub mod fsutil;
+pub mod failpoints;
 pub mod plan;
+pub mod run;
 pub mod progress;
+pub mod steps;
 pub mod storage;
 pub mod version;

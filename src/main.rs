@@ -1,1 +1,58 @@
-fn main() {}
+//! Entry point: parse, resolve config, run, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use etcd_migrate::cli::{Cli, Command};
+use etcd_migrate::config::{self, Env, LogFormat};
+use etcd_migrate::run::{self, RealEtcd, RunError};
+
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_max_level(tracing::Level::INFO);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Migrate);
+    let needs_target = matches!(command, Command::Migrate | Command::Run { .. } | Command::Plan { .. });
+    let config = match config::resolve(&cli.opts, &Env::from_process(), needs_target) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("etcd-migrate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    etcd_migrate::failpoints::setup();
+    let result: Result<(), RunError> = match &command {
+        Command::Plan { output } => run::print_plan(&config, *output),
+        Command::Status { output } => run::print_status(&config, *output),
+        Command::Restore { backup } => block_on(run::restore(&config, backup)),
+        Command::Migrate => block_on(run::migrate(&config, &mut RealEtcd, "migrate")).map(|_| ()),
+        Command::Run { etcd_args } => match block_on(run::migrate(&config, &mut RealEtcd, "run")) {
+            Ok(target) => Err(run::exec_etcd(&config, &config.bin_dir, target, etcd_args)),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(exit_code = e.exit_code(), "{e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// One thread: children are spawned from the main thread, so their parent-death signal fires
+/// only when this process dies.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => panic!("cannot start the async runtime: {e}"),
+    }
+}

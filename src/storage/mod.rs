@@ -1,1 +1,5 @@
-//! On-disk formats of etcd, read and written by hand (no I/O policy here).
+//! On-disk formats of etcd, read and written by hand (no I/O policy here). No published Rust
+//! crate reads etcd's bbolt backend or writes a 2.2.1-compatible WAL, so these are ours.
+pub mod bbolt;
+pub mod mvcc;
+pub mod walinfo;

@@ -1,0 +1,135 @@
+//! A summary of a store's keys that two steps can compare: counts and digests.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Keys whose name starts with this are ours (health probes), never the user's.
+pub const PROBE_PREFIX: &str = "/etcd-migrate-probe";
+
+/// What a store held at the end of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fingerprint {
+    /// Every key (v2: leaf keys; directories do not count).
+    pub keys: u64,
+    /// Keys without a TTL (v2) or lease (v3).
+    pub permanent: u64,
+    /// Digest over (key, value) of every key, in key order.
+    pub content: String,
+    /// Digest over (key, value, create revision, mod revision) of permanent keys, in key order.
+    pub permanent_digest: String,
+}
+
+impl Fingerprint {
+    /// Keys with a TTL or lease: they may expire between steps.
+    pub fn expiring(&self) -> u64 {
+        self.keys - self.permanent
+    }
+}
+
+/// Builds a fingerprint from keys fed in key order.
+#[derive(Default)]
+pub struct FingerprintBuilder {
+    keys: u64,
+    permanent: u64,
+    content: Sha256,
+    permanent_digest: Sha256,
+}
+
+fn feed(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+impl FingerprintBuilder {
+    /// Adds one key; probe keys are skipped.
+    pub fn add(&mut self, key: &[u8], value: &[u8], create: i64, modified: i64, expiring: bool) {
+        if key.starts_with(PROBE_PREFIX.as_bytes()) {
+            return;
+        }
+        self.keys += 1;
+        feed(&mut self.content, key);
+        feed(&mut self.content, value);
+        if !expiring {
+            self.permanent += 1;
+            feed(&mut self.permanent_digest, key);
+            feed(&mut self.permanent_digest, value);
+            self.permanent_digest.update(create.to_le_bytes());
+            self.permanent_digest.update(modified.to_le_bytes());
+        }
+    }
+
+    pub fn finish(self) -> Fingerprint {
+        let hex = |h: Sha256| h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>();
+        Fingerprint {
+            keys: self.keys,
+            permanent: self.permanent,
+            content: hex(self.content),
+            permanent_digest: hex(self.permanent_digest),
+        }
+    }
+}
+
+/// How the store after a step compares with the one before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Comparison {
+    Same,
+    /// Only keys with a TTL or lease went away (they expired, as etcd does).
+    Expired { gone: u64 },
+    Differs(String),
+}
+
+/// Compares two fingerprints of the same storage.
+pub fn compare(before: &Fingerprint, after: &Fingerprint) -> Comparison {
+    if before == after {
+        return Comparison::Same;
+    }
+    if before.permanent != after.permanent || before.permanent_digest != after.permanent_digest {
+        return Comparison::Differs(format!(
+            "keys without TTL: {} before, {} after (digest {} vs {})",
+            before.permanent,
+            after.permanent,
+            &before.permanent_digest[..12],
+            &after.permanent_digest[..12]
+        ));
+    }
+    if after.expiring() < before.expiring() {
+        return Comparison::Expired { gone: before.expiring() - after.expiring() };
+    }
+    Comparison::Differs(format!(
+        "keys with TTL: {} before, {} after, contents differ",
+        before.expiring(),
+        after.expiring()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(keys: &[(&str, &str, bool)]) -> Fingerprint {
+        let mut b = FingerprintBuilder::default();
+        for (i, (k, v, e)) in keys.iter().enumerate() {
+            b.add(k.as_bytes(), v.as_bytes(), i as i64 + 1, i as i64 + 1, *e);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn probe_keys_do_not_count() {
+        let a = fp(&[("/a", "1", false)]);
+        let b = fp(&[("/a", "1", false), ("/etcd-migrate-probe-m1", "x", false)]);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn comparison_tells_expiry_from_loss() {
+        let before = fp(&[("/a", "1", false), ("/e1", "x", true), ("/e2", "y", true)]);
+        let expired = fp(&[("/a", "1", false), ("/e1", "x", true)]);
+        assert_eq!(compare(&before, &expired), Comparison::Expired { gone: 1 });
+        let lost = fp(&[("/e1", "x", true), ("/e2", "y", true)]);
+        assert!(matches!(compare(&before, &lost), Comparison::Differs(_)));
+        let changed = fp(&[("/a", "2", false), ("/e1", "x", true), ("/e2", "y", true)]);
+        assert!(matches!(compare(&before, &changed), Comparison::Differs(_)));
+        assert_eq!(compare(&before, &before.clone()), Comparison::Same);
+    }
+}

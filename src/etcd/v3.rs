@@ -1,0 +1,159 @@
+//! The v3 API of a private etcd, through the etcd-client crate.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+};
+
+use super::fingerprint::{Fingerprint, FingerprintBuilder};
+
+/// Keys fetched per range request while fingerprinting.
+const PAGE: i64 = 5_000;
+
+/// A v3 client failure, as text (the crate's error type is not ours to expose).
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct V3Error {
+    pub op: &'static str,
+    pub message: String,
+}
+
+fn err(op: &'static str) -> impl FnOnce(etcd_client::Error) -> V3Error {
+    move |e| V3Error { op, message: e.to_string() }
+}
+
+/// One key as read from the v3 store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+/// A connected v3 client.
+#[derive(Clone)]
+pub struct V3 {
+    client: Client,
+}
+
+impl V3 {
+    /// Connects to `url`; each request gives up after `request_timeout`.
+    pub async fn connect(url: &str, request_timeout: Duration) -> Result<V3, V3Error> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(request_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let client = Client::connect([url], Some(opts)).await.map_err(err("connect"))?;
+        Ok(V3 { client })
+    }
+
+    /// Puts a key; returns the store revision after the put.
+    pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<i64, V3Error> {
+        let r = self.client.put(key, value, None).await.map_err(err("put"))?;
+        Ok(r.header().map(|h| h.revision()).unwrap_or_default())
+    }
+
+    pub async fn delete(&mut self, key: &[u8]) -> Result<(), V3Error> {
+        self.client.delete(key, None).await.map_err(err("delete"))?;
+        Ok(())
+    }
+
+    /// Reads every key in key order, a page at a time, at one revision.
+    pub async fn for_each_key(
+        &mut self,
+        mut f: impl FnMut(KeyValue),
+    ) -> Result<i64, V3Error> {
+        let mut start: Vec<u8> = vec![0];
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(vec![0])
+                .with_limit(PAGE)
+                .with_sort(SortTarget::Key, SortOrder::Ascend);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self.client.get(start.clone(), Some(opts)).await.map_err(err("range"))?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            let kvs = resp.kvs();
+            for kv in kvs {
+                f(KeyValue {
+                    key: kv.key().to_vec(),
+                    value: kv.value().to_vec(),
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                    version: kv.version(),
+                    lease: kv.lease(),
+                });
+            }
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok(revision),
+            }
+        }
+    }
+
+    /// Fingerprint of the whole keyspace (probe keys excluded).
+    pub async fn fingerprint(&mut self) -> Result<Fingerprint, V3Error> {
+        let mut b = FingerprintBuilder::default();
+        self.for_each_key(|kv| b.add(&kv.key, &kv.value, kv.create_revision, kv.mod_revision, kv.lease != 0)).await?;
+        Ok(b.finish())
+    }
+
+    /// Grants a lease with the given TTL (seconds); returns its id.
+    pub async fn lease_grant(&mut self, ttl: i64) -> Result<i64, V3Error> {
+        let r = self.client.lease_grant(ttl, None).await.map_err(err("lease grant"))?;
+        Ok(r.id())
+    }
+
+    /// Remaining TTL of a lease (seconds), -1 when it is gone.
+    pub async fn lease_ttl(&mut self, id: i64) -> Result<i64, V3Error> {
+        let r = self.client.lease_time_to_live(id, None).await.map_err(err("lease timetolive"))?;
+        Ok(r.ttl())
+    }
+
+    /// Re-puts each key with a lease in one transaction, guarded by its mod revision: a key
+    /// changed since it was read is left alone. Returns whether the guard held.
+    pub async fn put_with_lease_guarded(
+        &mut self,
+        items: &[(Vec<u8>, Vec<u8>, i64)],
+        lease: i64,
+    ) -> Result<bool, V3Error> {
+        let compares: Vec<Compare> =
+            items.iter().map(|(k, _, rev)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev)).collect();
+        let ops: Vec<TxnOp> = items
+            .iter()
+            .map(|(k, v, _)| TxnOp::put(k.clone(), v.clone(), Some(PutOptions::new().with_lease(lease))))
+            .collect();
+        let r = self.client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(err("txn"))?;
+        Ok(r.succeeded())
+    }
+
+    /// The current key of one key (None when absent).
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>, V3Error> {
+        let r = self.client.get(key, None).await.map_err(err("get"))?;
+        Ok(r.kvs().first().map(|kv| KeyValue {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            version: kv.version(),
+            lease: kv.lease(),
+        }))
+    }
+
+    /// The cluster's members: (name, peer URLs).
+    pub async fn member_list(&mut self) -> Result<Vec<(String, Vec<String>)>, V3Error> {
+        let r = self.client.member_list().await.map_err(err("member list"))?;
+        Ok(r.members().iter().map(|m| (m.name().to_string(), m.peer_urls().to_vec())).collect())
+    }
+}

@@ -1,0 +1,505 @@
+//! Wiring: config -> inspect -> plan -> lock -> steps -> record, and `run`'s final exec.
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::cli::Output;
+use crate::config::{split_url, Config, ConfigError};
+use crate::datadir::{self, Busy, DataDirError, Inspection, OnDisk};
+use crate::etcd::bundle::{Bundle, BundleError, Tool};
+use crate::etcd::fingerprint::Fingerprint;
+use crate::fsutil::FsError;
+use crate::plan::{self, Plan, PlanError, Step};
+use crate::progress::{self, JournalEntry, ProgressError};
+use crate::steps::{self, backup, swap, Ctx, StepError, StepReport};
+use crate::version::VersionFile;
+
+/// Why a run ended without doing everything. Each maps to an exit code.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("private client port {port} is already in use on 127.0.0.1; pick a free one with --port (or LISTEN_CLIENT_URLS)")]
+    PortTaken { port: u16 },
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("data dir {data_dir} is in use: {what}; stop that etcd first (etcd-migrate must run before etcd starts)")]
+    InUse { data_dir: PathBuf, what: String },
+    #[error("step {n}/{of} ({step}) failed: {source}")]
+    Step { n: usize, of: usize, step: String, source: StepError },
+    #[error("stopped by {signal} during step {step}; the step's etcd was stopped and nothing was recorded: the data dir is as of {recorded}")]
+    Interrupted { signal: &'static str, step: String, recorded: VersionFile },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+    #[error("cannot exec {path}: {source}")]
+    Exec { path: PathBuf, source: std::io::Error },
+}
+
+impl RunError {
+    /// 1 a step failed; 2 bad input or unsupported path (nothing touched); 3 busy.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Config(_)
+            | RunError::DataDir(_)
+            | RunError::Plan(_)
+            | RunError::Bundle(_)
+            | RunError::PortTaken { .. }
+            | RunError::Refused(_) => 2,
+            RunError::Busy(_) | RunError::InUse { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// The boundary to real etcd: runs one step. The executor is generic over it so that recording,
+/// backups and failure handling are tested without processes.
+#[allow(async_fn_in_trait)]
+pub trait EtcdOps {
+    async fn run_step(
+        &mut self,
+        ctx: &Ctx<'_>,
+        step: Step,
+        before: VersionFile,
+        baseline: Option<&Fingerprint>,
+    ) -> Result<StepReport, StepError>;
+}
+
+/// Runs steps against real etcd processes.
+pub struct RealEtcd;
+
+impl EtcdOps for RealEtcd {
+    async fn run_step(
+        &mut self,
+        ctx: &Ctx<'_>,
+        step: Step,
+        _before: VersionFile,
+        baseline: Option<&Fingerprint>,
+    ) -> Result<StepReport, StepError> {
+        match step {
+            Step::Upgrade { to, cut_snapshot, .. } => steps::upgrade::run(ctx, to, cut_snapshot, baseline).await,
+            other => Err(StepError::Other(format!("step kind '{}' is not available in this build", other.kind()))),
+        }
+    }
+}
+
+/// What `plan` and `migrate` start from.
+pub struct Prepared {
+    pub inspection: Inspection,
+    pub bundle: Bundle,
+    /// `None` for a fresh dir: the target is recorded without starting etcd.
+    pub plan: Option<Plan>,
+    pub target: VersionFile,
+}
+
+/// Reads the data dir and the bundle and plans; touches nothing.
+pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
+    let target = config.target.ok_or(ConfigError::Missing { flag: "--target-version", env: "TARGET_VERSION" })?;
+    let mut inspection = datadir::inspect(&config.data_dir)?;
+    let bundle = Bundle::discover(&config.bin_dir, config.bundled_versions.as_deref())?;
+    let plan = match inspection.on_disk.current().filter(|_| inspection.on_disk.has_data()) {
+        None => {
+            plan::storage_servable(target.version, target.storage).map_err(|why| PlanError::StorageUnservable {
+                version: target.version,
+                storage: target.storage,
+                why,
+            })?;
+            None
+        }
+        Some(current) => {
+            if current != target {
+                inspection.facts = datadir::member_facts(&config.data_dir.join("member"))?;
+            }
+            Some(plan::plan(current, target, &bundle.versions, inspection.facts)?)
+        }
+    };
+    Ok(Prepared { inspection, bundle, plan, target })
+}
+
+fn check_ports_free(config: &Config) -> Result<(), RunError> {
+    for url in &config.member.client_urls {
+        if let Some((_, host, port)) = split_url(url) {
+            if TcpListener::bind((host, port)).is_err() {
+                return Err(RunError::PortTaken { port });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A data dir that is the root of a mount cannot be swapped by rename; staged steps need its parent.
+fn check_swappable(data_dir: &Path, steps: &[Step]) -> Result<(), RunError> {
+    use std::os::unix::fs::MetadataExt;
+    if !steps.iter().any(|s| s.rewrites_member_alone()) {
+        return Ok(());
+    }
+    let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (Ok(d), Ok(p)) = (std::fs::metadata(data_dir), std::fs::metadata(parent)) else { return Ok(()) };
+    if d.dev() != p.dev() {
+        return Err(RunError::Refused(format!(
+            "data dir {} is the root of a mounted volume; this step builds the new data beside it and swaps it in by \
+             rename, which needs the data dir to be a directory inside the volume (mount its parent instead)",
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Migrates the data dir to the target. Returns the target reached.
+pub async fn migrate<O: EtcdOps>(config: &Config, ops: &mut O, command: &str) -> Result<VersionFile, RunError> {
+    let t0 = Instant::now();
+    let prepared = prepare(config)?;
+    let target = prepared.target;
+    let work_leftovers = datadir::work_dir(&config.data_dir).join("staging").exists()
+        || datadir::work_dir(&config.data_dir).join("swap.json").exists();
+    if let Some(p) = &prepared.plan {
+        if p.steps.is_empty() && !work_leftovers {
+            tracing::info!(version = %target, elapsed_ms = t0.elapsed().as_millis() as u64, "data is already at the target; nothing to do");
+            return Ok(target);
+        }
+        for note in &p.notes {
+            tracing::warn!("{note}");
+        }
+        prepared.bundle.preflight(&p.steps)?;
+        check_swappable(&config.data_dir, &p.steps)?;
+        refuse_protobuf_rollback(config, p)?;
+    } else if !prepared.bundle.versions.contains(target.version) {
+        return Err(PlanError::TargetNotBundled { target: target.version, bundled: prepared.bundle.versions.clone() }.into());
+    }
+
+    let _lock = datadir::lock(&config.data_dir, command)??;
+    if let Some(what) = datadir::in_use_by(&config.data_dir) {
+        return Err(RunError::InUse { data_dir: config.data_dir.clone(), what });
+    }
+    swap::recover(&config.data_dir)?;
+    // Under the lock, look again: another run may have moved things, a recovery may have finished a step.
+    let prepared = prepare(config)?;
+    let Some(plan) = prepared.plan else {
+        return record_fresh(config, &prepared.inspection, target);
+    };
+    if plan.steps.is_empty() {
+        return Ok(target);
+    }
+    if plan.steps.iter().any(|s| !matches!(s, Step::RollbackToEtcd2 { .. })) {
+        check_ports_free(config)?;
+    }
+    let ctx = Ctx {
+        config,
+        bundle: &prepared.bundle,
+        data_dir: &config.data_dir,
+        members: prepared.inspection.facts.members,
+    };
+    execute(ops, &ctx, &plan).await?;
+    tracing::info!(version = %target, steps = plan.steps.len(), elapsed_ms = t0.elapsed().as_millis() as u64, "migration complete");
+    Ok(target)
+}
+
+fn record_fresh(config: &Config, inspection: &Inspection, target: VersionFile) -> Result<VersionFile, RunError> {
+    crate::fsutil::create_dir_mode(&config.data_dir, 0o700)?;
+    let was = inspection.on_disk.current();
+    progress::record(&config.data_dir, target)?;
+    progress::append_journal(
+        &config.data_dir,
+        &JournalEntry {
+            at: progress::now_rfc3339(),
+            event: "fresh".into(),
+            kind: None,
+            from: was.map(|v| v.to_string()).unwrap_or_else(|| "none".into()),
+            to: target.to_string(),
+            elapsed_ms: 0,
+            keys: Some(0),
+            detail: Default::default(),
+        },
+    )?;
+    tracing::info!(version = %target, "no etcd data yet: recorded the target; etcd creates the data on first start");
+    Ok(target)
+}
+
+/// The native rollback refuses protobuf values before touching anything.
+fn refuse_protobuf_rollback(config: &Config, plan: &Plan) -> Result<(), RunError> {
+    let _ = (config, plan);
+    Ok(())
+}
+
+/// Runs the steps in order, recording after each.
+pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Result<(), RunError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| FsError::Io { op: "signal", path: PathBuf::new(), source: e })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| FsError::Io { op: "signal", path: PathBuf::new(), source: e })?;
+    let mut at = plan.current;
+    let mut baseline: Option<Fingerprint> = None;
+    let n = plan.steps.len();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let label = step.to_string();
+        if matches!(step, Step::Upgrade { .. }) && step.needs_backup(at) {
+            let b = backup::copy(ctx.data_dir, at, ctx.config.backup_retention)?;
+            backup::journal(ctx.data_dir, at, &b)?;
+        }
+        tracing::info!(step = i + 1, of = n, kind = step.kind(), from = %at, to = %step.outcome(), "step {}/{n}: {label}", i + 1);
+        let t = Instant::now();
+        let result = tokio::select! {
+            r = ops.run_step(ctx, *step, at, baseline.as_ref()) => r,
+            _ = term.recv() => return Err(RunError::Interrupted { signal: "SIGTERM", step: label, recorded: at }),
+            _ = int.recv() => return Err(RunError::Interrupted { signal: "SIGINT", step: label, recorded: at }),
+        };
+        let report = result.map_err(|source| RunError::Step { n: i + 1, of: n, step: label.clone(), source })?;
+        fail::fail_point!("executor-before-record");
+        let outcome = step.outcome();
+        progress::record(ctx.data_dir, outcome)?;
+        let elapsed_ms = t.elapsed().as_millis() as u64;
+        let keys = report.fingerprint.as_ref().map(|f| f.keys);
+        progress::append_journal(
+            ctx.data_dir,
+            &JournalEntry {
+                at: progress::now_rfc3339(),
+                event: "step".into(),
+                kind: Some(step.kind().into()),
+                from: at.to_string(),
+                to: outcome.to_string(),
+                elapsed_ms,
+                keys,
+                detail: report.detail.clone(),
+            },
+        )?;
+        tracing::info!(step = i + 1, of = n, version = %outcome, elapsed_ms, keys, "step {}/{n} done; recorded {outcome}", i + 1);
+        fail::fail_point!("executor-after-record");
+        if report.fingerprint.is_some() {
+            baseline = report.fingerprint;
+        }
+        at = outcome;
+    }
+    Ok(())
+}
+
+/// `plan`: what migrate would do.
+pub fn print_plan(config: &Config, output: Output) -> Result<(), RunError> {
+    let p = prepare(config)?;
+    #[derive(Serialize)]
+    struct Out<'a> {
+        data_dir: &'a Path,
+        current: Option<VersionFile>,
+        legacy_default: bool,
+        target: VersionFile,
+        bundled: Vec<String>,
+        members: usize,
+        steps: Vec<StepOut>,
+        notes: Vec<String>,
+        allowed: Allowed,
+    }
+    #[derive(Serialize)]
+    struct StepOut {
+        #[serde(flatten)]
+        step: Step,
+        outcome: VersionFile,
+        describe: String,
+    }
+    #[derive(Serialize)]
+    struct Allowed {
+        upgrade: bool,
+        storage_migration: bool,
+        rollback: bool,
+    }
+    let members = p.inspection.facts.members;
+    let out = Out {
+        data_dir: &config.data_dir,
+        current: p.inspection.on_disk.current(),
+        legacy_default: p.inspection.on_disk == OnDisk::Legacy,
+        target: p.target,
+        bundled: p.bundle.versions.iter().map(|v| v.to_string()).collect(),
+        members,
+        steps: p
+            .plan
+            .as_ref()
+            .map(|pl| pl.steps.iter().map(|s| StepOut { step: *s, outcome: s.outcome(), describe: s.to_string() }).collect())
+            .unwrap_or_default(),
+        notes: p.plan.as_ref().map(|pl| pl.notes.iter().map(|n| n.to_string()).collect()).unwrap_or_default(),
+        allowed: Allowed { upgrade: true, storage_migration: members <= 1, rollback: members <= 1 },
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default()),
+        Output::Text => {
+            let cur = match (out.current, out.legacy_default) {
+                (None, _) => "none (fresh data dir)".to_string(),
+                (Some(v), true) => format!("{v} (no version.txt: the legacy default for a v2 WAL)"),
+                (Some(v), false) => v.to_string(),
+            };
+            println!("data dir: {}", config.data_dir.display());
+            println!("current:  {cur}");
+            println!("target:   {}", out.target);
+            println!("bundled:  {}", out.bundled.join(" "));
+            println!("members:  {members}{}", if members > 1 { " (upgrades only: storage migration and rollbacks need one member)" } else { "" });
+            match &p.plan {
+                None => println!("steps:    none; record {} (etcd creates the data on first start)", out.target),
+                Some(pl) if pl.steps.is_empty() => println!("steps:    none; already at the target"),
+                Some(_) => {
+                    println!("steps:");
+                    for (i, s) in out.steps.iter().enumerate() {
+                        println!("  {}. {}", i + 1, s.describe);
+                    }
+                }
+            }
+            for n in &out.notes {
+                println!("note: {n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `status`: recorded version, recent steps, backups, lock holder.
+pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
+    let inspection = datadir::inspect(&config.data_dir)?;
+    let members = if inspection.on_disk.has_data() {
+        datadir::member_facts(&config.data_dir.join("member")).map(|f| f.members).ok()
+    } else {
+        None
+    };
+    let journal = progress::read_journal(&config.data_dir, 10);
+    let backups = backup::list(&config.data_dir);
+    let lock = datadir::lock_holder(&config.data_dir);
+    let staging = datadir::work_dir(&config.data_dir).join("staging").exists();
+    #[derive(Serialize)]
+    struct Out<'a> {
+        data_dir: &'a Path,
+        recorded: Option<VersionFile>,
+        legacy_default: bool,
+        members: Option<usize>,
+        lock_holder: Option<String>,
+        interrupted_work: bool,
+        last_steps: Vec<JournalEntry>,
+        backups: Vec<backup::Backup>,
+    }
+    let out = Out {
+        data_dir: &config.data_dir,
+        recorded: inspection.on_disk.current(),
+        legacy_default: inspection.on_disk == OnDisk::Legacy,
+        members,
+        lock_holder: lock,
+        interrupted_work: staging,
+        last_steps: journal,
+        backups,
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default()),
+        Output::Text => {
+            println!("data dir: {}", config.data_dir.display());
+            match (out.recorded, out.legacy_default) {
+                (None, _) => println!("recorded: none (fresh)"),
+                (Some(v), true) => println!("recorded: none; the data is {v} by the legacy default"),
+                (Some(v), false) => println!("recorded: {v}"),
+            }
+            if let Some(m) = out.members {
+                println!("members:  {m}");
+            }
+            println!("lock:     {}", out.lock_holder.as_deref().unwrap_or("free"));
+            if out.interrupted_work {
+                println!("interrupted work: a staged rewrite is present; the next run finishes or discards it");
+            }
+            println!("last steps:");
+            if out.last_steps.is_empty() {
+                println!("  none");
+            }
+            for e in &out.last_steps {
+                let kind = e.kind.clone().unwrap_or_else(|| e.event.clone());
+                let keys = e.keys.map(|k| format!(", {k} keys")).unwrap_or_default();
+                println!("  {} {kind:<15} {} -> {} ({} ms{keys})", e.at, e.from, e.to, e.elapsed_ms);
+            }
+            println!("backups:");
+            if out.backups.is_empty() {
+                println!("  none");
+            }
+            for b in &out.backups {
+                println!("  {} ({}, taken {}, {} bytes)", b.path.display(), b.version, b.taken, b.bytes);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces this process with `etcd-<target>` and the pod's flags, in a scrubbed environment.
+pub fn exec_etcd(config: &Config, bundle_dir: &Path, target: VersionFile, etcd_args: &[OsString]) -> RunError {
+    use std::os::unix::process::CommandExt;
+    let path = Bundle { dir: bundle_dir.to_path_buf(), versions: Default::default() }.path(Tool::Etcd, target.version);
+    let args: Vec<String> = etcd_args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut set = Vec::new();
+    if let Some(f) = crate::etcd::release::Release::new(target.version).v2_flag(target.storage) {
+        if !args.iter().any(|a| a.starts_with("--enable-v2")) {
+            tracing::info!("etcd2 storage on {}: adding {f}", target.version);
+            set.push(f.to_string());
+        }
+    }
+    let env = crate::etcd::server::child_env(config, &args, "ETCD_", &[]);
+    tracing::info!(path = %path.display(), "exec etcd-{} (same PID {})", target.version, std::process::id());
+    let err = std::process::Command::new(&path).args(&args).args(&set).env_clear().envs(env).exec();
+    RunError::Exec { path, source: err }
+}
+
+/// `restore`: puts a backup back as the data dir; the current data becomes a backup itself.
+pub async fn restore(config: &Config, backup_arg: &Path) -> Result<(), RunError> {
+    let backup_path = if backup_arg.is_absolute() || backup_arg.components().count() > 1 {
+        backup_arg.to_path_buf()
+    } else {
+        config.data_dir.parent().unwrap_or(Path::new(".")).join(backup_arg)
+    };
+    let known = backup::list(&config.data_dir);
+    let Some(chosen) = known.iter().find(|b| b.path == backup_path) else {
+        let names: Vec<String> = known.iter().map(|b| b.path.display().to_string()).collect();
+        return Err(RunError::Refused(format!(
+            "{} is not a backup of {}; backups: {}",
+            backup_path.display(),
+            config.data_dir.display(),
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        )));
+    };
+    let restored = progress::read_version(&chosen.path)?.ok_or_else(|| {
+        RunError::Refused(format!("backup {} has no version.txt; it cannot be restored as recorded data", chosen.path.display()))
+    })?;
+    let inspection = datadir::inspect(&config.data_dir)?;
+    let current = inspection.on_disk.current();
+    let _lock = datadir::lock(&config.data_dir, "restore")??;
+    if let Some(what) = datadir::in_use_by(&config.data_dir) {
+        return Err(RunError::InUse { data_dir: config.data_dir.clone(), what });
+    }
+    swap::recover(&config.data_dir)?;
+    let size = crate::fsutil::tree_size(&chosen.path)?;
+    crate::fsutil::ensure_space(&datadir::work_dir(&config.data_dir), size)?;
+    // The backup's data with today's journal, so the history stays whole.
+    let stage = swap::Stage::begin(&config.data_dir)?;
+    if chosen.path.join("member").is_dir() {
+        crate::fsutil::copy_tree(&chosen.path.join("member"), &stage.member())?;
+    }
+    let t = Instant::now();
+    let old = stage.commit(restored, current.unwrap_or(restored))?;
+    progress::append_journal(
+        &config.data_dir,
+        &JournalEntry {
+            at: progress::now_rfc3339(),
+            event: "restore".into(),
+            kind: None,
+            from: current.map(|v| v.to_string()).unwrap_or_else(|| "none".into()),
+            to: restored.to_string(),
+            elapsed_ms: t.elapsed().as_millis() as u64,
+            keys: None,
+            detail: [("backup".to_string(), serde_json::Value::from(chosen.path.display().to_string())),
+                     ("previous_data".to_string(), serde_json::Value::from(old.display().to_string()))]
+                .into_iter()
+                .collect(),
+        },
+    )?;
+    tracing::info!(restored = %restored, from = %chosen.path.display(), previous = %old.display(), "restored the backup; the data dir now holds {restored}");
+    Ok(())
+}

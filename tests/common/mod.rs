@@ -1,0 +1,382 @@
+//! Test harness: real etcd members of any bundled version on free loopback ports, seeding and
+//! reading keys, running etcd-migrate as an operator would, and stopping and reaping every
+//! process it started on drop (also when a test fails).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions, PutOptions};
+
+/// The repo's `.bundle` (made by `make bundle`).
+pub fn bundle() -> PathBuf {
+    let b = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".bundle");
+    assert!(b.join("etcd-3.4.23").exists(), "no etcd bundle at {}: run `make bundle`", b.display());
+    b
+}
+
+/// ../shared/fixtures.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+/// A port nobody listens on right now (127.0.0.1 only).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// One etcd member started by a test.
+pub struct Member {
+    child: Option<Child>,
+    pub version: String,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub client_url: String,
+    pub peer_url: String,
+    pub log: PathBuf,
+}
+
+/// How to start a member.
+#[derive(Clone)]
+pub struct MemberSpec {
+    pub version: String,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub initial_cluster: Option<String>,
+    pub cluster_state: &'static str,
+    pub extra: Vec<String>,
+}
+
+impl MemberSpec {
+    pub fn new(version: &str, data_dir: &Path, name: &str) -> MemberSpec {
+        MemberSpec {
+            version: version.into(),
+            name: name.into(),
+            data_dir: data_dir.into(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            initial_cluster: None,
+            cluster_state: "new",
+            extra: Vec::new(),
+        }
+    }
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+    pub fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+    /// The etcd flags of this member (also what a pod would pass after `run --`).
+    pub fn flags(&self) -> Vec<String> {
+        let ic = self.initial_cluster.clone().unwrap_or_else(|| format!("{}={}", self.name, self.peer_url()));
+        let mut f: Vec<String> = [
+            "--name", &self.name, "--data-dir", &self.data_dir.to_string_lossy(),
+            "--listen-client-urls", &self.client_url(), "--advertise-client-urls", &self.client_url(),
+            "--listen-peer-urls", &self.peer_url(), "--initial-advertise-peer-urls", &self.peer_url(),
+            "--initial-cluster", &ic, "--initial-cluster-state", self.cluster_state,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        f.extend(self.extra.iter().cloned());
+        f
+    }
+}
+
+impl Member {
+    /// Starts a single-member cluster and waits until it serves.
+    pub fn start(version: &str, data_dir: &Path, name: &str) -> Member {
+        let m = Member::spawn(MemberSpec::new(version, data_dir, name));
+        m.wait_healthy(Duration::from_secs(30));
+        m
+    }
+
+    /// Starts a member without waiting.
+    pub fn spawn(spec: MemberSpec) -> Member {
+        std::fs::create_dir_all(spec.data_dir.parent().unwrap()).unwrap();
+        let log = spec.data_dir.with_extension(format!("{}.{}.log", spec.version, spec.client_port));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bundle().join(format!("etcd-{}", spec.version)));
+        cmd.args(spec.flags()).env_clear().stdout(out.try_clone().unwrap()).stderr(out);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("spawn etcd");
+        Member {
+            child: Some(child),
+            version: spec.version.clone(),
+            name: spec.name.clone(),
+            data_dir: spec.data_dir.clone(),
+            client_url: spec.client_url(),
+            peer_url: spec.peer_url(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until /health says true.
+    pub fn wait_healthy(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if http_get(&self.client_url, "/health").is_some_and(|b| b.contains("true")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("etcd-{} on {} not healthy; log:\n{}", self.version, self.data_dir.display(), tail(&self.log, 20));
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect([self.client_url.as_str()], None).await.expect("connect")
+    }
+
+    /// SIGTERM and wait: a clean stop, data flushed.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A plain HTTP GET on loopback; the body, or None on any failure.
+pub fn http_get(base: &str, path: &str) -> Option<String> {
+    let hostport = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect_timeout(&hostport.parse().ok()?, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// The last lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A key as the v3 API returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+/// Every key of a v3 store.
+pub async fn dump(c: &mut Client) -> BTreeMap<Vec<u8>, Kv> {
+    let r = c.get(vec![0u8], Some(GetOptions::new().with_range(vec![0u8]))).await.expect("range");
+    r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                Kv {
+                    value: kv.value().to_vec(),
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                    version: kv.version(),
+                    lease: kv.lease(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Writes `n` keys under `/registry/pods/default/p<i>`; every `lease_every`-th gets one of two leases.
+pub async fn seed(c: &mut Client, n: usize, lease_every: usize) -> Vec<i64> {
+    let l1 = c.lease_grant(3600, None).await.unwrap().id();
+    let l2 = c.lease_grant(600, None).await.unwrap().id();
+    for i in 0..n {
+        let key = format!("/registry/pods/default/p{i:05}");
+        let value = format!("{{\"kind\":\"Pod\",\"n\":{i}}}");
+        let opts = (lease_every > 0 && i % lease_every == 0).then(|| PutOptions::new().with_lease(if i % 2 == 0 { l1 } else { l2 }));
+        c.put(key, value, opts).await.unwrap();
+    }
+    vec![l1, l2]
+}
+
+/// The Kubernetes-style environment for etcd-migrate on one data dir.
+pub struct MigrateEnv {
+    pub vars: Vec<(String, String)>,
+    pub port: u16,
+    pub peer_port: u16,
+}
+
+impl MigrateEnv {
+    /// TARGET_*, DATA_DIRECTORY, ETCD_BIN_DIR, ETCD_NAME, INITIAL_CLUSTER and peer URLs, on free ports.
+    pub fn new(data_dir: &Path, name: &str, target_version: &str, target_storage: &str) -> MigrateEnv {
+        let peer_port = free_port();
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let vars = vec![
+            ("TARGET_VERSION".into(), target_version.into()),
+            ("TARGET_STORAGE".into(), target_storage.into()),
+            ("DATA_DIRECTORY".into(), data_dir.to_string_lossy().into_owned()),
+            ("ETCD_BIN_DIR".into(), bundle().to_string_lossy().into_owned()),
+            ("ETCD_NAME".into(), name.into()),
+            ("INITIAL_CLUSTER".into(), format!("{name}={peer}")),
+            ("LISTEN_PEER_URLS".into(), peer.clone()),
+            ("INITIAL_ADVERTISE_PEER_URLS".into(), peer),
+            ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+        ];
+        MigrateEnv { vars, port: free_port(), peer_port }
+    }
+
+    pub fn set(&mut self, k: &str, v: &str) -> &mut Self {
+        self.vars.retain(|(n, _)| n != k);
+        self.vars.push((k.into(), v.into()));
+        self
+    }
+
+    /// The command, with `--port` for the private client port.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-migrate"));
+        cmd.arg("--port").arg(self.port.to_string()).args(args).env_clear().envs(self.vars.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Runs to completion; output captured.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().expect("run etcd-migrate")
+    }
+}
+
+/// stdout + stderr as text, for assertions and failure messages.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Unpacks a fixture tarball into `dir` and returns its `data/`.
+pub fn untar_fixture(name: &str, dir: &Path) -> PathBuf {
+    let st = Command::new("tar")
+        .arg("xzf")
+        .arg(fixtures().join(format!("{name}.tar.gz")))
+        .arg("-C")
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    dir.join("data")
+}
+
+/// A digest of every file's path, mode and bytes under `dir` (the data dir "byte for byte").
+pub fn tree_hash(dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(p: &Path, rel: &Path, h: &mut Sha256) {
+        let meta = std::fs::symlink_metadata(p).unwrap();
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update(meta.permissions().mode().to_le_bytes());
+        if meta.is_dir() {
+            let mut names: Vec<OsString> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            for n in names {
+                walk(&p.join(&n), &rel.join(&n), h);
+            }
+        } else if meta.is_file() {
+            h.update(std::fs::read(p).unwrap());
+        } else if meta.file_type().is_symlink() {
+            h.update(std::fs::read_link(p).unwrap().to_string_lossy().as_bytes());
+        }
+    }
+    let mut h = Sha256::new();
+    if dir.exists() {
+        walk(dir, Path::new(""), &mut h);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Processes whose executable is an etcd of the bundle and whose parent is `ppid` (or any, if None).
+pub fn etcd_children(ppid: Option<u32>) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(after) = stat.rsplit_once(") ") else { continue };
+        let parent: u32 = after.1.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        if exe.contains("/.bundle/etcd-") && ppid.is_none_or(|p| p == parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Sockets in LISTEN state owned by `pid` (from /proc/net/tcp{,6}), as "addr:port".
+pub fn listening_addrs(pid: u32) -> Vec<String> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in rd.filter_map(|e| e.ok()) {
+            if let Ok(l) = std::fs::read_link(e.path()) {
+                let s = l.to_string_lossy().into_owned();
+                if let Some(i) = s.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(i.to_string());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(body) = std::fs::read_to_string(file) else { continue };
+        for line in body.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                continue;
+            }
+            let (addr, port) = f[1].split_once(':').unwrap();
+            let port = u16::from_str_radix(port, 16).unwrap();
+            let ip = if v6 {
+                format!("v6:{addr}")
+            } else {
+                let n = u32::from_str_radix(addr, 16).unwrap();
+                std::net::Ipv4Addr::from(n.swap_bytes()).to_string()
+            };
+            out.push(format!("{ip}:{port}"));
+        }
+    }
+    out
+}
