@@ -286,7 +286,7 @@ mod tests {
     async fn stop_escalates_to_sigkill_and_reaps() {
         // A child that ignores SIGTERM.
         let args = vec!["-c".to_string(), "trap '' TERM; echo ready; sleep 30".to_string()];
-        let mut g = ChildGuard::spawn(Path::new("/bin/sh"), &args, &[], "sh".into(), Duration::from_millis(200)).unwrap();
+        let g = ChildGuard::spawn(Path::new("/bin/sh"), &args, &[], "sh".into(), Duration::from_millis(200)).unwrap();
         let pid = g.pid().unwrap();
         while g.tail.last(1) != "ready" {
             tokio::time::sleep(Duration::from_millis(5)).await;

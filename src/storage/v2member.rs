@@ -1,0 +1,404 @@
+//! Writes a complete etcd 2.2.1 member directory (`snap/` + `wal/`) from a
+//! stream of keys: the native rollback target.
+//!
+//! What etcd 2.2.1 does on restart (`etcdserver/server.go` `NewServer`,
+//! `raft.go` `restartNode`, `storage.go` `readWAL`, `wal.ReadAll`):
+//! 1. `snap.Load()` takes the newest `*.snap` that decodes with a good CRC and
+//!    recovers the v2 store from its JSON (`store.Recovery`);
+//! 2. the WAL is opened at that snapshot's (index, term): segments from the
+//!    last one whose name index is <= the snapshot index; `ReadAll` must see a
+//!    snapshot marker with exactly that index and term, must read to EOF
+//!    without error (no zero padding: 2.2.1 knows no end-of-data marker), and
+//!    entries after the snapshot must be contiguous;
+//! 3. raft restarts from the snapshot plus the last HardState, whose commit
+//!    must lie between the snapshot index and the last entry index;
+//! 4. membership comes from `/0/members` of the store, raft peers from the
+//!    snapshot's ConfState: both must list the same ids; `/0/version` must
+//!    not be above 2.2.
+//!
+//! We write what a 2.2.1 member that received a leader snapshot writes:
+//! `snap/<term>-<index>.snap` and `wal/0000000000000000-<index>.wal` with
+//! records crc, metadata, snapshot{0,0}, snapshot{index,term},
+//! HardState{term, vote 0, commit index}, and no entries.
+//!
+//! Index scheme: keys keep the created/modified indexes given (the v3
+//! create/mod revisions, i.e. Kubernetes resourceVersions, which therefore
+//! survive the rollback and a later `etcdctl migrate`); the store's
+//! `CurrentIndex` is the highest of them (or the given minimum, e.g. the v3
+//! current revision), so new writes get higher indexes. The raft snapshot
+//! index is `max(params.index, CurrentIndex)`, keeping etcd's usual
+//! invariant raft index >= store index (every store change is one raft
+//! entry); `etcdctl migrate` turns it into the v3 consistent index. The term
+//! is `params.term` (>= 1). All members of a cluster must get the same term
+//! and index so that their logs match at the snapshot.
+//!
+//! `etcdctl migrate` writes each key with revision = its modified index, so
+//! two keys with the same modified index would collide there: callers should
+//! pass unique modified indexes (v3 revisions of distinct live keys are
+//! unique unless one transaction wrote several keys).
+
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::storage::raftpb::{ConfState, HardState, Metadata, SnapshotMetadata, WalSnapshot};
+use crate::storage::snap::{self, snap_file_name};
+use crate::storage::v2store::{
+    self, StoreParams, StoreWritten, V2Key, V2MemberInfo, V2StoreError, CLUSTER_VERSION_2_2,
+};
+use crate::storage::wal::{self, WalError};
+
+/// Errors of [`write_v2_member`].
+#[derive(Debug, thiserror::Error)]
+pub enum V2MemberError {
+    /// The parameters cannot make a valid member.
+    #[error("invalid parameters: {0}")]
+    Params(String),
+    /// A file-system operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// The target already holds WAL or snapshot files.
+    #[error("{}: not empty", path.display())]
+    NotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The keys could not be written as a v2 store.
+    #[error(transparent)]
+    Store(#[from] V2StoreError),
+    /// Writing the WAL failed.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+}
+
+/// What the member is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V2MemberParams {
+    /// This member's id (non-zero, one of `members`).
+    pub node_id: u64,
+    /// Cluster id (non-zero).
+    pub cluster_id: u64,
+    /// All members of the cluster.
+    pub members: Vec<V2MemberInfo>,
+    /// Raft term of the snapshot (>= 1), e.g. the source's HardState term.
+    pub term: u64,
+    /// Lower bound of the raft snapshot index, e.g. the source's last index.
+    pub index: u64,
+    /// Lower bound of the store's CurrentIndex (e.g. the v3 current revision).
+    pub min_store_index: u64,
+    /// `/0/version`; [`CLUSTER_VERSION_2_2`] for etcd 2.2.1.
+    pub cluster_version: String,
+}
+
+impl V2MemberParams {
+    /// Parameters for a 2.2.1 member with cluster version "2.2.0".
+    pub fn new(
+        node_id: u64,
+        cluster_id: u64,
+        members: Vec<V2MemberInfo>,
+        term: u64,
+        index: u64,
+    ) -> Self {
+        V2MemberParams {
+            node_id,
+            cluster_id,
+            members,
+            term,
+            index,
+            min_store_index: 0,
+            cluster_version: CLUSTER_VERSION_2_2.to_string(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), V2MemberError> {
+        let bad = |s: String| Err(V2MemberError::Params(s));
+        if self.node_id == 0 || self.cluster_id == 0 {
+            return bad("node id and cluster id must be non-zero".into());
+        }
+        if self.term == 0 {
+            return bad("term must be >= 1".into());
+        }
+        let mut ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.members.len() || ids.contains(&0) {
+            return bad("member ids must be unique and non-zero".into());
+        }
+        if !ids.contains(&self.node_id) {
+            return bad(format!(
+                "node id {:x} is not among the members",
+                self.node_id
+            ));
+        }
+        if self.members.iter().any(|m| m.peer_urls.is_empty()) {
+            return bad("every member needs a peer URL".into());
+        }
+        Ok(())
+    }
+}
+
+/// What [`write_v2_member`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V2MemberWritten {
+    /// The snapshot file.
+    pub snap_path: PathBuf,
+    /// The WAL file.
+    pub wal_path: PathBuf,
+    /// Raft term used.
+    pub term: u64,
+    /// Raft index used.
+    pub index: u64,
+    /// What went into the store.
+    pub store: StoreWritten,
+}
+
+/// Counts and checksums what passes through.
+struct CrcCount<W: Write> {
+    w: W,
+    crc: u32,
+    len: u64,
+}
+
+impl<W: Write> Write for CrcCount<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.w.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> V2MemberError + '_ {
+    move |source| V2MemberError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn make_dir(path: &Path) -> Result<(), V2MemberError> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(path).map_err(io_at(path))
+}
+
+fn ensure_no(dir: &Path, suffix: &str) -> Result<(), V2MemberError> {
+    for ent in fs::read_dir(dir).map_err(io_at(dir))? {
+        let ent = ent.map_err(io_at(dir))?;
+        if ent.file_name().to_string_lossy().ends_with(suffix) {
+            return Err(V2MemberError::NotEmpty {
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes `member_dir/snap/<term>-<index>.snap` and
+/// `member_dir/wal/0000000000000000-<index>.wal` for etcd 2.2.1 (see the
+/// module documentation for the format and the index scheme). `keys` must
+/// be in strictly increasing byte order. The store JSON is staged in
+/// `member_dir/snap/.v2store.json.tmp` (removed afterwards) so that memory
+/// stays bounded. Nothing is fsynced: the caller owns durability.
+pub fn write_v2_member<I, E>(
+    member_dir: &Path,
+    params: &V2MemberParams,
+    keys: I,
+) -> Result<V2MemberWritten, V2MemberError>
+where
+    I: IntoIterator<Item = Result<V2Key, E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    params.validate()?;
+    let snap_dir = member_dir.join("snap");
+    let wal_dir = member_dir.join("wal");
+    make_dir(&snap_dir)?;
+    make_dir(&wal_dir)?;
+    ensure_no(&snap_dir, ".snap")?;
+    ensure_no(&wal_dir, ".wal")?;
+
+    // 1. The store JSON, staged with its length and CRC.
+    let tmp = snap_dir.join(".v2store.json.tmp");
+    let store = {
+        let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        let mut cc = CrcCount {
+            w: f,
+            crc: 0,
+            len: 0,
+        };
+        let sp = StoreParams {
+            cluster_version: params.cluster_version.clone(),
+            members: params.members.clone(),
+            internal_index: 1,
+            min_current_index: params.min_store_index,
+        };
+        let written = v2store::write_store(&mut cc, &sp, keys);
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+        };
+        cc.flush().map_err(io_at(&tmp))?;
+        (written, cc.len, cc.crc)
+    };
+    let (written, json_len, json_crc) = store;
+    let index = params.index.max(written.current_index);
+    let term = params.term;
+
+    // 2. The snapshot file, copied from the staged JSON.
+    let mut nodes: Vec<u64> = params.members.iter().map(|m| m.id).collect();
+    nodes.sort_unstable();
+    let md = SnapshotMetadata {
+        conf_state: ConfState {
+            nodes,
+            ..Default::default()
+        },
+        index,
+        term,
+    };
+    let snap_path = snap_dir.join(snap_file_name(term, index));
+    let res = (|| {
+        let out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&snap_path)
+            .map_err(io_at(&snap_path))?;
+        let mut out = BufWriter::new(out);
+        let mut src = io::BufReader::new(fs::File::open(&tmp).map_err(io_at(&tmp))?);
+        snap::write_snap_streamed(&mut out, &md, json_len, json_crc, &mut src)
+            .map_err(io_at(&snap_path))?;
+        out.flush().map_err(io_at(&snap_path))
+    })();
+    let _ = fs::remove_file(&tmp);
+    res?;
+
+    // 3. The WAL.
+    let wal_path = wal::write_v2_wal(
+        &wal_dir,
+        &Metadata {
+            node_id: params.node_id,
+            cluster_id: params.cluster_id,
+        },
+        &WalSnapshot {
+            index,
+            term,
+            conf_state: None,
+        },
+        &HardState {
+            term,
+            vote: 0,
+            commit: index,
+        },
+    )?;
+    Ok(V2MemberWritten {
+        snap_path,
+        wal_path,
+        term,
+        index,
+        store: written,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::walinfo::summarize;
+    use std::convert::Infallible;
+
+    fn member(id: u64) -> V2MemberInfo {
+        V2MemberInfo {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://127.0.0.1:{}", 2380 + id)],
+            client_urls: vec![],
+        }
+    }
+
+    #[test]
+    fn written_member_summarizes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = V2MemberParams::new(2, 77, vec![member(1), member(2), member(3)], 4, 10);
+        let keys = (0..50u64).map(|i| {
+            Ok::<_, Infallible>(V2Key {
+                key: format!("/registry/things/t{i:03}").into_bytes(),
+                value: format!("v{i}").into_bytes(),
+                dir: false,
+                expire: None,
+                created_index: 5 + i,
+                modified_index: 5 + i,
+            })
+        });
+        let w = write_v2_member(dir.path(), &p, keys).unwrap();
+        assert_eq!(w.index, 54);
+        assert_eq!(w.store.keys, 50);
+        assert!(!dir.path().join("snap/.v2store.json.tmp").exists());
+        let s = summarize(dir.path()).unwrap();
+        assert_eq!((s.node_id, s.cluster_id), (2, 77));
+        assert_eq!(s.members, vec![1, 2, 3]);
+        assert_eq!(s.member_info, p.members);
+        assert_eq!(s.boot_cluster_version.as_deref(), Some("2.2.0"));
+        let snap = s.snapshot.unwrap();
+        assert!(snap.in_wal);
+        assert_eq!((snap.term, snap.index), (4, 54));
+        assert_eq!((s.last_index, s.last_term), (54, 4));
+        assert_eq!(
+            s.hard_state,
+            Some(HardState {
+                term: 4,
+                vote: 0,
+                commit: 54
+            })
+        );
+        // A second write into the same directory is refused.
+        let again = write_v2_member(
+            dir.path(),
+            &p,
+            std::iter::empty::<Result<V2Key, Infallible>>(),
+        );
+        assert!(matches!(again, Err(V2MemberError::NotEmpty { .. })));
+    }
+
+    #[test]
+    fn bad_params_and_bad_keys_leave_no_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = V2MemberParams::new(9, 77, vec![member(1)], 4, 10);
+        assert!(matches!(
+            write_v2_member(
+                dir.path(),
+                &p,
+                std::iter::empty::<Result<V2Key, Infallible>>()
+            ),
+            Err(V2MemberError::Params(_))
+        ));
+        let p = V2MemberParams::new(1, 77, vec![member(1)], 4, 10);
+        let keys = vec![Ok::<_, io::Error>(V2Key {
+            key: b"/a".to_vec(),
+            value: b"x".to_vec(),
+            dir: false,
+            expire: None,
+            created_index: 1,
+            modified_index: 1,
+        })]
+        .into_iter()
+        .chain(std::iter::once(Err(io::Error::other("source broke"))));
+        let err = write_v2_member(dir.path(), &p, keys).unwrap_err();
+        assert!(err.to_string().contains("source broke"), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("snap")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("wal")).unwrap().count(), 0);
+    }
+}
