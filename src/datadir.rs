@@ -126,8 +126,8 @@ pub fn inspect(path: &Path) -> Result<Inspection, DataDirError> {
         None if is_legacy_v2(path, &top)? => OnDisk::Legacy,
         None => return Err(DataDirError::Unknown { path: path.to_path_buf(), found: top.join(", ") }),
     };
-    let facts = if on_disk.has_data() { member_facts(&member)? } else { DataFacts::default() };
-    Ok(Inspection { on_disk, facts })
+    // Facts from the WAL cost a read of it: callers that need them ask member_facts.
+    Ok(Inspection { on_disk, facts: DataFacts::default() })
 }
 
 fn check_consistent(path: &Path, v: VersionFile, has_member: bool) -> Result<(), DataDirError> {

@@ -92,6 +92,9 @@ impl EtcdOps for RealEtcd {
     ) -> Result<StepReport, StepError> {
         match step {
             Step::Upgrade { to, cut_snapshot, .. } => steps::upgrade::run(ctx, to, cut_snapshot, baseline).await,
+            Step::MigrateStorage { from, at, cut_snapshot } => {
+                steps::to_etcd3::run(ctx, from, at, cut_snapshot, baseline).await
+            }
             other => Err(StepError::Other(format!("step kind '{}' is not available in this build", other.kind()))),
         }
     }
@@ -106,8 +109,9 @@ pub struct Prepared {
     pub target: VersionFile,
 }
 
-/// Reads the data dir and the bundle and plans; touches nothing.
-pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
+/// Reads the data dir and the bundle and plans; touches nothing. The WAL is read for member facts
+/// only when there is something to plan, or when `always_facts` asks for them (`plan`).
+pub fn prepare(config: &Config, always_facts: bool) -> Result<Prepared, RunError> {
     let target = config.target.ok_or(ConfigError::Missing { flag: "--target-version", env: "TARGET_VERSION" })?;
     let mut inspection = datadir::inspect(&config.data_dir)?;
     let bundle = Bundle::discover(&config.bin_dir, config.bundled_versions.as_deref())?;
@@ -121,7 +125,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
             None
         }
         Some(current) => {
-            if current != target {
+            if current != target || always_facts {
                 inspection.facts = datadir::member_facts(&config.data_dir.join("member"))?;
             }
             Some(plan::plan(current, target, &bundle.versions, inspection.facts)?)
@@ -162,7 +166,7 @@ fn check_swappable(data_dir: &Path, steps: &[Step]) -> Result<(), RunError> {
 /// Migrates the data dir to the target. Returns the target reached.
 pub async fn migrate<O: EtcdOps>(config: &Config, ops: &mut O, command: &str) -> Result<VersionFile, RunError> {
     let t0 = Instant::now();
-    let prepared = prepare(config)?;
+    let prepared = prepare(config, false)?;
     let target = prepared.target;
     let work_leftovers = datadir::work_dir(&config.data_dir).join("staging").exists()
         || datadir::work_dir(&config.data_dir).join("swap.json").exists();
@@ -187,7 +191,7 @@ pub async fn migrate<O: EtcdOps>(config: &Config, ops: &mut O, command: &str) ->
     }
     swap::recover(&config.data_dir)?;
     // Under the lock, look again: another run may have moved things, a recovery may have finished a step.
-    let prepared = prepare(config)?;
+    let prepared = prepare(config, false)?;
     let Some(plan) = prepared.plan else {
         return record_fresh(config, &prepared.inspection, target);
     };
@@ -287,7 +291,7 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
 
 /// `plan`: what migrate would do.
 pub fn print_plan(config: &Config, output: Output) -> Result<(), RunError> {
-    let p = prepare(config)?;
+    let p = prepare(config, true)?;
     #[derive(Serialize)]
     struct Out<'a> {
         data_dir: &'a Path,
@@ -436,7 +440,7 @@ pub fn exec_etcd(config: &Config, bundle_dir: &Path, target: VersionFile, etcd_a
     let path = Bundle { dir: bundle_dir.to_path_buf(), versions: Default::default() }.path(Tool::Etcd, target.version);
     let args: Vec<String> = etcd_args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let mut set = Vec::new();
-    if let Some(f) = crate::etcd::release::Release::new(target.version).v2_flag(target.storage) {
+    if let Some(f) = crate::etcd::release::Release::new(target.version).v2_flag(target.storage == crate::version::Storage::Etcd2) {
         if !args.iter().any(|a| a.starts_with("--enable-v2")) {
             tracing::info!("etcd2 storage on {}: adding {f}", target.version);
             set.push(f.to_string());

@@ -1,13 +1,13 @@
 //! A summary of a store's keys that two steps can compare: counts and digests.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Keys whose name starts with this are ours (health probes), never the user's.
 pub const PROBE_PREFIX: &str = "/etcd-migrate-probe";
 
 /// What a store held at the end of a step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     /// Every key (v2: leaf keys; directories do not count).
     pub keys: u64,

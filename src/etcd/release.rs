@@ -2,7 +2,7 @@
 //! (../shared/fixtures/etcd-help) and from running them. One table; tests check it against
 //! the help texts.
 
-use crate::version::{EtcdVersion, Storage};
+use crate::version::EtcdVersion;
 
 /// Facts about one etcd release that change how we drive it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,10 +33,10 @@ impl Release {
         self.at_least(3, 0)
     }
 
-    /// The flag that turns the v2 API on, when etcd2 storage needs it: 3.4 and 3.5 default to off.
+    /// The flag that turns the v2 API on when we need it: 3.4 and 3.5 default to off.
     /// (3.2 and 3.3 have `--enable-v2` defaulting to true; 2.x to 3.1 always serve v2.)
-    pub fn v2_flag(&self, storage: Storage) -> Option<&'static str> {
-        (storage == Storage::Etcd2 && self.at_least(3, 4)).then_some("--enable-v2=true")
+    pub fn v2_flag(&self, serve_v2: bool) -> Option<&'static str> {
+        (serve_v2 && self.at_least(3, 4)).then_some("--enable-v2=true")
     }
 
     /// etcdctl needs `ETCDCTL_API=3` for v3 commands (3.0 to 3.3); from 3.4 v3 is the default.
@@ -85,7 +85,7 @@ impl Release {
         if let Some(n) = spec.snapshot_count {
             a.push(format!("--snapshot-count={n}"));
         }
-        if let Some(f) = self.v2_flag(spec.storage) {
+        if let Some(f) = self.v2_flag(spec.serve_v2) {
             a.push(f.to_string());
         }
         a.extend(spec.extra_args.iter().cloned());
@@ -102,7 +102,8 @@ pub struct ServerSpec<'a> {
     pub listen_peer_urls: &'a str,
     pub advertise_peer_urls: &'a str,
     pub initial_cluster: &'a str,
-    pub storage: Storage,
+    /// Serve the v2 API (etcd2 storage, or reading TTLs right after `migrate`).
+    pub serve_v2: bool,
     pub snapshot_count: Option<u32>,
     pub extra_args: &'a [String],
 }
@@ -110,6 +111,7 @@ pub struct ServerSpec<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::version::Storage;
     use std::path::PathBuf;
 
     fn help_dir() -> PathBuf {
@@ -139,7 +141,7 @@ mod tests {
                     listen_peer_urls: "http://127.0.0.1:2",
                     advertise_peer_urls: "http://127.0.0.1:2",
                     initial_cluster: "n=http://127.0.0.1:2",
-                    storage,
+                    serve_v2: storage == Storage::Etcd2,
                     snapshot_count: Some(5),
                     extra_args: &[],
                 };
@@ -161,11 +163,11 @@ mod tests {
             let line = text.lines().find(|l| l.trim_start().starts_with("--enable-v2 ") || l.trim() == "--enable-v2");
             match line {
                 // 3.4+: off by default, so etcd2 storage needs the flag.
-                Some(l) if l.contains("'false'") => assert_eq!(r.v2_flag(Storage::Etcd2), Some("--enable-v2=true"), "{v}"),
+                Some(l) if l.contains("'false'") => assert_eq!(r.v2_flag(true), Some("--enable-v2=true"), "{v}"),
                 // Absent, or on by default (3.2 prints no default, 3.3 'true'): v2 is served without it.
-                _ => assert_eq!(r.v2_flag(Storage::Etcd2), None, "{v}"),
+                _ => assert_eq!(r.v2_flag(true), None, "{v}"),
             }
-            assert_eq!(r.v2_flag(Storage::Etcd3), None);
+            assert_eq!(r.v2_flag(false), None);
         }
     }
 

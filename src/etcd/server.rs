@@ -72,6 +72,8 @@ pub struct Launch<'a> {
     pub data_dir: &'a Path,
     pub version: EtcdVersion,
     pub storage: Storage,
+    /// Serve the v2 API although the storage is etcd3 (reading TTLs right after `migrate`).
+    pub serve_v2: bool,
     /// A small `--snapshot-count` for the pass that cuts a snapshot.
     pub snapshot_count: Option<u32>,
 }
@@ -103,7 +105,7 @@ impl EtcdServer {
             listen_peer_urls: &member.listen_peer_urls,
             advertise_peer_urls: &member.advertise_peer_urls,
             initial_cluster: &member.initial_cluster,
-            storage: l.storage,
+            serve_v2: l.serve_v2 || l.storage == Storage::Etcd2,
             snapshot_count: l.snapshot_count,
             extra_args: &l.config.extra_args,
         };

@@ -121,21 +121,24 @@ impl V3 {
         Ok(r.ttl())
     }
 
-    /// Re-puts each key with a lease in one transaction, guarded by its mod revision: a key
-    /// changed since it was read is left alone. Returns whether the guard held.
-    pub async fn put_with_lease_guarded(
-        &mut self,
-        items: &[(Vec<u8>, Vec<u8>, i64)],
-        lease: i64,
-    ) -> Result<bool, V3Error> {
+    /// Re-puts keys with their leases in one transaction, guarded by each key's mod revision: if
+    /// any key changed since it was read, nothing is written. Items: (key, value, mod revision,
+    /// lease). Returns whether the guard held.
+    pub async fn put_with_leases_guarded(&mut self, items: &[(Vec<u8>, Vec<u8>, i64, i64)]) -> Result<bool, V3Error> {
         let compares: Vec<Compare> =
-            items.iter().map(|(k, _, rev)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev)).collect();
+            items.iter().map(|(k, _, rev, _)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev)).collect();
         let ops: Vec<TxnOp> = items
             .iter()
-            .map(|(k, v, _)| TxnOp::put(k.clone(), v.clone(), Some(PutOptions::new().with_lease(lease))))
+            .map(|(k, v, _, lease)| TxnOp::put(k.clone(), v.clone(), Some(PutOptions::new().with_lease(*lease))))
             .collect();
         let r = self.client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(err("txn"))?;
         Ok(r.succeeded())
+    }
+
+    /// A plain put with a lease (the naive one-by-one reattach the benchmark compares with).
+    pub async fn put_with_lease(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<(), V3Error> {
+        self.client.put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(err("put"))?;
+        Ok(())
     }
 
     /// The current key of one key (None when absent).

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod swap;
+pub mod to_etcd3;
 pub mod upgrade;
 
 use std::path::{Path, PathBuf};

@@ -29,6 +29,7 @@ pub async fn run(
         data_dir: ctx.data_dir,
         version: to.version,
         storage: to.storage,
+        serve_v2: false,
         snapshot_count: cut_snapshot.then_some(CUT_SNAPSHOT_COUNT),
     })?;
     let mut api = srv.ready().await?;

@@ -246,16 +246,23 @@ pub struct TornTail {
 }
 
 /// Streams the records of a sequence of segments, checking frames and the
-/// CRC chain. Each segment is read whole into memory (never more than its
-/// size). After the first error the iterator ends.
+/// CRC chain. Segments are read frame by frame: memory is bounded by the
+/// largest record, never by the segment (etcd preallocates 64 MB ones).
+/// After the first error the iterator ends.
 pub struct WalReader {
     segments: Vec<Segment>,
     next_seg: usize,
-    cur: Option<(usize, Vec<u8>)>,
+    cur: Option<OpenSegment>,
     off: usize,
     crc: u32,
     finished: bool,
     torn: Option<TornTail>,
+}
+
+struct OpenSegment {
+    idx: usize,
+    file: io::BufReader<fs::File>,
+    len: u64,
 }
 
 impl WalReader {
@@ -306,18 +313,23 @@ impl WalReader {
                 let Some(seg) = self.segments.get(self.next_seg) else {
                     return Ok(None);
                 };
-                let data = fs::read(&seg.path).map_err(io_err(&seg.path))?;
-                self.cur = Some((self.next_seg, data));
+                let file = fs::File::open(&seg.path).map_err(io_err(&seg.path))?;
+                let len = file.metadata().map_err(io_err(&seg.path))?.len();
+                self.cur = Some(OpenSegment {
+                    idx: self.next_seg,
+                    file: io::BufReader::with_capacity(64 * 1024, file),
+                    len,
+                });
                 self.next_seg += 1;
                 self.off = 0;
             }
-            let Some((seg_idx, data)) = self.cur.as_ref() else {
+            let Some(cur) = self.cur.as_mut() else {
                 continue;
             };
-            let seg_idx = *seg_idx;
+            let seg_idx = cur.idx;
             let is_last = seg_idx + 1 == self.segments.len();
             let path = &self.segments[seg_idx].path;
-            match decode_frame(data, self.off, self.crc, is_last, path)? {
+            match read_frame(cur, self.off, self.crc, is_last, path)? {
                 Frame::End => {
                     self.cur = None;
                 }
@@ -347,6 +359,50 @@ impl WalReader {
             }
         }
     }
+}
+
+/// Reads up to `buf.len()` bytes; fewer only at end of file.
+fn read_full(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads the frame at `off` of an open segment (the reader is positioned there).
+fn read_frame(seg: &mut OpenSegment, off: usize, chain: u32, is_last: bool, path: &Path) -> Result<Frame> {
+    let mut word = [0u8; FRAME_LEN_BYTES];
+    let got = read_full(&mut seg.file, &mut word).map_err(io_err(path))?;
+    if got < FRAME_LEN_BYTES {
+        return decode_frame(off as u64, &word[..got], &[], 0, chain, is_last, path);
+    }
+    let len_field = u64::from_le_bytes(word);
+    let rec_len = len_field & !(0xffu64 << 56);
+    let pad = u64::from((len_field >> 56) as u8 & 0x7);
+    let avail = seg.len.saturating_sub(off as u64 + FRAME_LEN_BYTES as u64);
+    let need = rec_len.saturating_add(pad);
+    // Read the body only when the frame is plausible: its size is bounded by the file.
+    let mut body = Vec::new();
+    if len_field != 0 && need <= avail {
+        body.resize(need as usize, 0);
+        let n = read_full(&mut seg.file, &mut body).map_err(io_err(path))?;
+        body.truncate(n);
+    }
+    decode_frame(off as u64, &word, &body, avail, chain, is_last, path).map(|f| match f {
+        Frame::Record { record, padding, crc, .. } => Frame::Record {
+            record,
+            padding,
+            next_off: off + FRAME_LEN_BYTES + need as usize,
+            crc,
+        },
+        other => other,
+    })
 }
 
 impl Iterator for WalReader {
@@ -401,30 +457,32 @@ fn is_torn(data: &[u8], file_off: u64) -> bool {
     false
 }
 
-fn decode_frame(data: &[u8], off: usize, chain: u32, is_last: bool, path: &Path) -> Result<Frame> {
-    let rest = &data[off.min(data.len())..];
-    if rest.is_empty() {
+/// Decodes the frame at file offset `off` from its length word (`word`,
+/// shorter at end of file), its body (`body`, empty when not read) and the
+/// bytes left in the file after the word (`avail`).
+fn decode_frame(off: u64, word: &[u8], body: &[u8], avail: u64, chain: u32, is_last: bool, path: &Path) -> Result<Frame> {
+    if word.is_empty() {
         return Ok(Frame::End);
     }
     let bad = |reason: String| WalError::BadFrame {
         path: path.to_path_buf(),
-        offset: off as u64,
+        offset: off,
         reason,
     };
-    if rest.len() < FRAME_LEN_BYTES {
+    if word.len() < FRAME_LEN_BYTES {
         // Preallocated zeros past the data are not a record.
-        if rest.iter().all(|&b| b == 0) {
+        if word.iter().all(|&b| b == 0) {
             return Ok(Frame::End);
         }
         return if is_last {
             Ok(Frame::Torn)
         } else {
-            Err(bad(format!("{} stray bytes at segment end", rest.len())))
+            Err(bad(format!("{} stray bytes at segment end", word.len())))
         };
     }
-    let mut word = [0u8; FRAME_LEN_BYTES];
-    word.copy_from_slice(&rest[..FRAME_LEN_BYTES]);
-    let len_field = u64::from_le_bytes(word);
+    let mut w = [0u8; FRAME_LEN_BYTES];
+    w.copy_from_slice(word);
+    let len_field = u64::from_le_bytes(w);
     if len_field == 0 {
         return Ok(Frame::End);
     }
@@ -439,9 +497,8 @@ fn decode_frame(data: &[u8], off: usize, chain: u32, is_last: bool, path: &Path)
         )));
     }
     let pad = top & 0x7;
-    let avail = (rest.len() - FRAME_LEN_BYTES) as u64;
     let need = rec_len + u64::from(pad);
-    if need > avail {
+    if need > avail || (body.len() as u64) < need {
         return if is_last {
             Ok(Frame::Torn)
         } else {
@@ -450,10 +507,10 @@ fn decode_frame(data: &[u8], off: usize, chain: u32, is_last: bool, path: &Path)
             )))
         };
     }
-    // need <= avail < usize::MAX, so these casts are lossless.
-    let body = &rest[FRAME_LEN_BYTES..FRAME_LEN_BYTES + need as usize];
+    // need <= body.len(), so these casts are lossless.
+    let body = &body[..need as usize];
     let rec_bytes = &body[..rec_len as usize];
-    let data_off = off as u64 + FRAME_LEN_BYTES as u64;
+    let data_off = off + FRAME_LEN_BYTES as u64;
     let record = match Record::decode(rec_bytes) {
         Ok(r) => r,
         Err(source) => {
@@ -462,7 +519,7 @@ fn decode_frame(data: &[u8], off: usize, chain: u32, is_last: bool, path: &Path)
             }
             return Err(WalError::BadProtobuf {
                 path: path.to_path_buf(),
-                offset: off as u64,
+                offset: off,
                 what: "walpb.Record",
                 source,
             });
@@ -474,7 +531,7 @@ fn decode_frame(data: &[u8], off: usize, chain: u32, is_last: bool, path: &Path)
         if chain != 0 && record.crc != chain {
             return Err(WalError::CrcMismatch {
                 path: path.to_path_buf(),
-                offset: off as u64,
+                offset: off,
                 expected: chain,
                 found: record.crc,
             });
@@ -488,7 +545,7 @@ fn decode_frame(data: &[u8], off: usize, chain: u32, is_last: bool, path: &Path)
             }
             return Err(WalError::CrcMismatch {
                 path: path.to_path_buf(),
-                offset: off as u64,
+                offset: off,
                 expected: c,
                 found: record.crc,
             });
@@ -498,7 +555,7 @@ fn decode_frame(data: &[u8], off: usize, chain: u32, is_last: bool, path: &Path)
     Ok(Frame::Record {
         record,
         padding: pad,
-        next_off: off + FRAME_LEN_BYTES + need as usize,
+        next_off: 0,
         crc,
     })
 }
