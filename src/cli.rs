@@ -10,10 +10,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// TARGET_VERSION/TARGET_STORAGE, one minor release at a time, each step on a private
 /// loopback port, recording progress after every step.
 #[derive(Debug, Parser)]
-#[command(name = "etcd-migrate", version, propagate_version = true, max_term_width = 110)]
-#[command(after_help = "Every flag falls back to the environment variable named in its help; an empty variable counts \
+#[command(
+    name = "etcd-migrate",
+    version,
+    propagate_version = true,
+    max_term_width = 110
+)]
+#[command(
+    after_help = "Every flag falls back to the environment variable named in its help; an empty variable counts \
 as unset.\nExit codes: 0 done or nothing to do; 1 a step failed (data is as of the last recorded step); \
-2 bad input or unsupported path (nothing touched); 3 data dir busy (locked, or an etcd runs on it).")]
+2 bad input or unsupported path (nothing touched); 3 data dir busy (locked, or an etcd runs on it)."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -119,6 +126,9 @@ pub struct Opts {
     /// Keep at most this many backups of this data dir, removing the oldest [env: BACKUP_RETENTION; default keep all]
     #[arg(long, global = true, value_name = "N")]
     pub backup_retention: Option<String>,
+    /// Child (etcd, etcdctl) output in our log: all of it, or quiet (only quoted when something fails) [env: CHILD_OUTPUT; default all]
+    #[arg(long, global = true, value_name = "all|quiet")]
+    pub child_output: Option<String>,
     /// Log format: text or json [env: LOG_FORMAT; default text]
     #[arg(long, global = true, value_name = "text|json")]
     pub log_format: Option<String>,
@@ -153,17 +163,35 @@ mod tests {
         ];
         let cmd = Cli::command();
         for (flag, env) in want {
-            let arg = cmd.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap_or_else(|| panic!("--{flag}"));
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .unwrap_or_else(|| panic!("--{flag}"));
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
-            assert!(help.contains(&format!("env: {env}")), "--{flag} help lacks {env}: {help}");
+            assert!(
+                help.contains(&format!("env: {env}")),
+                "--{flag} help lacks {env}: {help}"
+            );
         }
     }
 
     #[test]
     fn run_takes_etcd_flags_after_double_dash() {
-        let cli = Cli::try_parse_from(["etcd-migrate", "run", "--port", "1", "--", "--name", "x", "--data-dir=/d"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "etcd-migrate",
+            "run",
+            "--port",
+            "1",
+            "--",
+            "--name",
+            "x",
+            "--data-dir=/d",
+        ])
+        .unwrap();
         match cli.command {
-            Some(Command::Run { etcd_args }) => assert_eq!(etcd_args, ["--name", "x", "--data-dir=/d"]),
+            Some(Command::Run { etcd_args }) => {
+                assert_eq!(etcd_args, ["--name", "x", "--data-dir=/d"])
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(cli.opts.port, Some(1));

@@ -19,12 +19,21 @@ pub struct Env {
 impl Env {
     /// Captures the environment of this process.
     pub fn from_process() -> Env {
-        Env { vars: std::env::vars_os().collect() }
+        Env {
+            vars: std::env::vars_os().collect(),
+        }
     }
 
     /// An environment given as pairs (tests).
-    pub fn from_pairs<K: Into<OsString>, V: Into<OsString>>(pairs: impl IntoIterator<Item = (K, V)>) -> Env {
-        Env { vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
+    pub fn from_pairs<K: Into<OsString>, V: Into<OsString>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Env {
+        Env {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
     }
 
     /// The value of `name`; unset and empty are the same.
@@ -60,6 +69,7 @@ pub const OWN_VARIABLES: &[&str] = &[
     "STOP_GRACE",
     "BACKUP_RETENTION",
     "LOG_FORMAT",
+    "CHILD_OUTPUT",
     "ETCDCTL_API",
 ];
 
@@ -67,9 +77,17 @@ pub const OWN_VARIABLES: &[&str] = &[
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{flag} is required (or set {env})")]
-    Missing { flag: &'static str, env: &'static str },
+    Missing {
+        flag: &'static str,
+        env: &'static str,
+    },
     #[error("{flag}{} = {value:?}: {why}", env.map(|e| format!(" ({e})")).unwrap_or_default())]
-    Invalid { flag: &'static str, env: Option<&'static str>, value: String, why: String },
+    Invalid {
+        flag: &'static str,
+        env: Option<&'static str>,
+        value: String,
+        why: String,
+    },
 }
 
 /// Which TTL keys get leases when etcd2 data becomes etcd3.
@@ -134,6 +152,8 @@ pub struct Config {
     pub stop_grace: Duration,
     pub backup_retention: Option<usize>,
     pub log_format: LogFormat,
+    /// Log every line children print (else only their tail, in errors).
+    pub child_output_logged: bool,
     /// The environment children start from: ours removed; flag duplicates are removed per child.
     pub child_env: Vec<(OsString, OsString)>,
 }
@@ -145,12 +165,24 @@ struct Resolver<'a> {
 impl Resolver<'_> {
     /// The flag's value, else its env var's; empty counts as unset.
     fn pick(&self, flag_value: Option<String>, env: &str) -> Option<String> {
-        flag_value.filter(|v| !v.is_empty()).or_else(|| self.env.get(env))
+        flag_value
+            .filter(|v| !v.is_empty())
+            .or_else(|| self.env.get(env))
     }
 }
 
-fn invalid(flag: &'static str, env: Option<&'static str>, value: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { flag, env, value: value.to_string(), why: why.into() }
+fn invalid(
+    flag: &'static str,
+    env: Option<&'static str>,
+    value: &str,
+    why: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        env,
+        value: value.to_string(),
+        why: why.into(),
+    }
 }
 
 /// Parses `120`, `120s`, `2m`, `500ms`, `1h`.
@@ -181,7 +213,11 @@ fn default_name(env: &Env) -> String {
     let host = env
         .get("ETCD_HOSTNAME")
         .or_else(|| env.get("HOSTNAME"))
-        .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "localhost".to_string());
     format!("etcd-{host}")
 }
@@ -191,21 +227,44 @@ fn default_name(env: &Env) -> String {
 pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, ConfigError> {
     let r = Resolver { env };
     let data_dir = r
-        .pick(opts.data_dir.as_ref().map(|p| p.to_string_lossy().into_owned()), "DATA_DIRECTORY")
+        .pick(
+            opts.data_dir
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            "DATA_DIRECTORY",
+        )
         .map(PathBuf::from)
-        .ok_or(ConfigError::Missing { flag: "--data-dir", env: "DATA_DIRECTORY" })?;
-    let target = if needs_target { Some(resolve_target(opts, &r)?) } else { None };
+        .ok_or(ConfigError::Missing {
+            flag: "--data-dir",
+            env: "DATA_DIRECTORY",
+        })?;
+    let target = if needs_target {
+        Some(resolve_target(opts, &r)?)
+    } else {
+        None
+    };
     let events = data_dir.to_string_lossy().contains("event");
 
-    let name = r.pick(opts.name.clone(), "ETCD_NAME").unwrap_or_else(|| default_name(env));
+    let name = r
+        .pick(opts.name.clone(), "ETCD_NAME")
+        .unwrap_or_else(|| default_name(env));
     if name.contains([',', '=']) || name.chars().any(char::is_whitespace) {
-        return Err(invalid("--name", Some("ETCD_NAME"), &name, "a member name cannot hold ',', '=' or spaces"));
+        return Err(invalid(
+            "--name",
+            Some("ETCD_NAME"),
+            &name,
+            "a member name cannot hold ',', '=' or spaces",
+        ));
     }
     let port = opts.port.unwrap_or(if events { 18631 } else { 18629 });
     let peer_port = opts.peer_port.unwrap_or(if events { 2381 } else { 2380 });
-    let client_urls_raw =
-        r.pick(opts.listen_client_urls.clone(), "LISTEN_CLIENT_URLS").unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
-    let client_urls: Vec<String> = client_urls_raw.split(',').map(|s| s.trim().to_string()).collect();
+    let client_urls_raw = r
+        .pick(opts.listen_client_urls.clone(), "LISTEN_CLIENT_URLS")
+        .unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
+    let client_urls: Vec<String> = client_urls_raw
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     for u in &client_urls {
         match split_url(u) {
             Some(("http", "127.0.0.1", p)) if p != 0 => {}
@@ -220,20 +279,36 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
             }
         }
     }
-    let listen_peer_urls =
-        r.pick(opts.listen_peer_urls.clone(), "LISTEN_PEER_URLS").unwrap_or_else(|| format!("http://localhost:{peer_port}"));
+    let listen_peer_urls = r
+        .pick(opts.listen_peer_urls.clone(), "LISTEN_PEER_URLS")
+        .unwrap_or_else(|| format!("http://localhost:{peer_port}"));
     check_urls("--listen-peer-urls", "LISTEN_PEER_URLS", &listen_peer_urls)?;
-    let advertise_peer_urls =
-        r.pick(opts.initial_advertise_peer_urls.clone(), "INITIAL_ADVERTISE_PEER_URLS").unwrap_or(listen_peer_urls.clone());
-    check_urls("--initial-advertise-peer-urls", "INITIAL_ADVERTISE_PEER_URLS", &advertise_peer_urls)?;
+    let advertise_peer_urls = r
+        .pick(
+            opts.initial_advertise_peer_urls.clone(),
+            "INITIAL_ADVERTISE_PEER_URLS",
+        )
+        .unwrap_or(listen_peer_urls.clone());
+    check_urls(
+        "--initial-advertise-peer-urls",
+        "INITIAL_ADVERTISE_PEER_URLS",
+        &advertise_peer_urls,
+    )?;
     let initial_cluster = r
         .pick(opts.initial_cluster.clone(), "INITIAL_CLUSTER")
         .unwrap_or_else(|| format!("{name}=http://localhost:{peer_port}"));
     check_initial_cluster(&initial_cluster, &name)?;
 
-    let data_prefix = r.pick(opts.etcd_data_prefix.clone(), "ETCD_DATA_PREFIX").unwrap_or_else(|| "/registry".into());
+    let data_prefix = r
+        .pick(opts.etcd_data_prefix.clone(), "ETCD_DATA_PREFIX")
+        .unwrap_or_else(|| "/registry".into());
     if !data_prefix.starts_with('/') {
-        return Err(invalid("--etcd-data-prefix", Some("ETCD_DATA_PREFIX"), &data_prefix, "must start with '/'"));
+        return Err(invalid(
+            "--etcd-data-prefix",
+            Some("ETCD_DATA_PREFIX"),
+            &data_prefix,
+            "must start with '/'",
+        ));
     }
     let ttl_keys_directory = r
         .pick(opts.ttl_keys_directory.clone(), "TTL_KEYS_DIRECTORY")
@@ -241,17 +316,36 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
     let ttl_scope = match r.pick(opts.ttl_scope.clone(), "TTL_SCOPE").as_deref() {
         None | Some("all") => TtlScope::All,
         Some("directory") => TtlScope::Directory,
-        Some(other) => return Err(invalid("--ttl-scope", Some("TTL_SCOPE"), other, "expected all or directory")),
+        Some(other) => {
+            return Err(invalid(
+                "--ttl-scope",
+                Some("TTL_SCOPE"),
+                other,
+                "expected all or directory",
+            ))
+        }
     };
     let ttl_granularity_secs = match r.pick(opts.ttl_granularity.clone(), "TTL_GRANULARITY") {
         None => 1,
         Some(s) => match parse_duration(&s).map(|d| d.as_secs()) {
             Some(n) if n >= 1 => n,
-            _ => return Err(invalid("--ttl-granularity", Some("TTL_GRANULARITY"), &s, "expected whole seconds >= 1")),
+            _ => {
+                return Err(invalid(
+                    "--ttl-granularity",
+                    Some("TTL_GRANULARITY"),
+                    &s,
+                    "expected whole seconds >= 1",
+                ))
+            }
         },
     };
     let bin_dir = r
-        .pick(opts.bin_dir.as_ref().map(|p| p.to_string_lossy().into_owned()), "ETCD_BIN_DIR")
+        .pick(
+            opts.bin_dir
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            "ETCD_BIN_DIR",
+        )
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/local/bin"));
     let bundled_versions = match r.pick(opts.bundled_versions.clone(), "BUNDLED_VERSIONS") {
@@ -259,7 +353,16 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         Some(list) => Some(
             list.split([' ', ','])
                 .filter(|s| !s.is_empty())
-                .map(|s| s.parse().map_err(|e: crate::version::ParseError| invalid("--bundled-versions", Some("BUNDLED_VERSIONS"), &list, e.to_string())))
+                .map(|s| {
+                    s.parse().map_err(|e: crate::version::ParseError| {
+                        invalid(
+                            "--bundled-versions",
+                            Some("BUNDLED_VERSIONS"),
+                            &list,
+                            e.to_string(),
+                        )
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
@@ -267,35 +370,92 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         None => Vec::new(),
         Some(s) => shell_words::split(&s).map_err(|e| {
             // The value may hold secrets: name the problem, not the content.
-            invalid("--etcd-server-extra-args", Some("ETCD_CREDS"), "<not shown>", format!("cannot be shell-split: {e}"))
+            invalid(
+                "--etcd-server-extra-args",
+                Some("ETCD_CREDS"),
+                "<not shown>",
+                format!("cannot be shell-split: {e}"),
+            )
         })?,
     };
-    let duration = |flag: &'static str, env_name: &'static str, v: Option<String>, default: Duration| match r.pick(v, env_name) {
+    let duration = |flag: &'static str,
+                    env_name: &'static str,
+                    v: Option<String>,
+                    default: Duration| match r.pick(v, env_name) {
         None => Ok(default),
-        Some(s) => parse_duration(&s)
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| invalid(flag, Some(env_name), &s, "expected a duration like 90s, 2m or 500ms")),
+        Some(s) => parse_duration(&s).filter(|d| !d.is_zero()).ok_or_else(|| {
+            invalid(
+                flag,
+                Some(env_name),
+                &s,
+                "expected a duration like 90s, 2m or 500ms",
+            )
+        }),
     };
-    let health_timeout =
-        duration("--health-timeout", "HEALTH_TIMEOUT", opts.health_timeout.clone(), Duration::from_secs(120))?;
-    let stop_grace = duration("--stop-grace", "STOP_GRACE", opts.stop_grace.clone(), Duration::from_secs(30))?;
+    let health_timeout = duration(
+        "--health-timeout",
+        "HEALTH_TIMEOUT",
+        opts.health_timeout.clone(),
+        Duration::from_secs(120),
+    )?;
+    let stop_grace = duration(
+        "--stop-grace",
+        "STOP_GRACE",
+        opts.stop_grace.clone(),
+        Duration::from_secs(30),
+    )?;
     let backup_retention = match r.pick(opts.backup_retention.clone(), "BACKUP_RETENTION") {
         None => None,
         Some(s) => Some(s.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-            invalid("--backup-retention", Some("BACKUP_RETENTION"), &s, "expected a whole number >= 1")
+            invalid(
+                "--backup-retention",
+                Some("BACKUP_RETENTION"),
+                &s,
+                "expected a whole number >= 1",
+            )
         })?),
     };
     let log_format = match r.pick(opts.log_format.clone(), "LOG_FORMAT").as_deref() {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
-        Some(other) => return Err(invalid("--log-format", Some("LOG_FORMAT"), other, "expected text or json")),
+        Some(other) => {
+            return Err(invalid(
+                "--log-format",
+                Some("LOG_FORMAT"),
+                other,
+                "expected text or json",
+            ))
+        }
     };
-    let child_env = env.vars.iter().filter(|(k, _)| !OWN_VARIABLES.iter().any(|o| k == o)).cloned().collect();
+    let child_output_logged = match r.pick(opts.child_output.clone(), "CHILD_OUTPUT").as_deref() {
+        None | Some("all") => true,
+        Some("quiet") => false,
+        Some(other) => {
+            return Err(invalid(
+                "--child-output",
+                Some("CHILD_OUTPUT"),
+                other,
+                "expected all or quiet",
+            ))
+        }
+    };
+    let child_env = env
+        .vars
+        .iter()
+        .filter(|(k, _)| !OWN_VARIABLES.iter().any(|o| k == o))
+        .cloned()
+        .collect();
 
     Ok(Config {
         data_dir,
         target,
-        member: Member { name, client_urls, listen_peer_urls, advertise_peer_urls, initial_cluster },
+        member: Member {
+            name,
+            client_urls,
+            listen_peer_urls,
+            advertise_peer_urls,
+            initial_cluster,
+        },
         data_prefix,
         ttl_keys_directory,
         ttl_scope,
@@ -307,6 +467,7 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         stop_grace,
         backup_retention,
         log_format,
+        child_output_logged,
         child_env,
     })
 }
@@ -314,14 +475,32 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
 fn resolve_target(opts: &Opts, r: &Resolver) -> Result<VersionFile, ConfigError> {
     let tv = r
         .pick(opts.target_version.clone(), "TARGET_VERSION")
-        .ok_or(ConfigError::Missing { flag: "--target-version", env: "TARGET_VERSION" })?;
+        .ok_or(ConfigError::Missing {
+            flag: "--target-version",
+            env: "TARGET_VERSION",
+        })?;
     let ts = r
         .pick(opts.target_storage.clone(), "TARGET_STORAGE")
-        .ok_or(ConfigError::Missing { flag: "--target-storage", env: "TARGET_STORAGE" })?;
-    let version: EtcdVersion =
-        tv.parse().map_err(|e: crate::version::ParseError| invalid("--target-version", Some("TARGET_VERSION"), &tv, e.to_string()))?;
-    let storage: Storage =
-        ts.parse().map_err(|e: crate::version::ParseError| invalid("--target-storage", Some("TARGET_STORAGE"), &ts, e.to_string()))?;
+        .ok_or(ConfigError::Missing {
+            flag: "--target-storage",
+            env: "TARGET_STORAGE",
+        })?;
+    let version: EtcdVersion = tv.parse().map_err(|e: crate::version::ParseError| {
+        invalid(
+            "--target-version",
+            Some("TARGET_VERSION"),
+            &tv,
+            e.to_string(),
+        )
+    })?;
+    let storage: Storage = ts.parse().map_err(|e: crate::version::ParseError| {
+        invalid(
+            "--target-storage",
+            Some("TARGET_STORAGE"),
+            &ts,
+            e.to_string(),
+        )
+    })?;
     Ok(VersionFile { version, storage })
 }
 
@@ -329,7 +508,14 @@ fn check_urls(flag: &'static str, env: &'static str, urls: &str) -> Result<(), C
     for u in urls.split(',') {
         match split_url(u.trim()) {
             Some(("http" | "https", host, _)) if !host.is_empty() => {}
-            _ => return Err(invalid(flag, Some(env), urls, "expected comma-separated http(s)://host:port URLs")),
+            _ => {
+                return Err(invalid(
+                    flag,
+                    Some(env),
+                    urls,
+                    "expected comma-separated http(s)://host:port URLs",
+                ))
+            }
         }
     }
     Ok(())
@@ -339,12 +525,17 @@ fn check_initial_cluster(ic: &str, name: &str) -> Result<(), ConfigError> {
     let bad = |why: String| invalid("--initial-cluster", Some("INITIAL_CLUSTER"), ic, why);
     let mut has_self = false;
     for pair in ic.split(',') {
-        let (n, u) = pair.split_once('=').ok_or_else(|| bad(format!("'{pair}' is not name=URL")))?;
-        check_urls("--initial-cluster", "INITIAL_CLUSTER", u).map_err(|_| bad(format!("'{u}' is not a peer URL")))?;
+        let (n, u) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(format!("'{pair}' is not name=URL")))?;
+        check_urls("--initial-cluster", "INITIAL_CLUSTER", u)
+            .map_err(|_| bad(format!("'{u}' is not a peer URL")))?;
         has_self |= n == name;
     }
     if !has_self {
-        return Err(bad(format!("it does not name this member '{name}' (set ETCD_NAME or --name to match)")));
+        return Err(bad(format!(
+            "it does not name this member '{name}' (set ETCD_NAME or --name to match)"
+        )));
     }
     Ok(())
 }
@@ -357,7 +548,12 @@ mod tests {
         Opts::default()
     }
     fn base_env() -> Vec<(&'static str, &'static str)> {
-        vec![("TARGET_VERSION", "3.5.1"), ("TARGET_STORAGE", "etcd3"), ("DATA_DIRECTORY", "/var/etcd/data"), ("HOSTNAME", "m1")]
+        vec![
+            ("TARGET_VERSION", "3.5.1"),
+            ("TARGET_STORAGE", "etcd3"),
+            ("DATA_DIRECTORY", "/var/etcd/data"),
+            ("HOSTNAME", "m1"),
+        ]
     }
 
     #[test]
@@ -388,7 +584,11 @@ mod tests {
     #[test]
     fn empty_env_counts_as_unset_and_flags_win() {
         let mut env = base_env();
-        env.extend([("ETCD_NAME", ""), ("ETCD_HOSTNAME", "host-a"), ("ETCD_DATA_PREFIX", "")]);
+        env.extend([
+            ("ETCD_NAME", ""),
+            ("ETCD_HOSTNAME", "host-a"),
+            ("ETCD_DATA_PREFIX", ""),
+        ]);
         let mut o = opts();
         o.target_version = Some("3.4.23".into());
         let c = resolve(&o, &Env::from_pairs(env), true).unwrap();
@@ -406,7 +606,11 @@ mod tests {
             ("TARGET_STORAGE", "etcd4", "TARGET_STORAGE"),
             ("LISTEN_CLIENT_URLS", "http://0.0.0.0:2379", "127.0.0.1"),
             ("LISTEN_CLIENT_URLS", "https://127.0.0.1:2379", "127.0.0.1"),
-            ("INITIAL_CLUSTER", "other=http://10.0.0.1:2380", "does not name this member"),
+            (
+                "INITIAL_CLUSTER",
+                "other=http://10.0.0.1:2380",
+                "does not name this member",
+            ),
             ("INITIAL_CLUSTER", "garbage", "name=URL"),
             ("LISTEN_PEER_URLS", "localhost:2380", "URLs"),
             ("TTL_SCOPE", "some", "all or directory"),
@@ -415,45 +619,99 @@ mod tests {
             ("BACKUP_RETENTION", "-1", "whole number"),
             ("LOG_FORMAT", "xml", "text or json"),
             ("BUNDLED_VERSIONS", "3.4.23 3.5", "3.5"),
-            ("ETCD_CREDS", "--peer-cert-file='unterminated", "shell-split"),
+            (
+                "ETCD_CREDS",
+                "--peer-cert-file='unterminated",
+                "shell-split",
+            ),
             ("ETCD_DATA_PREFIX", "registry", "start with"),
         ];
         for (var, value, want) in cases {
             let mut env = base_env();
             env.push((var, value));
-            let e = resolve(&opts(), &Env::from_pairs(env), true).unwrap_err().to_string();
+            let e = resolve(&opts(), &Env::from_pairs(env), true)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{var}={value}: {e}");
         }
         let e = resolve(&opts(), &Env::from_pairs([("DATA_DIRECTORY", "/d")]), true).unwrap_err();
-        assert_eq!(e, ConfigError::Missing { flag: "--target-version", env: "TARGET_VERSION" });
-        let e = resolve(&opts(), &Env::from_pairs([("TARGET_VERSION", "3.5.1")]), true).unwrap_err();
-        assert_eq!(e, ConfigError::Missing { flag: "--data-dir", env: "DATA_DIRECTORY" });
-        assert!(resolve(&opts(), &Env::from_pairs([("DATA_DIRECTORY", "/d")]), false).is_ok(), "status needs no target");
+        assert_eq!(
+            e,
+            ConfigError::Missing {
+                flag: "--target-version",
+                env: "TARGET_VERSION"
+            }
+        );
+        let e = resolve(
+            &opts(),
+            &Env::from_pairs([("TARGET_VERSION", "3.5.1")]),
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::Missing {
+                flag: "--data-dir",
+                env: "DATA_DIRECTORY"
+            }
+        );
+        assert!(
+            resolve(&opts(), &Env::from_pairs([("DATA_DIRECTORY", "/d")]), false).is_ok(),
+            "status needs no target"
+        );
     }
 
     #[test]
     fn etcd_creds_are_shell_split_and_never_echoed() {
         let mut env = base_env();
-        env.push(("ETCD_CREDS", "--peer-cert-file=/c/peer.crt --peer-key-file '/c/my key.pem'"));
+        env.push((
+            "ETCD_CREDS",
+            "--peer-cert-file=/c/peer.crt --peer-key-file '/c/my key.pem'",
+        ));
         let c = resolve(&opts(), &Env::from_pairs(env), true).unwrap();
-        assert_eq!(c.extra_args, ["--peer-cert-file=/c/peer.crt", "--peer-key-file", "/c/my key.pem"]);
+        assert_eq!(
+            c.extra_args,
+            [
+                "--peer-cert-file=/c/peer.crt",
+                "--peer-key-file",
+                "/c/my key.pem"
+            ]
+        );
         let mut env = base_env();
         env.push(("ETCD_CREDS", "--secret='s3cr3t"));
-        let e = resolve(&opts(), &Env::from_pairs(env), true).unwrap_err().to_string();
+        let e = resolve(&opts(), &Env::from_pairs(env), true)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("s3cr3t"), "{e}");
     }
 
     #[test]
     fn child_env_drops_our_variables_and_keeps_the_rest() {
         let mut env = base_env();
-        env.extend([("ETCD_SNAPSHOT_COUNT", "10000"), ("ETCD_CREDS", "--x=1"), ("ETCD_NAME", "n"), ("PATH", "/bin")]);
-        let mut env = env;
+        env.extend([
+            ("ETCD_SNAPSHOT_COUNT", "10000"),
+            ("ETCD_CREDS", "--x=1"),
+            ("ETCD_NAME", "n"),
+            ("PATH", "/bin"),
+        ]);
         env.push(("INITIAL_CLUSTER", "n=http://localhost:2380"));
         let c = resolve(&opts(), &Env::from_pairs(env), true).unwrap();
-        let keys: Vec<String> = c.child_env.iter().map(|(k, _)| k.to_string_lossy().into_owned()).collect();
+        let keys: Vec<String> = c
+            .child_env
+            .iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
         assert!(keys.contains(&"ETCD_SNAPSHOT_COUNT".to_string()));
-        assert!(keys.contains(&"ETCD_NAME".to_string()), "ETCD_NAME is dropped per child, where it duplicates --name");
-        for own in ["TARGET_VERSION", "ETCD_CREDS", "DATA_DIRECTORY", "INITIAL_CLUSTER"] {
+        assert!(
+            keys.contains(&"ETCD_NAME".to_string()),
+            "ETCD_NAME is dropped per child, where it duplicates --name"
+        );
+        for own in [
+            "TARGET_VERSION",
+            "ETCD_CREDS",
+            "DATA_DIRECTORY",
+            "INITIAL_CLUSTER",
+        ] {
             assert!(!keys.contains(&own.to_string()), "{own} leaked");
         }
     }

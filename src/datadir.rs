@@ -7,13 +7,17 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::etcd::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::fsutil::{self, FsError};
 use crate::plan::DataFacts;
 use crate::progress::{self, ProgressError, JOURNAL_FILE, VERSION_FILE};
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
 /// The legacy default for a data dir with a v2 WAL and no version.txt.
-pub const LEGACY_DEFAULT: VersionFile = VersionFile { version: EtcdVersion::new(2, 2, 1), storage: Storage::Etcd2 };
+pub const LEGACY_DEFAULT: VersionFile = VersionFile {
+    version: EtcdVersion::new(2, 2, 1),
+    storage: Storage::Etcd2,
+};
 
 /// What the data dir holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +25,10 @@ pub enum OnDisk {
     /// No data dir, or an empty one.
     Fresh,
     /// version.txt names the data; `has_member` is false when only version.txt is there.
-    Recorded { version: VersionFile, has_member: bool },
+    Recorded {
+        version: VersionFile,
+        has_member: bool,
+    },
     /// No version.txt, only a v2 WAL (and v2 snapshots): the 2.2.1/etcd2 legacy default.
     Legacy,
 }
@@ -38,7 +45,14 @@ impl OnDisk {
 
     /// There is etcd data to migrate (a member dir).
     pub fn has_data(&self) -> bool {
-        matches!(self, OnDisk::Legacy | OnDisk::Recorded { has_member: true, .. })
+        matches!(
+            self,
+            OnDisk::Legacy
+                | OnDisk::Recorded {
+                    has_member: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -59,7 +73,11 @@ pub enum DataDirError {
     )]
     Unknown { path: PathBuf, found: String },
     #[error("{path}/version.txt says {recorded} but {why}; fix version.txt to name what is really there")]
-    Inconsistent { path: PathBuf, recorded: VersionFile, why: &'static str },
+    Inconsistent {
+        path: PathBuf,
+        recorded: VersionFile,
+        why: &'static str,
+    },
     #[error("cannot read the member data in {path}: {why}")]
     Member { path: PathBuf, why: String },
 }
@@ -72,8 +90,14 @@ pub struct Inspection {
 }
 
 fn list(dir: &Path) -> Result<Vec<String>, DataDirError> {
-    let rd = fs::read_dir(dir).map_err(|source| DataDirError::Unreadable { path: dir.to_path_buf(), source })?;
-    let mut names: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let rd = fs::read_dir(dir).map_err(|source| DataDirError::Unreadable {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     Ok(names)
 }
@@ -81,7 +105,8 @@ fn list(dir: &Path) -> Result<Vec<String>, DataDirError> {
 /// A data dir written by etcd 2.x with no version.txt: member/wal/*.wal, optional member/snap/*.snap,
 /// no v3 backend, nothing else.
 fn is_legacy_v2(dir: &Path, top: &[String]) -> Result<bool, DataDirError> {
-    if top.iter().any(|n| n != "member" && n != "lost+found") || !top.iter().any(|n| n == "member") {
+    if top.iter().any(|n| n != "member" && n != "lost+found") || !top.iter().any(|n| n == "member")
+    {
         return Ok(false);
     }
     let member = dir.join("member");
@@ -90,7 +115,11 @@ fn is_legacy_v2(dir: &Path, top: &[String]) -> Result<bool, DataDirError> {
         return Ok(false);
     }
     let wals = list(&wal)?;
-    let snaps = if member.join("snap").is_dir() { list(&member.join("snap"))? } else { Vec::new() };
+    let snaps = if member.join("snap").is_dir() {
+        list(&member.join("snap"))?
+    } else {
+        Vec::new()
+    };
     let member_entries = list(&member)?;
     Ok(!wals.is_empty()
         && wals.iter().all(|n| n.ends_with(".wal"))
@@ -102,16 +131,28 @@ fn is_legacy_v2(dir: &Path, top: &[String]) -> Result<bool, DataDirError> {
 pub fn inspect(path: &Path) -> Result<Inspection, DataDirError> {
     let meta = match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Inspection { on_disk: OnDisk::Fresh, facts: DataFacts::default() })
+            return Ok(Inspection {
+                on_disk: OnDisk::Fresh,
+                facts: DataFacts::default(),
+            })
         }
-        Err(source) => return Err(DataDirError::Unreadable { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(DataDirError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
         Ok(m) => m,
     };
     if meta.file_type().is_symlink() {
-        return Err(DataDirError::Symlink { path: path.to_path_buf() });
+        return Err(DataDirError::Symlink {
+            path: path.to_path_buf(),
+        });
     }
     if !meta.is_dir() {
-        return Err(DataDirError::NotADirectory { path: path.to_path_buf() });
+        return Err(DataDirError::NotADirectory {
+            path: path.to_path_buf(),
+        });
     }
     let top = list(path)?;
     let recorded = progress::read_version(path)?;
@@ -120,43 +161,99 @@ pub fn inspect(path: &Path) -> Result<Inspection, DataDirError> {
     let on_disk = match recorded {
         Some(version) => {
             check_consistent(path, version, has_member)?;
-            OnDisk::Recorded { version, has_member }
+            OnDisk::Recorded {
+                version,
+                has_member,
+            }
         }
         None if top.iter().all(|n| n == "lost+found") => OnDisk::Fresh,
         None if is_legacy_v2(path, &top)? => OnDisk::Legacy,
-        None => return Err(DataDirError::Unknown { path: path.to_path_buf(), found: top.join(", ") }),
+        None => {
+            return Err(DataDirError::Unknown {
+                path: path.to_path_buf(),
+                found: top.join(", "),
+            })
+        }
     };
     // Facts from the WAL cost a read of it: callers that need them ask member_facts.
-    Ok(Inspection { on_disk, facts: DataFacts::default() })
+    Ok(Inspection {
+        on_disk,
+        facts: DataFacts::default(),
+    })
 }
 
 fn check_consistent(path: &Path, v: VersionFile, has_member: bool) -> Result<(), DataDirError> {
     if !has_member {
         return Ok(());
     }
-    let inconsistent = |why| Err(DataDirError::Inconsistent { path: path.to_path_buf(), recorded: v, why });
+    let inconsistent = |why| {
+        Err(DataDirError::Inconsistent {
+            path: path.to_path_buf(),
+            recorded: v,
+            why,
+        })
+    };
     if !path.join("member/wal").is_dir() {
         return inconsistent("member/wal is missing");
     }
     let has_db = path.join("member/snap/db").is_file();
     match (v.storage, v.version.major) {
         (Storage::Etcd3, _) if !has_db => inconsistent("there is no v3 backend (member/snap/db)"),
-        (Storage::Etcd2, 0..=2) if has_db => inconsistent("etcd 2.x never writes a v3 backend (member/snap/db)"),
+        (Storage::Etcd2, 0..=2) if has_db => {
+            inconsistent("etcd 2.x never writes a v3 backend (member/snap/db)")
+        }
         _ => Ok(()),
     }
 }
 
 /// Member count and cluster-version history from the WAL and snapshots.
 pub fn member_facts(member: &Path) -> Result<DataFacts, DataDirError> {
-    let summary = crate::storage::walinfo::summarize(member)
-        .map_err(|e| DataDirError::Member { path: member.to_path_buf(), why: e.to_string() })?;
+    let summary = crate::storage::walinfo::summarize(member).map_err(|e| DataDirError::Member {
+        path: member.to_path_buf(),
+        why: e.to_string(),
+    })?;
     let boot_v2 = summary
         .boot_cluster_version
         .as_deref()
         .and_then(|v| v.split('.').next())
         .and_then(|major| major.parse::<u32>().ok())
         .is_some_and(|major| major < 3);
-    Ok(DataFacts { members: summary.members.len().max(1), boot_cluster_version_v2: boot_v2 })
+    Ok(DataFacts {
+        members: summary.members.len().max(1),
+        boot_cluster_version_v2: boot_v2,
+    })
+}
+
+/// Fingerprint of an etcd3 member's keys read offline from its backend, when the backend is
+/// complete: its consistent index has reached the WAL's commit index (a clean shutdown). After an
+/// unclean one, etcd replays WAL entries the backend lacks, so an offline read would be stale.
+pub fn offline_fingerprint(member: &Path) -> Result<Fingerprint, String> {
+    use crate::storage::{bbolt::Db, mvcc};
+    let summary = crate::storage::walinfo::summarize(member).map_err(|e| e.to_string())?;
+    let commit = summary.hard_state.as_ref().map(|h| h.commit).unwrap_or(0);
+    let db = Db::open(member.join("snap/db")).map_err(|e| e.to_string())?;
+    let applied = mvcc::store_meta(&db)
+        .map_err(|e| e.to_string())?
+        .consistent_index
+        .unwrap_or(0);
+    if applied < commit {
+        return Err(format!("the backend has applied index {applied}, the WAL has committed {commit} (unclean shutdown)"));
+    }
+    let index = mvcc::LiveIndex::build(&db).map_err(|e| e.to_string())?;
+    let mut b = FingerprintBuilder::default();
+    index
+        .for_each(&db, |kv| {
+            b.add(
+                &kv.key,
+                &kv.value,
+                kv.create_revision,
+                kv.mod_revision,
+                kv.lease != 0,
+            );
+            Ok::<(), mvcc::MvccError>(())
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(b.finish())
 }
 
 /// An etcd (or anything) holds a lock on the member's files: the dir is in use.
@@ -164,13 +261,19 @@ pub fn in_use_by(path: &Path) -> Option<String> {
     let member = path.join("member");
     let db = member.join("snap/db");
     if locked_flock(&db) {
-        return Some(format!("{} is locked (an etcd 3.x is running on it)", db.display()));
+        return Some(format!(
+            "{} is locked (an etcd 3.x is running on it)",
+            db.display()
+        ));
     }
     let wals = fs::read_dir(member.join("wal")).ok()?;
     for e in wals.filter_map(|e| e.ok()) {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "wal") && (locked_ofd(&p) || locked_flock(&p)) {
-            return Some(format!("{} is locked (an etcd is running on it)", p.display()));
+            return Some(format!(
+                "{} is locked (an etcd is running on it)",
+                p.display()
+            ));
         }
     }
     None
@@ -189,7 +292,13 @@ fn locked_flock(p: &Path) -> bool {
 
 fn locked_ofd(p: &Path) -> bool {
     let Ok(f) = File::open(p) else { return false };
-    let mut fl = libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 0, l_len: 0, l_pid: 0 };
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
     match nix::fcntl::fcntl(f.as_fd(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl)) {
         Ok(_) => fl.l_type != libc::F_UNLCK as i16,
         Err(_) => false,
@@ -203,7 +312,10 @@ pub fn work_dir(data_dir: &Path) -> PathBuf {
 
 /// `<parent>/<name>.<suffix>`.
 pub fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
-    let name = data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
     data_dir.with_file_name(format!("{name}.{suffix}"))
 }
 
@@ -228,18 +340,33 @@ pub fn lock(data_dir: &Path, what: &str) -> Result<Result<RunLock, Busy>, FsErro
     let work = work_dir(data_dir);
     fsutil::create_dir_mode(&work, 0o700)?;
     let path = work.join("lock");
-    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(FsError::io("open", &path))?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(FsError::io("open", &path))?;
     match file.try_lock() {
         Ok(()) => {
-            let info = format!("pid={} started={} command={what}\n", std::process::id(), progress::now_rfc3339());
+            let info = format!(
+                "pid={} started={} command={what}\n",
+                std::process::id(),
+                progress::now_rfc3339()
+            );
             file.set_len(0).map_err(FsError::io("truncate", &path))?;
-            file.write_all(info.as_bytes()).map_err(FsError::io("write", &path))?;
+            file.write_all(info.as_bytes())
+                .map_err(FsError::io("write", &path))?;
             Ok(Ok(RunLock { _file: file, path }))
         }
         Err(_) => {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
-            Ok(Err(Busy { data_dir: data_dir.to_path_buf(), lock: path, holder: holder.trim().to_string() }))
+            Ok(Err(Busy {
+                data_dir: data_dir.to_path_buf(),
+                lock: path,
+                holder: holder.trim().to_string(),
+            }))
         }
     }
 }
@@ -268,7 +395,10 @@ mod tests {
     #[test]
     fn missing_and_empty_dirs_are_fresh() {
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(inspect(&d.path().join("nope")).unwrap().on_disk, OnDisk::Fresh);
+        assert_eq!(
+            inspect(&d.path().join("nope")).unwrap().on_disk,
+            OnDisk::Fresh
+        );
         assert_eq!(inspect(d.path()).unwrap().on_disk, OnDisk::Fresh);
     }
 
@@ -277,14 +407,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("file");
         fs::write(&f, "x").unwrap();
-        assert!(matches!(inspect(&f), Err(DataDirError::NotADirectory { .. })));
+        assert!(matches!(
+            inspect(&f),
+            Err(DataDirError::NotADirectory { .. })
+        ));
         let l = d.path().join("link");
         std::os::unix::fs::symlink(d.path(), &l).unwrap();
         assert!(matches!(inspect(&l), Err(DataDirError::Symlink { .. })));
         let g = d.path().join("foreign");
         fs::create_dir_all(g.join("stuff")).unwrap();
         let e = inspect(&g).unwrap_err().to_string();
-        assert!(e.contains("found: stuff") && e.contains("version.txt"), "{e}");
+        assert!(
+            e.contains("found: stuff") && e.contains("version.txt"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -293,7 +429,10 @@ mod tests {
         fs::write(d.path().join(VERSION_FILE), "3.5.1/etcd3\n").unwrap();
         assert_eq!(
             inspect(d.path()).unwrap().on_disk,
-            OnDisk::Recorded { version: "3.5.1/etcd3".parse().unwrap(), has_member: false }
+            OnDisk::Recorded {
+                version: "3.5.1/etcd3".parse().unwrap(),
+                has_member: false
+            }
         );
     }
 
@@ -312,7 +451,12 @@ mod tests {
         let data = d.path().join("data");
         let first = lock(&data, "migrate").unwrap().unwrap();
         let second = lock(&data, "migrate").unwrap().unwrap_err();
-        assert!(second.holder.contains(&format!("pid={}", std::process::id())), "{second}");
+        assert!(
+            second
+                .holder
+                .contains(&format!("pid={}", std::process::id())),
+            "{second}"
+        );
         assert!(lock_holder(&data).is_some());
         drop(first);
         assert!(lock_holder(&data).is_none());

@@ -14,19 +14,34 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum FsError {
     #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error(
         "not enough free space in {path}: {needed} bytes needed, {available} available; free space there (old backups are \
          listed by `etcd-migrate status`) and run again"
     )]
-    NoSpace { path: PathBuf, needed: u64, available: u64 },
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("{path} is a symbolic link or special file; refusing to follow it")]
     NotRegular { path: PathBuf },
 }
 
 impl FsError {
-    pub(crate) fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
-        move |source| FsError::Io { op, path: path.to_path_buf(), source }
+    pub(crate) fn io<'a>(
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> FsError + 'a {
+        move |source| FsError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     /// The error came from a full disk.
@@ -56,7 +71,10 @@ fn parent_of(path: &Path) -> &Path {
 /// never an empty or partial file.
 pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
     let dir = parent_of(path);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -84,12 +102,20 @@ pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError
 /// The error a failpoint returns when it is configured to fail rather than crash.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub(crate) fn injected(path: &Path) -> FsError {
-    FsError::Io { op: "failpoint", path: path.to_path_buf(), source: io::Error::other("injected failure") }
+    FsError::Io {
+        op: "failpoint",
+        path: path.to_path_buf(),
+        source: io::Error::other("injected failure"),
+    }
 }
 
 /// Creates a directory (and parents) with the given mode for the leaf.
 pub fn create_dir_mode(path: &Path, mode: u32) -> Result<(), FsError> {
-    fs::DirBuilder::new().recursive(true).mode(mode).create(path).map_err(FsError::io("create dir", path))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(FsError::io("create dir", path))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(FsError::io("chmod", path))
 }
 
@@ -112,8 +138,11 @@ pub fn tree_size(root: &Path) -> Result<u64, FsError> {
 
 /// Free bytes available to us on the filesystem holding `path`.
 pub fn available_space(path: &Path) -> Result<u64, FsError> {
-    let st = nix::sys::statvfs::statvfs(path)
-        .map_err(|e| FsError::Io { op: "statvfs", path: path.to_path_buf(), source: e.into() })?;
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| FsError::Io {
+        op: "statvfs",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
@@ -122,7 +151,11 @@ pub fn ensure_space(dir: &Path, needed: u64) -> Result<(), FsError> {
     let want = needed + needed / 20 + (1 << 20);
     let available = available_space(dir)?;
     if available < want {
-        return Err(FsError::NoSpace { path: dir.to_path_buf(), needed: want, available });
+        return Err(FsError::NoSpace {
+            path: dir.to_path_buf(),
+            needed: want,
+            available,
+        });
     }
     Ok(())
 }
@@ -158,7 +191,9 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<u64, FsError> {
         to.sync_all().map_err(FsError::io("fsync", dst))?;
         Ok(n)
     } else {
-        Err(FsError::NotRegular { path: src.to_path_buf() })
+        Err(FsError::NotRegular {
+            path: src.to_path_buf(),
+        })
     }
 }
 
@@ -170,7 +205,11 @@ pub fn exchange(a: &Path, b: &Path) -> Result<(), FsError> {
     // SAFETY-free: a plain syscall through libc with valid NUL-terminated paths.
     let rc = unsafe_renameat2(&ca, &cb, libc::RENAME_EXCHANGE);
     if rc != 0 {
-        return Err(FsError::Io { op: "exchange", path: a.to_path_buf(), source: io::Error::last_os_error() });
+        return Err(FsError::Io {
+            op: "exchange",
+            path: a.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
     }
     fsync_dir(parent_of(a))?;
     if parent_of(a) != parent_of(b) {
@@ -190,7 +229,15 @@ fn cpath(p: &Path) -> Result<CString, FsError> {
 #[allow(unsafe_code)]
 fn unsafe_renameat2(a: &CString, b: &CString, flags: libc::c_uint) -> libc::c_int {
     // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
-    unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) }
+    unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    }
 }
 
 /// Renames durably (fsync of the destination's parent, and the source's when different).
@@ -207,7 +254,11 @@ pub fn rename_durable(from: &Path, to: &Path) -> Result<(), FsError> {
 pub fn remove_tree(path: &Path) -> Result<(), FsError> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(FsError::Io { op: "stat", path: path.to_path_buf(), source: e }),
+        Err(e) => Err(FsError::Io {
+            op: "stat",
+            path: path.to_path_buf(),
+            source: e,
+        }),
         Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(FsError::io("remove", path)),
         Ok(_) => fs::remove_file(path).map_err(FsError::io("remove", path)),
     }
@@ -224,7 +275,10 @@ mod tests {
         write_durable(&p, b"3.4.23/etcd3\n", 0o644).unwrap();
         write_durable(&p, b"3.5.1/etcd3\n", 0o644).unwrap();
         assert_eq!(fs::read_to_string(&p).unwrap(), "3.5.1/etcd3\n");
-        let names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 
@@ -237,8 +291,15 @@ mod tests {
         fs::set_permissions(src.join("member"), fs::Permissions::from_mode(0o700)).unwrap();
         let n = copy_tree(&src, &d.path().join("dst")).unwrap();
         assert_eq!(n, 70_000);
-        assert_eq!(fs::read(d.path().join("dst/member/wal/0.wal")).unwrap(), vec![7u8; 70_000]);
-        let mode = fs::metadata(d.path().join("dst/member")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            fs::read(d.path().join("dst/member/wal/0.wal")).unwrap(),
+            vec![7u8; 70_000]
+        );
+        let mode = fs::metadata(d.path().join("dst/member"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o700);
         std::os::unix::fs::symlink("/etc", src.join("escape")).unwrap();
         let e = copy_tree(&src, &d.path().join("dst2")).unwrap_err();
@@ -263,7 +324,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = ensure_space(d.path(), u64::MAX / 4).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("bytes needed") && msg.contains(&d.path().display().to_string()), "{msg}");
+        assert!(
+            msg.contains("bytes needed") && msg.contains(&d.path().display().to_string()),
+            "{msg}"
+        );
         assert!(e.is_no_space());
         ensure_space(d.path(), 1).unwrap();
     }

@@ -24,7 +24,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Migrate);
-    let needs_target = matches!(command, Command::Migrate | Command::Run { .. } | Command::Plan { .. });
+    let needs_target = matches!(
+        command,
+        Command::Migrate | Command::Run { .. } | Command::Plan { .. }
+    );
     let config = match config::resolve(&cli.opts, &Env::from_process(), needs_target) {
         Ok(c) => c,
         Err(e) => {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    etcd_migrate::etcd::process::quiet_children(!config.child_output_logged);
     etcd_migrate::failpoints::setup();
     let result: Result<(), RunError> = match &command {
         Command::Plan { output } => run::print_plan(&config, *output),
@@ -56,7 +60,10 @@ fn main() -> ExitCode {
 /// One thread: children are spawned from the main thread, so their parent-death signal fires
 /// only when this process dies.
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(f),
         Err(e) => panic!("cannot start the async runtime: {e}"),
     }

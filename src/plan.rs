@@ -12,7 +12,8 @@ use crate::version::{EtcdVersion, Minor, Storage, VersionFile};
 pub const ROLLBACK_ETCD2_VERSION: EtcdVersion = EtcdVersion::new(2, 2, 1);
 
 /// Human summary of every path we support, quoted by refusals.
-pub const SUPPORTED_PATHS: &str = "supported paths: upgrade one minor at a time (e.g. 2.2.1 -> 2.3.x -> 3.0.x -> ... -> 3.5.x), \
+pub const SUPPORTED_PATHS: &str =
+    "supported paths: upgrade one minor at a time (e.g. 2.2.1 -> 2.3.x -> 3.0.x -> ... -> 3.5.x), \
 patch changes within a minor, etcd2 -> etcd3 storage at a 3.0-3.4 release, \
 rollback 3.N/etcd3 -> 3.N-1/etcd3 one minor at a time, and rollback 3.0.x/etcd3 -> 2.2.1/etcd2";
 
@@ -43,7 +44,11 @@ impl BundledVersions {
     }
     /// Bundled patches of a minor line other than `chosen`, oldest first.
     fn others_of(&self, m: Minor, chosen: EtcdVersion) -> Vec<EtcdVersion> {
-        self.0.iter().filter(|v| v.minor_line() == m && **v != chosen).copied().collect()
+        self.0
+            .iter()
+            .filter(|v| v.minor_line() == m && **v != chosen)
+            .copied()
+            .collect()
     }
     pub fn iter(&self) -> impl Iterator<Item = EtcdVersion> + '_ {
         self.0.iter().copied()
@@ -75,7 +80,10 @@ pub struct DataFacts {
 
 impl Default for DataFacts {
     fn default() -> Self {
-        DataFacts { members: 1, boot_cluster_version_v2: false }
+        DataFacts {
+            members: 1,
+            boot_cluster_version_v2: false,
+        }
     }
 }
 
@@ -85,10 +93,18 @@ impl Default for DataFacts {
 pub enum Step {
     /// Start `etcd-<to>` on the data, prove a write, stop. With `cut_snapshot`, run with a
     /// small `--snapshot-count` and enough writes to cut a v2 snapshot (the 3.5 fix-up).
-    Upgrade { from: VersionFile, to: VersionFile, cut_snapshot: bool },
+    Upgrade {
+        from: VersionFile,
+        to: VersionFile,
+        cut_snapshot: bool,
+    },
     /// etcd2 -> etcd3 at release `at` (3.0-3.4): capture TTLs in v2 mode, `etcdctl migrate`,
     /// reattach TTLs as leases. `from` is the data before (may be an older minor).
-    MigrateStorage { from: VersionFile, at: EtcdVersion, cut_snapshot: bool },
+    MigrateStorage {
+        from: VersionFile,
+        at: EtcdVersion,
+        cut_snapshot: bool,
+    },
     /// 3.N -> 3.N-1 by snapshot save (3.N) and restore (3.N-1 tools).
     MinorRollback { from: EtcdVersion, to: EtcdVersion },
     /// 3.0.x/etcd3 -> 2.2.1/etcd2, written natively.
@@ -100,9 +116,18 @@ impl Step {
     pub fn outcome(&self) -> VersionFile {
         match *self {
             Step::Upgrade { to, .. } => to,
-            Step::MigrateStorage { at, .. } => VersionFile { version: at, storage: Storage::Etcd3 },
-            Step::MinorRollback { to, .. } => VersionFile { version: to, storage: Storage::Etcd3 },
-            Step::RollbackToEtcd2 { .. } => VersionFile { version: ROLLBACK_ETCD2_VERSION, storage: Storage::Etcd2 },
+            Step::MigrateStorage { at, .. } => VersionFile {
+                version: at,
+                storage: Storage::Etcd3,
+            },
+            Step::MinorRollback { to, .. } => VersionFile {
+                version: to,
+                storage: Storage::Etcd3,
+            },
+            Step::RollbackToEtcd2 { .. } => VersionFile {
+                version: ROLLBACK_ETCD2_VERSION,
+                storage: Storage::Etcd2,
+            },
         }
     }
 
@@ -132,9 +157,11 @@ impl Step {
     /// Short kind name for logs and the journal.
     pub fn kind(&self) -> &'static str {
         match self {
-            Step::Upgrade { cut_snapshot: true, from, to } if from.version.minor_line() == to.version.minor_line() => {
-                "snapshot-pass"
-            }
+            Step::Upgrade {
+                cut_snapshot: true,
+                from,
+                to,
+            } if from.version.minor_line() == to.version.minor_line() => "snapshot-pass",
             Step::Upgrade { .. } => "upgrade",
             Step::MigrateStorage { .. } => "migrate-storage",
             Step::MinorRollback { .. } => "minor-rollback",
@@ -146,7 +173,11 @@ impl Step {
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Step::Upgrade { from, to, cut_snapshot } => {
+            Step::Upgrade {
+                from,
+                to,
+                cut_snapshot,
+            } => {
                 if from.version == to.version {
                     write!(f, "run {to} once more")?;
                 } else {
@@ -157,17 +188,27 @@ impl fmt::Display for Step {
                 }
                 Ok(())
             }
-            Step::MigrateStorage { from, at, cut_snapshot } => {
+            Step::MigrateStorage {
+                from,
+                at,
+                cut_snapshot,
+            } => {
                 if from.version != *at {
                     write!(f, "{} -> {at}/etcd2, then ", from.version)?;
                 }
-                write!(f, "storage etcd2 -> etcd3 at {at} (etcdctl migrate, TTLs reattached as leases)")?;
+                write!(
+                    f,
+                    "storage etcd2 -> etcd3 at {at} (etcdctl migrate, TTLs reattached as leases)"
+                )?;
                 if *cut_snapshot {
                     write!(f, " (cut a snapshot so 3.5+ sees a 3.x cluster)")?;
                 }
                 Ok(())
             }
-            Step::MinorRollback { from, to } => write!(f, "rollback {from}/etcd3 -> {to}/etcd3 (snapshot save/restore)"),
+            Step::MinorRollback { from, to } => write!(
+                f,
+                "rollback {from}/etcd3 -> {to}/etcd3 (snapshot save/restore)"
+            ),
             Step::RollbackToEtcd2 { from } => {
                 write!(f, "rollback {from}/etcd3 -> {ROLLBACK_ETCD2_VERSION}/etcd2 (native v2 WAL + snapshot)")
             }
@@ -180,19 +221,36 @@ impl fmt::Display for Step {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Note {
     /// Older (or other) bundled patches of a minor that the plan does not use.
-    SkippedPatches { minor: String, used: EtcdVersion, skipped: Vec<EtcdVersion> },
+    SkippedPatches {
+        minor: String,
+        used: EtcdVersion,
+        skipped: Vec<EtcdVersion>,
+    },
     /// A release in the plan is known to be bad.
-    KnownBad { version: EtcdVersion, advice: &'static str },
+    KnownBad {
+        version: EtcdVersion,
+        advice: &'static str,
+    },
 }
 
 impl fmt::Display for Note {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Note::SkippedPatches { minor, used, skipped } => {
+            Note::SkippedPatches {
+                minor,
+                used,
+                skipped,
+            } => {
                 let s: Vec<String> = skipped.iter().map(|v| v.to_string()).collect();
-                write!(f, "minor {minor}: using {used}, skipping {} as older patches", s.join(", "))
+                write!(
+                    f,
+                    "minor {minor}: using {used}, skipping {} as older patches",
+                    s.join(", ")
+                )
             }
-            Note::KnownBad { version, advice } => write!(f, "etcd {version} is a known-bad release: {advice}"),
+            Note::KnownBad { version, advice } => {
+                write!(f, "etcd {version} is a known-bad release: {advice}")
+            }
         }
     }
 }
@@ -210,16 +268,31 @@ pub struct Plan {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PlanError {
     #[error("target etcd {target} is not bundled (bundled: {bundled}); set TARGET_VERSION to a bundled release")]
-    TargetNotBundled { target: EtcdVersion, bundled: BundledVersions },
+    TargetNotBundled {
+        target: EtcdVersion,
+        bundled: BundledVersions,
+    },
     #[error(
         "going from {from} to {to} passes through minor {minor}, but no etcd-{minor}.x is bundled (bundled: {bundled}); \
          add an etcd-{minor}.x binary to the bin dir"
     )]
-    MinorNotBundled { minor: Minor, from: EtcdVersion, to: EtcdVersion, bundled: BundledVersions },
+    MinorNotBundled {
+        minor: Minor,
+        from: EtcdVersion,
+        to: EtcdVersion,
+        bundled: BundledVersions,
+    },
     #[error("this step has to run the data at its own minor {minor}, but no etcd-{minor}.x is bundled (bundled: {bundled})")]
-    CurrentMinorNotBundled { minor: Minor, bundled: BundledVersions },
+    CurrentMinorNotBundled {
+        minor: Minor,
+        bundled: BundledVersions,
+    },
     #[error("storage {storage} cannot be served by etcd {version}: {why}")]
-    StorageUnservable { version: EtcdVersion, storage: Storage, why: &'static str },
+    StorageUnservable {
+        version: EtcdVersion,
+        storage: Storage,
+        why: &'static str,
+    },
     #[error(
         "{from} -> {to}: etcd2 -> etcd3 needs a 3.0-3.4 release on the way (`etcdctl migrate` was removed in 3.5), and none \
          is available; bundle one, or target a version at most 3.4 first"
@@ -254,8 +327,15 @@ pub fn has_etcdctl_migrate(v: EtcdVersion) -> bool {
 /// line ends at its known last minor (2.3), or else at its newest bundled minor.
 fn minors_between(from: Minor, to: Minor, bundled: &BundledVersions) -> Vec<Minor> {
     let last_of = |major: u32| {
-        let known = LAST_MINOR_OF_MAJOR.iter().find(|(maj, _)| *maj == major).map(|(_, l)| *l);
-        let newest = bundled.iter().filter(|v| v.major == major).map(|v| v.minor).max();
+        let known = LAST_MINOR_OF_MAJOR
+            .iter()
+            .find(|(maj, _)| *maj == major)
+            .map(|(_, l)| *l);
+        let newest = bundled
+            .iter()
+            .filter(|v| v.major == major)
+            .map(|v| v.minor)
+            .max();
         known.into_iter().chain(newest).max().unwrap_or(0)
     };
     let mut out = Vec::new();
@@ -278,10 +358,12 @@ pub fn plan(
     bundled: &BundledVersions,
     facts: DataFacts,
 ) -> Result<Plan, PlanError> {
-    storage_servable(target.version, target.storage).map_err(|why| PlanError::StorageUnservable {
-        version: target.version,
-        storage: target.storage,
-        why,
+    storage_servable(target.version, target.storage).map_err(|why| {
+        PlanError::StorageUnservable {
+            version: target.version,
+            storage: target.storage,
+            why,
+        }
     })?;
     let steps = if current == target {
         Vec::new()
@@ -292,11 +374,19 @@ pub fn plan(
     };
     if facts.members > 1 {
         if let Some(s) = steps.iter().find(|s| s.rewrites_member_alone()) {
-            return Err(PlanError::MultiMember { members: facts.members, step: s.to_string() });
+            return Err(PlanError::MultiMember {
+                members: facts.members,
+                step: s.to_string(),
+            });
         }
     }
     let notes = notes_for(current, &steps, bundled);
-    Ok(Plan { current, target, steps, notes })
+    Ok(Plan {
+        current,
+        target,
+        steps,
+        notes,
+    })
 }
 
 /// The release that runs the data at its own minor: itself if bundled, else the newest bundled
@@ -305,10 +395,12 @@ fn runner_for(v: EtcdVersion, bundled: &BundledVersions) -> Result<EtcdVersion, 
     if bundled.contains(v) {
         return Ok(v);
     }
-    bundled.newest_of(v.minor_line()).ok_or(PlanError::CurrentMinorNotBundled {
-        minor: v.minor_line(),
-        bundled: bundled.clone(),
-    })
+    bundled
+        .newest_of(v.minor_line())
+        .ok_or(PlanError::CurrentMinorNotBundled {
+            minor: v.minor_line(),
+            bundled: bundled.clone(),
+        })
 }
 
 /// The releases an upgrade (or patch change) runs, in order, ending at the target.
@@ -318,19 +410,24 @@ fn forward_versions(
     bundled: &BundledVersions,
 ) -> Result<Vec<EtcdVersion>, PlanError> {
     if !bundled.contains(target) {
-        return Err(PlanError::TargetNotBundled { target, bundled: bundled.clone() });
+        return Err(PlanError::TargetNotBundled {
+            target,
+            bundled: bundled.clone(),
+        });
     }
     let mut versions = Vec::new();
     for m in minors_between(current.minor_line(), target.minor_line(), bundled) {
         if m == target.minor_line() {
             break;
         }
-        let v = bundled.newest_of(m).ok_or_else(|| PlanError::MinorNotBundled {
-            minor: m,
-            from: current,
-            to: target,
-            bundled: bundled.clone(),
-        })?;
+        let v = bundled
+            .newest_of(m)
+            .ok_or_else(|| PlanError::MinorNotBundled {
+                minor: m,
+                from: current,
+                to: target,
+                bundled: bundled.clone(),
+            })?;
         versions.push(v);
     }
     if target != current {
@@ -346,7 +443,10 @@ fn plan_forward(
     facts: DataFacts,
 ) -> Result<Vec<Step>, PlanError> {
     if current.storage == Storage::Etcd3 && target.storage == Storage::Etcd2 {
-        return Err(PlanError::Unsupported { from: current, to: target });
+        return Err(PlanError::Unsupported {
+            from: current,
+            to: target,
+        });
     }
     let versions = forward_versions(current.version, target.version, bundled)?;
     let mut steps = Vec::new();
@@ -357,59 +457,112 @@ fn plan_forward(
     // etcd2 -> etcd3 happens at the first 3.0-3.4 release: the current one if it qualifies.
     let mut migrated = !migrate_storage;
     // When the current minor is not bundled, the first step's release migrates instead.
-    let current_runner = runner_for(current.version, bundled).ok().filter(|_| has_etcdctl_migrate(current.version));
+    let current_runner = runner_for(current.version, bundled)
+        .ok()
+        .filter(|_| has_etcdctl_migrate(current.version));
     if let (true, Some(runner)) = (migrate_storage, current_runner) {
-        steps.push(Step::MigrateStorage { from: current, at: runner, cut_snapshot: false });
-        at = VersionFile { version: runner, storage: Storage::Etcd3 };
+        steps.push(Step::MigrateStorage {
+            from: current,
+            at: runner,
+            cut_snapshot: false,
+        });
+        at = VersionFile {
+            version: runner,
+            storage: Storage::Etcd3,
+        };
         migrated = true;
         need_snapshot_fix = true;
     }
     for v in versions {
         if !migrated && has_etcdctl_migrate(v) {
-            steps.push(Step::MigrateStorage { from: at, at: v, cut_snapshot: false });
-            at = VersionFile { version: v, storage: Storage::Etcd3 };
+            steps.push(Step::MigrateStorage {
+                from: at,
+                at: v,
+                cut_snapshot: false,
+            });
+            at = VersionFile {
+                version: v,
+                storage: Storage::Etcd3,
+            };
             migrated = true;
             need_snapshot_fix = true;
             continue;
         }
         if !migrated && v.major >= 3 {
-            return Err(PlanError::NoStorageMigrationRelease { from: current, to: target });
+            return Err(PlanError::NoStorageMigrationRelease {
+                from: current,
+                to: target,
+            });
         }
         let storage = at.storage;
-        storage_servable(v, storage).map_err(|why| PlanError::StorageUnservable { version: v, storage, why })?;
-        let crossing_into_35 = at.version < EtcdVersion::new(3, 5, 0) && v >= EtcdVersion::new(3, 5, 0);
+        storage_servable(v, storage).map_err(|why| PlanError::StorageUnservable {
+            version: v,
+            storage,
+            why,
+        })?;
+        let crossing_into_35 =
+            at.version < EtcdVersion::new(3, 5, 0) && v >= EtcdVersion::new(3, 5, 0);
         if crossing_into_35 && need_snapshot_fix {
             mark_snapshot_cut(&mut steps, at, bundled)?;
             need_snapshot_fix = false;
         }
-        let to = VersionFile { version: v, storage };
-        steps.push(Step::Upgrade { from: at, to, cut_snapshot: false });
+        let to = VersionFile {
+            version: v,
+            storage,
+        };
+        steps.push(Step::Upgrade {
+            from: at,
+            to,
+            cut_snapshot: false,
+        });
         at = to;
     }
     if !migrated {
-        return Err(PlanError::NoStorageMigrationRelease { from: current, to: target });
+        return Err(PlanError::NoStorageMigrationRelease {
+            from: current,
+            to: target,
+        });
     }
     Ok(steps)
 }
 
 /// Makes the step before the first 3.5+ step cut a snapshot, or adds a pass at the current
 /// release when the data is already there.
-fn mark_snapshot_cut(steps: &mut Vec<Step>, at: VersionFile, bundled: &BundledVersions) -> Result<(), PlanError> {
+fn mark_snapshot_cut(
+    steps: &mut Vec<Step>,
+    at: VersionFile,
+    bundled: &BundledVersions,
+) -> Result<(), PlanError> {
     match steps.last_mut() {
-        Some(Step::Upgrade { cut_snapshot, .. }) | Some(Step::MigrateStorage { cut_snapshot, .. }) => {
+        Some(Step::Upgrade { cut_snapshot, .. })
+        | Some(Step::MigrateStorage { cut_snapshot, .. }) => {
             *cut_snapshot = true;
         }
         _ => {
             let runner = runner_for(at.version, bundled)?;
-            let to = VersionFile { version: runner, storage: at.storage };
-            steps.push(Step::Upgrade { from: at, to, cut_snapshot: true });
+            let to = VersionFile {
+                version: runner,
+                storage: at.storage,
+            };
+            steps.push(Step::Upgrade {
+                from: at,
+                to,
+                cut_snapshot: true,
+            });
         }
     }
     Ok(())
 }
 
-fn plan_rollback(current: VersionFile, target: VersionFile, bundled: &BundledVersions) -> Result<Vec<Step>, PlanError> {
-    let unsupported = || PlanError::Unsupported { from: current, to: target };
+fn plan_rollback(
+    current: VersionFile,
+    target: VersionFile,
+    bundled: &BundledVersions,
+) -> Result<Vec<Step>, PlanError> {
+    let unsupported = || PlanError::Unsupported {
+        from: current,
+        to: target,
+    };
     if current.storage != Storage::Etcd3 || current.version.major != 3 {
         return Err(unsupported());
     }
@@ -419,25 +572,38 @@ fn plan_rollback(current: VersionFile, target: VersionFile, bundled: &BundledVer
         _ => return Err(unsupported()),
     };
     // Minor lines from the current one down to the last etcd3 line: 3.0 for a rollback to etcd2.
-    let floor = if to_etcd2 { Minor::new(3, 0) } else { target.version.minor_line() };
+    let floor = if to_etcd2 {
+        Minor::new(3, 0)
+    } else {
+        target.version.minor_line()
+    };
     let mut steps = Vec::new();
     let mut from = current.version;
     for minor in (floor.minor..current.version.minor).rev() {
         let m = Minor::new(3, minor);
         let to = if !to_etcd2 && m == target.version.minor_line() {
             if !bundled.contains(target.version) {
-                return Err(PlanError::TargetNotBundled { target: target.version, bundled: bundled.clone() });
+                return Err(PlanError::TargetNotBundled {
+                    target: target.version,
+                    bundled: bundled.clone(),
+                });
             }
             target.version
         } else {
-            bundled.newest_of(m).ok_or_else(|| PlanError::MinorNotBundled {
-                minor: m,
-                from: current.version,
-                to: target.version,
-                bundled: bundled.clone(),
-            })?
+            bundled
+                .newest_of(m)
+                .ok_or_else(|| PlanError::MinorNotBundled {
+                    minor: m,
+                    from: current.version,
+                    to: target.version,
+                    bundled: bundled.clone(),
+                })?
         };
-        let runner = if steps.is_empty() { runner_for(from, bundled)? } else { from };
+        let runner = if steps.is_empty() {
+            runner_for(from, bundled)?
+        } else {
+            from
+        };
         steps.push(Step::MinorRollback { from: runner, to });
         from = to;
     }
@@ -456,9 +622,17 @@ fn notes_for(current: VersionFile, steps: &[Step], bundled: &BundledVersions) ->
             continue;
         }
         let m = v.minor_line();
-        let skipped: Vec<EtcdVersion> = bundled.others_of(m, v).into_iter().filter(|o| *o < v).collect();
+        let skipped: Vec<EtcdVersion> = bundled
+            .others_of(m, v)
+            .into_iter()
+            .filter(|o| *o < v)
+            .collect();
         if !skipped.is_empty() {
-            notes.push(Note::SkippedPatches { minor: m.to_string(), used: v, skipped });
+            notes.push(Note::SkippedPatches {
+                minor: m.to_string(),
+                used: v,
+                skipped,
+            });
         }
     }
     let mut bad_seen = BTreeSet::new();

@@ -37,10 +37,20 @@ pub fn read_version(dir: &Path) -> Result<Option<VersionFile>, ProgressError> {
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(FsError::Io { op: "read", path, source: e }.into()),
+        Err(e) => {
+            return Err(FsError::Io {
+                op: "read",
+                path,
+                source: e,
+            }
+            .into())
+        }
     };
     let content = String::from_utf8_lossy(&bytes).into_owned();
-    content.parse().map(Some).map_err(|_: ParseError| ProgressError::Garbage { path, content })
+    content
+        .parse()
+        .map(Some)
+        .map_err(|_: ParseError| ProgressError::Garbage { path, content })
 }
 
 /// Records that the data in `dir` now is `vf`: atomic, durable.
@@ -103,7 +113,8 @@ pub fn read_journal(dir: &Path, n: usize) -> Vec<JournalEntry> {
 /// Current UTC time as RFC 3339 with seconds.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -115,8 +126,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert!(read_version(d.path()).unwrap().is_none());
         record(d.path(), "3.4.23/etcd3".parse().unwrap()).unwrap();
-        assert_eq!(fs::read_to_string(d.path().join(VERSION_FILE)).unwrap(), "3.4.23/etcd3\n");
-        assert_eq!(read_version(d.path()).unwrap().unwrap().to_string(), "3.4.23/etcd3");
+        assert_eq!(
+            fs::read_to_string(d.path().join(VERSION_FILE)).unwrap(),
+            "3.4.23/etcd3\n"
+        );
+        assert_eq!(
+            read_version(d.path()).unwrap().unwrap().to_string(),
+            "3.4.23/etcd3"
+        );
     }
 
     #[test]
@@ -126,7 +143,10 @@ mod tests {
         let e = read_version(d.path()).unwrap_err().to_string();
         assert!(e.contains("\"3.4.23/etcd5\\n\""), "{e}");
         fs::write(d.path().join(VERSION_FILE), "").unwrap();
-        assert!(read_version(d.path()).is_err(), "an empty version.txt is garbage, not absent");
+        assert!(
+            read_version(d.path()).is_err(),
+            "an empty version.txt is garbage, not absent"
+        );
     }
 
     #[test]
@@ -145,7 +165,10 @@ mod tests {
             };
             append_journal(d.path(), &e).unwrap();
         }
-        let mut f = OpenOptions::new().append(true).open(d.path().join(JOURNAL_FILE)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.path().join(JOURNAL_FILE))
+            .unwrap();
         f.write_all(b"{\"at\":\"torn").unwrap();
         let last = read_journal(d.path(), 2);
         assert_eq!(last.len(), 2);

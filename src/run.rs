@@ -39,15 +39,27 @@ pub enum RunError {
     #[error("data dir {data_dir} is in use: {what}; stop that etcd first (etcd-migrate must run before etcd starts)")]
     InUse { data_dir: PathBuf, what: String },
     #[error("step {n}/{of} ({step}) failed: {source}")]
-    Step { n: usize, of: usize, step: String, source: StepError },
+    Step {
+        n: usize,
+        of: usize,
+        step: String,
+        source: Box<StepError>,
+    },
     #[error("stopped by {signal} during step {step}; the step's etcd was stopped and nothing was recorded: the data dir is as of {recorded}")]
-    Interrupted { signal: &'static str, step: String, recorded: VersionFile },
+    Interrupted {
+        signal: &'static str,
+        step: String,
+        recorded: VersionFile,
+    },
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error("cannot exec {path}: {source}")]
-    Exec { path: PathBuf, source: std::io::Error },
+    Exec {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl RunError {
@@ -91,11 +103,18 @@ impl EtcdOps for RealEtcd {
         baseline: Option<&Fingerprint>,
     ) -> Result<StepReport, StepError> {
         match step {
-            Step::Upgrade { to, cut_snapshot, .. } => steps::upgrade::run(ctx, to, cut_snapshot, baseline).await,
-            Step::MigrateStorage { from, at, cut_snapshot } => {
-                steps::to_etcd3::run(ctx, from, at, cut_snapshot, baseline).await
-            }
-            other => Err(StepError::Other(format!("step kind '{}' is not available in this build", other.kind()))),
+            Step::Upgrade {
+                to, cut_snapshot, ..
+            } => steps::upgrade::run(ctx, to, cut_snapshot, baseline).await,
+            Step::MigrateStorage {
+                from,
+                at,
+                cut_snapshot,
+            } => steps::to_etcd3::run(ctx, from, at, cut_snapshot, baseline).await,
+            other => Err(StepError::Other(format!(
+                "step kind '{}' is not available in this build",
+                other.kind()
+            ))),
         }
     }
 }
@@ -112,15 +131,24 @@ pub struct Prepared {
 /// Reads the data dir and the bundle and plans; touches nothing. The WAL is read for member facts
 /// only when there is something to plan, or when `always_facts` asks for them (`plan`).
 pub fn prepare(config: &Config, always_facts: bool) -> Result<Prepared, RunError> {
-    let target = config.target.ok_or(ConfigError::Missing { flag: "--target-version", env: "TARGET_VERSION" })?;
+    let target = config.target.ok_or(ConfigError::Missing {
+        flag: "--target-version",
+        env: "TARGET_VERSION",
+    })?;
     let mut inspection = datadir::inspect(&config.data_dir)?;
     let bundle = Bundle::discover(&config.bin_dir, config.bundled_versions.as_deref())?;
-    let plan = match inspection.on_disk.current().filter(|_| inspection.on_disk.has_data()) {
+    let plan = match inspection
+        .on_disk
+        .current()
+        .filter(|_| inspection.on_disk.has_data())
+    {
         None => {
-            plan::storage_servable(target.version, target.storage).map_err(|why| PlanError::StorageUnservable {
-                version: target.version,
-                storage: target.storage,
-                why,
+            plan::storage_servable(target.version, target.storage).map_err(|why| {
+                PlanError::StorageUnservable {
+                    version: target.version,
+                    storage: target.storage,
+                    why,
+                }
             })?;
             None
         }
@@ -128,10 +156,20 @@ pub fn prepare(config: &Config, always_facts: bool) -> Result<Prepared, RunError
             if current != target || always_facts {
                 inspection.facts = datadir::member_facts(&config.data_dir.join("member"))?;
             }
-            Some(plan::plan(current, target, &bundle.versions, inspection.facts)?)
+            Some(plan::plan(
+                current,
+                target,
+                &bundle.versions,
+                inspection.facts,
+            )?)
         }
     };
-    Ok(Prepared { inspection, bundle, plan, target })
+    Ok(Prepared {
+        inspection,
+        bundle,
+        plan,
+        target,
+    })
 }
 
 fn check_ports_free(config: &Config) -> Result<(), RunError> {
@@ -151,8 +189,13 @@ fn check_swappable(data_dir: &Path, steps: &[Step]) -> Result<(), RunError> {
     if !steps.iter().any(|s| s.rewrites_member_alone()) {
         return Ok(());
     }
-    let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let (Ok(d), Ok(p)) = (std::fs::metadata(data_dir), std::fs::metadata(parent)) else { return Ok(()) };
+    let parent = data_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (Ok(d), Ok(p)) = (std::fs::metadata(data_dir), std::fs::metadata(parent)) else {
+        return Ok(());
+    };
     if d.dev() != p.dev() {
         return Err(RunError::Refused(format!(
             "data dir {} is the root of a mounted volume; this step builds the new data beside it and swaps it in by \
@@ -164,12 +207,18 @@ fn check_swappable(data_dir: &Path, steps: &[Step]) -> Result<(), RunError> {
 }
 
 /// Migrates the data dir to the target. Returns the target reached.
-pub async fn migrate<O: EtcdOps>(config: &Config, ops: &mut O, command: &str) -> Result<VersionFile, RunError> {
+pub async fn migrate<O: EtcdOps>(
+    config: &Config,
+    ops: &mut O,
+    command: &str,
+) -> Result<VersionFile, RunError> {
     let t0 = Instant::now();
     let prepared = prepare(config, false)?;
     let target = prepared.target;
     let work_leftovers = datadir::work_dir(&config.data_dir).join("staging").exists()
-        || datadir::work_dir(&config.data_dir).join("swap.json").exists();
+        || datadir::work_dir(&config.data_dir)
+            .join("swap.json")
+            .exists();
     if let Some(p) = &prepared.plan {
         if p.steps.is_empty() && !work_leftovers {
             tracing::info!(version = %target, elapsed_ms = t0.elapsed().as_millis() as u64, "data is already at the target; nothing to do");
@@ -182,12 +231,19 @@ pub async fn migrate<O: EtcdOps>(config: &Config, ops: &mut O, command: &str) ->
         check_swappable(&config.data_dir, &p.steps)?;
         refuse_protobuf_rollback(config, p)?;
     } else if !prepared.bundle.versions.contains(target.version) {
-        return Err(PlanError::TargetNotBundled { target: target.version, bundled: prepared.bundle.versions.clone() }.into());
+        return Err(PlanError::TargetNotBundled {
+            target: target.version,
+            bundled: prepared.bundle.versions.clone(),
+        }
+        .into());
     }
 
     let _lock = datadir::lock(&config.data_dir, command)??;
     if let Some(what) = datadir::in_use_by(&config.data_dir) {
-        return Err(RunError::InUse { data_dir: config.data_dir.clone(), what });
+        return Err(RunError::InUse {
+            data_dir: config.data_dir.clone(),
+            what,
+        });
     }
     swap::recover(&config.data_dir)?;
     // Under the lock, look again: another run may have moved things, a recovery may have finished a step.
@@ -198,7 +254,11 @@ pub async fn migrate<O: EtcdOps>(config: &Config, ops: &mut O, command: &str) ->
     if plan.steps.is_empty() {
         return Ok(target);
     }
-    if plan.steps.iter().any(|s| !matches!(s, Step::RollbackToEtcd2 { .. })) {
+    if plan
+        .steps
+        .iter()
+        .any(|s| !matches!(s, Step::RollbackToEtcd2 { .. }))
+    {
         check_ports_free(config)?;
     }
     let ctx = Ctx {
@@ -212,7 +272,11 @@ pub async fn migrate<O: EtcdOps>(config: &Config, ops: &mut O, command: &str) ->
     Ok(target)
 }
 
-fn record_fresh(config: &Config, inspection: &Inspection, target: VersionFile) -> Result<VersionFile, RunError> {
+fn record_fresh(
+    config: &Config,
+    inspection: &Inspection,
+    target: VersionFile,
+) -> Result<VersionFile, RunError> {
     crate::fsutil::create_dir_mode(&config.data_dir, 0o700)?;
     let was = inspection.on_disk.current();
     progress::record(&config.data_dir, target)?;
@@ -242,10 +306,18 @@ fn refuse_protobuf_rollback(config: &Config, plan: &Plan) -> Result<(), RunError
 /// Runs the steps in order, recording after each.
 pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Result<(), RunError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| FsError::Io { op: "signal", path: PathBuf::new(), source: e })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| FsError::Io { op: "signal", path: PathBuf::new(), source: e })?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| FsError::Io {
+        op: "signal",
+        path: PathBuf::new(),
+        source: e,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| FsError::Io {
+        op: "signal",
+        path: PathBuf::new(),
+        source: e,
+    })?;
     let mut at = plan.current;
-    let mut baseline: Option<Fingerprint> = None;
+    let mut baseline = initial_baseline(ctx, at);
     let n = plan.steps.len();
     for (i, step) in plan.steps.iter().enumerate() {
         let label = step.to_string();
@@ -260,7 +332,12 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
             _ = term.recv() => return Err(RunError::Interrupted { signal: "SIGTERM", step: label, recorded: at }),
             _ = int.recv() => return Err(RunError::Interrupted { signal: "SIGINT", step: label, recorded: at }),
         };
-        let report = result.map_err(|source| RunError::Step { n: i + 1, of: n, step: label.clone(), source })?;
+        let report = result.map_err(|source| RunError::Step {
+            n: i + 1,
+            of: n,
+            step: label.clone(),
+            source: Box::new(source),
+        })?;
         fail::fail_point!("executor-before-record");
         let outcome = step.outcome();
         progress::record(ctx.data_dir, outcome)?;
@@ -287,6 +364,31 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
         at = outcome;
     }
     Ok(())
+}
+
+/// What the first step is compared with: the keys read offline from a cleanly stopped etcd3
+/// backend. Later steps compare with the step before.
+fn initial_baseline(ctx: &Ctx<'_>, at: VersionFile) -> Option<Fingerprint> {
+    if ctx.members != 1 || at.storage != crate::version::Storage::Etcd3 {
+        return None;
+    }
+    let t = Instant::now();
+    match datadir::offline_fingerprint(&ctx.data_dir.join("member")) {
+        Ok(fp) => {
+            tracing::info!(
+                keys = fp.keys,
+                elapsed_ms = t.elapsed().as_millis() as u64,
+                "read the keys offline as the baseline for the first step"
+            );
+            Some(fp)
+        }
+        Err(why) => {
+            tracing::warn!(
+                "no offline baseline ({why}); the first step's keys become the baseline"
+            );
+            None
+        }
+    }
 }
 
 /// `plan`: what migrate would do.
@@ -328,10 +430,27 @@ pub fn print_plan(config: &Config, output: Output) -> Result<(), RunError> {
         steps: p
             .plan
             .as_ref()
-            .map(|pl| pl.steps.iter().map(|s| StepOut { step: *s, outcome: s.outcome(), describe: s.to_string() }).collect())
+            .map(|pl| {
+                pl.steps
+                    .iter()
+                    .map(|s| StepOut {
+                        step: *s,
+                        outcome: s.outcome(),
+                        describe: s.to_string(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default(),
-        notes: p.plan.as_ref().map(|pl| pl.notes.iter().map(|n| n.to_string()).collect()).unwrap_or_default(),
-        allowed: Allowed { upgrade: true, storage_migration: members <= 1, rollback: members <= 1 },
+        notes: p
+            .plan
+            .as_ref()
+            .map(|pl| pl.notes.iter().map(|n| n.to_string()).collect())
+            .unwrap_or_default(),
+        allowed: Allowed {
+            upgrade: true,
+            storage_migration: members <= 1,
+            rollback: members <= 1,
+        },
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default()),
@@ -345,10 +464,22 @@ pub fn print_plan(config: &Config, output: Output) -> Result<(), RunError> {
             println!("current:  {cur}");
             println!("target:   {}", out.target);
             println!("bundled:  {}", out.bundled.join(" "));
-            println!("members:  {members}{}", if members > 1 { " (upgrades only: storage migration and rollbacks need one member)" } else { "" });
+            println!(
+                "members:  {members}{}",
+                if members > 1 {
+                    " (upgrades only: storage migration and rollbacks need one member)"
+                } else {
+                    ""
+                }
+            );
             match &p.plan {
-                None => println!("steps:    none; record {} (etcd creates the data on first start)", out.target),
-                Some(pl) if pl.steps.is_empty() => println!("steps:    none; already at the target"),
+                None => println!(
+                    "steps:    none; record {} (etcd creates the data on first start)",
+                    out.target
+                ),
+                Some(pl) if pl.steps.is_empty() => {
+                    println!("steps:    none; already at the target")
+                }
                 Some(_) => {
                     println!("steps:");
                     for (i, s) in out.steps.iter().enumerate() {
@@ -368,7 +499,9 @@ pub fn print_plan(config: &Config, output: Output) -> Result<(), RunError> {
 pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
     let inspection = datadir::inspect(&config.data_dir)?;
     let members = if inspection.on_disk.has_data() {
-        datadir::member_facts(&config.data_dir.join("member")).map(|f| f.members).ok()
+        datadir::member_facts(&config.data_dir.join("member"))
+            .map(|f| f.members)
+            .ok()
     } else {
         None
     };
@@ -403,7 +536,9 @@ pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
             println!("data dir: {}", config.data_dir.display());
             match (out.recorded, out.legacy_default) {
                 (None, _) => println!("recorded: none (fresh)"),
-                (Some(v), true) => println!("recorded: none; the data is {v} by the legacy default"),
+                (Some(v), true) => {
+                    println!("recorded: none; the data is {v} by the legacy default")
+                }
                 (Some(v), false) => println!("recorded: {v}"),
             }
             if let Some(m) = out.members {
@@ -420,14 +555,23 @@ pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
             for e in &out.last_steps {
                 let kind = e.kind.clone().unwrap_or_else(|| e.event.clone());
                 let keys = e.keys.map(|k| format!(", {k} keys")).unwrap_or_default();
-                println!("  {} {kind:<15} {} -> {} ({} ms{keys})", e.at, e.from, e.to, e.elapsed_ms);
+                println!(
+                    "  {} {kind:<15} {} -> {} ({} ms{keys})",
+                    e.at, e.from, e.to, e.elapsed_ms
+                );
             }
             println!("backups:");
             if out.backups.is_empty() {
                 println!("  none");
             }
             for b in &out.backups {
-                println!("  {} ({}, taken {}, {} bytes)", b.path.display(), b.version, b.taken, b.bytes);
+                println!(
+                    "  {} ({}, taken {}, {} bytes)",
+                    b.path.display(),
+                    b.version,
+                    b.taken,
+                    b.bytes
+                );
             }
         }
     }
@@ -435,12 +579,26 @@ pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
 }
 
 /// Replaces this process with `etcd-<target>` and the pod's flags, in a scrubbed environment.
-pub fn exec_etcd(config: &Config, bundle_dir: &Path, target: VersionFile, etcd_args: &[OsString]) -> RunError {
+pub fn exec_etcd(
+    config: &Config,
+    bundle_dir: &Path,
+    target: VersionFile,
+    etcd_args: &[OsString],
+) -> RunError {
     use std::os::unix::process::CommandExt;
-    let path = Bundle { dir: bundle_dir.to_path_buf(), versions: Default::default() }.path(Tool::Etcd, target.version);
-    let args: Vec<String> = etcd_args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let path = Bundle {
+        dir: bundle_dir.to_path_buf(),
+        versions: Default::default(),
+    }
+    .path(Tool::Etcd, target.version);
+    let args: Vec<String> = etcd_args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let mut set = Vec::new();
-    if let Some(f) = crate::etcd::release::Release::new(target.version).v2_flag(target.storage == crate::version::Storage::Etcd2) {
+    if let Some(f) = crate::etcd::release::Release::new(target.version)
+        .v2_flag(target.storage == crate::version::Storage::Etcd2)
+    {
         if !args.iter().any(|a| a.starts_with("--enable-v2")) {
             tracing::info!("etcd2 storage on {}: adding {f}", target.version);
             set.push(f.to_string());
@@ -448,7 +606,12 @@ pub fn exec_etcd(config: &Config, bundle_dir: &Path, target: VersionFile, etcd_a
     }
     let env = crate::etcd::server::child_env(config, &args, "ETCD_", &[]);
     tracing::info!(path = %path.display(), "exec etcd-{} (same PID {})", target.version, std::process::id());
-    let err = std::process::Command::new(&path).args(&args).args(&set).env_clear().envs(env).exec();
+    let err = std::process::Command::new(&path)
+        .args(&args)
+        .args(&set)
+        .env_clear()
+        .envs(env)
+        .exec();
     RunError::Exec { path, source: err }
 }
 
@@ -457,7 +620,11 @@ pub async fn restore(config: &Config, backup_arg: &Path) -> Result<(), RunError>
     let backup_path = if backup_arg.is_absolute() || backup_arg.components().count() > 1 {
         backup_arg.to_path_buf()
     } else {
-        config.data_dir.parent().unwrap_or(Path::new(".")).join(backup_arg)
+        config
+            .data_dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(backup_arg)
     };
     let known = backup::list(&config.data_dir);
     let Some(chosen) = known.iter().find(|b| b.path == backup_path) else {
@@ -466,17 +633,27 @@ pub async fn restore(config: &Config, backup_arg: &Path) -> Result<(), RunError>
             "{} is not a backup of {}; backups: {}",
             backup_path.display(),
             config.data_dir.display(),
-            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
         )));
     };
     let restored = progress::read_version(&chosen.path)?.ok_or_else(|| {
-        RunError::Refused(format!("backup {} has no version.txt; it cannot be restored as recorded data", chosen.path.display()))
+        RunError::Refused(format!(
+            "backup {} has no version.txt; it cannot be restored as recorded data",
+            chosen.path.display()
+        ))
     })?;
     let inspection = datadir::inspect(&config.data_dir)?;
     let current = inspection.on_disk.current();
     let _lock = datadir::lock(&config.data_dir, "restore")??;
     if let Some(what) = datadir::in_use_by(&config.data_dir) {
-        return Err(RunError::InUse { data_dir: config.data_dir.clone(), what });
+        return Err(RunError::InUse {
+            data_dir: config.data_dir.clone(),
+            what,
+        });
     }
     swap::recover(&config.data_dir)?;
     let size = crate::fsutil::tree_size(&chosen.path)?;
@@ -494,14 +671,24 @@ pub async fn restore(config: &Config, backup_arg: &Path) -> Result<(), RunError>
             at: progress::now_rfc3339(),
             event: "restore".into(),
             kind: None,
-            from: current.map(|v| v.to_string()).unwrap_or_else(|| "none".into()),
+            from: current
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "none".into()),
             to: restored.to_string(),
             elapsed_ms: t.elapsed().as_millis() as u64,
             keys: None,
-            detail: [("backup".to_string(), serde_json::Value::from(chosen.path.display().to_string())),
-                     ("previous_data".to_string(), serde_json::Value::from(old.display().to_string()))]
-                .into_iter()
-                .collect(),
+            detail: [
+                (
+                    "backup".to_string(),
+                    serde_json::Value::from(chosen.path.display().to_string()),
+                ),
+                (
+                    "previous_data".to_string(),
+                    serde_json::Value::from(old.display().to_string()),
+                ),
+            ]
+            .into_iter()
+            .collect(),
         },
     )?;
     tracing::info!(restored = %restored, from = %chosen.path.display(), previous = %old.display(), "restored the backup; the data dir now holds {restored}");

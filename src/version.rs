@@ -48,12 +48,19 @@ pub enum ParseError {
 
 impl EtcdVersion {
     pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
-        EtcdVersion { major, minor, patch }
+        EtcdVersion {
+            major,
+            minor,
+            patch,
+        }
     }
 
     /// The minor release line this version belongs to.
     pub const fn minor_line(self) -> Minor {
-        Minor { major: self.major, minor: self.minor }
+        Minor {
+            major: self.major,
+            minor: self.minor,
+        }
     }
 }
 
@@ -77,11 +84,17 @@ impl FromStr for EtcdVersion {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParseError::Version(s.to_string());
         let mut parts = s.split('.');
-        let (Some(a), Some(b), Some(c), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(a), Some(b), Some(c), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(err());
         };
         match (parse_component(a), parse_component(b), parse_component(c)) {
-            (Some(major), Some(minor), Some(patch)) => Ok(EtcdVersion { major, minor, patch }),
+            (Some(major), Some(minor), Some(patch)) => Ok(EtcdVersion {
+                major,
+                minor,
+                patch,
+            }),
             _ => Err(err()),
         }
     }
@@ -156,13 +169,36 @@ mod tests {
 
     #[test]
     fn version_parse_accepts_only_plain_triples() {
-        let good = [("3.5.1", (3, 5, 1)), ("2.2.1", (2, 2, 1)), ("3.0.17", (3, 0, 17)), ("10.0.0", (10, 0, 0))];
+        let good = [
+            ("3.5.1", (3, 5, 1)),
+            ("2.2.1", (2, 2, 1)),
+            ("3.0.17", (3, 0, 17)),
+            ("10.0.0", (10, 0, 0)),
+        ];
         for (s, (a, b, c)) in good {
-            assert_eq!(s.parse::<EtcdVersion>(), Ok(EtcdVersion::new(a, b, c)), "{s}");
+            assert_eq!(
+                s.parse::<EtcdVersion>(),
+                Ok(EtcdVersion::new(a, b, c)),
+                "{s}"
+            );
         }
         let bad = [
-            "", "3", "3.5", "v3.5.1", "3.5.1.2", "3.5.1-rc.0", "3.5.1+meta", "abc", " 3.5.1", "3.5.1 ", "03.5.1",
-            "3.05.1", "3..1", "3.5.", "-3.5.1", "3.5.99999999999",
+            "",
+            "3",
+            "3.5",
+            "v3.5.1",
+            "3.5.1.2",
+            "3.5.1-rc.0",
+            "3.5.1+meta",
+            "abc",
+            " 3.5.1",
+            "3.5.1 ",
+            "03.5.1",
+            "3.05.1",
+            "3..1",
+            "3.5.",
+            "-3.5.1",
+            "3.5.99999999999",
         ];
         for s in bad {
             assert!(s.parse::<EtcdVersion>().is_err(), "{s:?} should be refused");
@@ -175,8 +211,21 @@ mod tests {
         assert_eq!(vf.version, EtcdVersion::new(3, 0, 17));
         assert_eq!(vf.storage, Storage::Etcd3);
         assert_eq!(vf.to_string(), "3.0.17/etcd3");
-        assert_eq!("2.2.1/etcd2".parse::<VersionFile>().unwrap().to_string(), "2.2.1/etcd2");
-        for bad in ["", "\n", "3.4.23/etcd5", "3.4.23", "3.4.23/", "/etcd3", "3.4.23/etcd3\n\n", "3.4.23/etcd3 ", "garbage"] {
+        assert_eq!(
+            "2.2.1/etcd2".parse::<VersionFile>().unwrap().to_string(),
+            "2.2.1/etcd2"
+        );
+        for bad in [
+            "",
+            "\n",
+            "3.4.23/etcd5",
+            "3.4.23",
+            "3.4.23/",
+            "/etcd3",
+            "3.4.23/etcd3\n\n",
+            "3.4.23/etcd3 ",
+            "garbage",
+        ] {
             let e = bad.parse::<VersionFile>().unwrap_err();
             assert_eq!(e, ParseError::VersionFile(bad.to_string()), "{bad:?}");
         }

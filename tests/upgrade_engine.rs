@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn read_version(dir: &Path) -> String {
-    fs::read_to_string(dir.join("version.txt")).unwrap().trim_end().to_string()
+    fs::read_to_string(dir.join("version.txt"))
+        .unwrap()
+        .trim_end()
+        .to_string()
 }
 
 /// A 3.4.23 data dir holding `n` keys (every 10th on a lease), stopped cleanly, recorded.
@@ -35,20 +38,32 @@ async fn upgrade_34_to_351_keeps_every_key_revision_and_lease() {
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert_eq!(read_version(&data), "3.5.1/etcd3");
-    assert!(log.contains("step 1/1: 3.4.23 -> 3.5.1/etcd3"), "the log shows the step:\n{log}");
-    assert!(log.contains("skipping 3.5.0 as older patches"), "3.5.0 skipped as an older patch:\n{log}");
+    assert!(
+        log.contains("step 1/1: 3.4.23 -> 3.5.1/etcd3"),
+        "the log shows the step:\n{log}"
+    );
+    assert!(
+        log.contains("skipping 3.5.0 as older patches"),
+        "3.5.0 skipped as an older patch:\n{log}"
+    );
     assert!(log.contains("starting etcd-3.5.1") && !log.contains("starting etcd-3.5.0"));
 
     let m = Member::start("3.5.1", &data, "m1");
     let mut c = m.client().await;
     let after = dump(&mut c).await;
-    assert_eq!(after, before, "every key, value, create/mod revision, version and lease");
+    assert_eq!(
+        after, before,
+        "every key, value, create/mod revision, version and lease"
+    );
     for l in leases {
         let ttl = c.lease_time_to_live(l, None).await.unwrap().ttl();
         assert!(ttl > 0, "lease {l:x} survived");
     }
     let journal = fs::read_to_string(data.join("etcd-migrate.journal")).unwrap();
-    assert!(journal.contains("\"to\":\"3.5.1/etcd3\"") && journal.contains("\"keys\":1000"), "{journal}");
+    assert!(
+        journal.contains("\"to\":\"3.5.1/etcd3\"") && journal.contains("\"keys\":1000"),
+        "{journal}"
+    );
 }
 
 #[tokio::test]
@@ -74,7 +89,10 @@ async fn patch_step_then_rerun_at_target_starts_no_etcd() {
     let took = t0.elapsed();
     let log = text(&out);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("nothing to do") && !log.contains("starting etcd"), "{log}");
+    assert!(
+        log.contains("nothing to do") && !log.contains("starting etcd"),
+        "{log}"
+    );
     assert_eq!(tree_hash(&data), hash, "a no-op run changes nothing");
     assert!(took < Duration::from_secs(2), "no-op took {took:?}");
 
@@ -135,15 +153,25 @@ async fn run_execs_the_target_etcd_in_the_same_process() {
             served = Some(v);
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "run exited: {}", tail(&t.path().join("run.err"), 20));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run exited: {}",
+            tail(&t.path().join("run.err"), 20)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let served = served.expect("etcd serving on the manifest's client URL");
     assert!(served.contains("\"etcdserver\":\"3.5.1\""), "{served}");
     let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-    assert!(exe.ends_with("etcd-3.5.1"), "PID {pid} runs {}", exe.display());
+    assert!(
+        exe.ends_with("etcd-3.5.1"),
+        "PID {pid} runs {}",
+        exe.display()
+    );
     assert_eq!(read_version(&data), "3.5.1/etcd3");
-    let mut c = etcd_client::Client::connect([spec.client_url()], None).await.unwrap();
+    let mut c = etcd_client::Client::connect([spec.client_url()], None)
+        .await
+        .unwrap();
     assert_eq!(dump(&mut c).await, before);
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     child.wait().unwrap();
@@ -152,7 +180,9 @@ async fn run_execs_the_target_etcd_in_the_same_process() {
 /// The Kubernetes image's bundle, as empty files: enough for `plan`.
 fn k8s_bin_dir(dir: &Path) {
     fs::create_dir_all(dir).unwrap();
-    for v in ["2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.17", "3.4.18", "3.5.1"] {
+    for v in [
+        "2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.17", "3.4.18", "3.5.1",
+    ] {
         for tool in ["etcd", "etcdctl"] {
             fs::write(dir.join(format!("{tool}-{v}")), "").unwrap();
         }
@@ -180,7 +210,13 @@ fn legacy_221_dirs_are_detected_and_planned_through_every_minor() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|s| format!("{}:{}", s["kind"].as_str().unwrap(), s["outcome"].as_str().unwrap()))
+            .map(|s| {
+                format!(
+                    "{}:{}",
+                    s["kind"].as_str().unwrap(),
+                    s["outcome"].as_str().unwrap()
+                )
+            })
             .collect();
         assert_eq!(
             path,
@@ -196,11 +232,20 @@ fn legacy_221_dirs_are_detected_and_planned_through_every_minor() {
             "{fixture}"
         );
         let steps = p["steps"].as_array().unwrap();
-        assert_eq!(steps[1]["from"], "2.3.7/etcd2", "storage migration starts 3.0.17 on the etcd2 data");
-        assert_eq!(steps[5]["cut_snapshot"], true, "the 3.4 step cuts a snapshot before 3.5");
+        assert_eq!(
+            steps[1]["from"], "2.3.7/etcd2",
+            "storage migration starts 3.0.17 on the etcd2 data"
+        );
+        assert_eq!(
+            steps[5]["cut_snapshot"], true,
+            "the 3.4 step cuts a snapshot before 3.5"
+        );
         let text_out = env.run(&["plan"]);
         let s = text(&text_out);
-        assert!(s.contains("2.3.7 -> 3.0.17/etcd2, then storage etcd2 -> etcd3 at 3.0.17"), "{s}");
+        assert!(
+            s.contains("2.3.7 -> 3.0.17/etcd2, then storage etcd2 -> etcd3 at 3.0.17"),
+            "{s}"
+        );
         assert_eq!(tree_hash(&data), hash, "plan touches nothing");
     }
 }
@@ -211,7 +256,12 @@ async fn kill_9_mid_step_leaves_no_orphan_and_the_rerun_completes() {
     let data = t.path().join("data");
     let (before, _) = seeded_34(&data, 300).await;
     let env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
-    let mut child = env.command(&["migrate"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = env
+        .command(&["migrate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let pid = child.id();
     // Catch the step's etcd while it runs, check it listens on loopback only, then kill -9 us.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -222,20 +272,42 @@ async fn kill_9_mid_step_leaves_no_orphan_and_the_rerun_completes() {
     }
     let etcd = etcd.expect("the step's etcd appeared");
     let mut addrs = Vec::new();
-    while Instant::now() < deadline && !addrs.iter().any(|a: &String| a.ends_with(&format!(":{}", env.port))) {
+    while Instant::now() < deadline
+        && !addrs
+            .iter()
+            .any(|a: &String| a.ends_with(&format!(":{}", env.port)))
+    {
         addrs = listening_addrs(etcd);
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(addrs.iter().any(|a| a == &format!("127.0.0.1:{}", env.port)), "client port on loopback: {addrs:?}");
-    assert!(addrs.iter().all(|a| a.starts_with("127.0.0.1:")), "private etcd listens on 127.0.0.1 only: {addrs:?}");
+    assert!(
+        addrs
+            .iter()
+            .any(|a| a == &format!("127.0.0.1:{}", env.port)),
+        "client port on loopback: {addrs:?}"
+    );
+    assert!(
+        addrs.iter().all(|a| a.starts_with("127.0.0.1:")),
+        "private etcd listens on 127.0.0.1 only: {addrs:?}"
+    );
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     child.wait().unwrap();
     let gone = Instant::now() + Duration::from_secs(5);
     while Path::new(&format!("/proc/{etcd}")).exists() && Instant::now() < gone {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(!Path::new(&format!("/proc/{etcd}")).exists() || fs::read_to_string(format!("/proc/{etcd}/stat")).unwrap_or_default().contains(") Z"), "etcd {etcd} outlived a kill -9 of etcd-migrate");
-    assert_eq!(read_version(&data), "3.4.23/etcd3", "nothing recorded by the killed run");
+    assert!(
+        !Path::new(&format!("/proc/{etcd}")).exists()
+            || fs::read_to_string(format!("/proc/{etcd}/stat"))
+                .unwrap_or_default()
+                .contains(") Z"),
+        "etcd {etcd} outlived a kill -9 of etcd-migrate"
+    );
+    assert_eq!(
+        read_version(&data),
+        "3.4.23/etcd3",
+        "nothing recorded by the killed run"
+    );
 
     let out = env.run(&["migrate"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -250,7 +322,12 @@ async fn sigterm_stops_the_step_and_records_nothing() {
     let data = t.path().join("data");
     seeded_34(&data, 20).await;
     let env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
-    let child = env.command(&["migrate"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = env
+        .command(&["migrate"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut etcd = None;
@@ -263,7 +340,10 @@ async fn sigterm_stops_the_step_and_records_nothing() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("stopped by SIGTERM"), "{}", text(&out));
-    assert!(!Path::new(&format!("/proc/{etcd}")).exists(), "the child etcd was stopped and reaped");
+    assert!(
+        !Path::new(&format!("/proc/{etcd}")).exists(),
+        "the child etcd was stopped and reaped"
+    );
     assert_eq!(read_version(&data), "3.4.23/etcd3");
 }
 
@@ -280,7 +360,10 @@ async fn bad_input_exits_with_its_code_and_leaves_the_dir_untouched() {
         let out = env.run(&["migrate"]);
         let log = text(&out);
         assert_eq!(out.status.code(), Some(want_code), "{name}: {log}");
-        assert!(log.contains(want_msg), "{name}: message should name {want_msg:?}:\n{log}");
+        assert!(
+            log.contains(want_msg),
+            "{name}: message should name {want_msg:?}:\n{log}"
+        );
         assert_eq!(tree_hash(&data), before, "{name}: data dir changed");
         checked += 1;
     };
@@ -295,7 +378,11 @@ async fn bad_input_exits_with_its_code_and_leaves_the_dir_untouched() {
     let mut e = base();
     e.set("TARGET_STORAGE", "etcd4");
     check("TARGET_STORAGE=etcd4", &e, 2, "etcd2 or etcd3");
-    for (content, label) in [("garbage\n", "garbage"), ("", "empty"), ("3.4.23/etcd5\n", "etcd5")] {
+    for (content, label) in [
+        ("garbage\n", "garbage"),
+        ("", "empty"),
+        ("3.4.23/etcd5\n", "etcd5"),
+    ] {
         fs::write(data.join("version.txt"), content).unwrap();
         check(&format!("version.txt {label}"), &base(), 2, "version.txt");
         fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();

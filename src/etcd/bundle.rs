@@ -33,9 +33,16 @@ impl Tool {
 #[derive(Debug, Error)]
 pub enum BundleError {
     #[error("cannot read the bin dir {dir}: {source}; set ETCD_BIN_DIR (--bin-dir) to the directory holding etcd-<version>")]
-    Unreadable { dir: PathBuf, source: std::io::Error },
+    Unreadable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is needed for '{why}' but {problem}; add it to the bin dir or pick a target the bundle supports")]
-    Missing { path: PathBuf, why: String, problem: &'static str },
+    Missing {
+        path: PathBuf,
+        why: String,
+        problem: &'static str,
+    },
 }
 
 /// The bin dir and which releases it offers.
@@ -49,14 +56,28 @@ impl Bundle {
     /// Every `etcd-<X.Y.Z>` in `dir`, unless `explicit` names the versions.
     pub fn discover(dir: &Path, explicit: Option<&[EtcdVersion]>) -> Result<Bundle, BundleError> {
         if let Some(list) = explicit {
-            return Ok(Bundle { dir: dir.to_path_buf(), versions: BundledVersions::new(list.iter().copied()) });
+            return Ok(Bundle {
+                dir: dir.to_path_buf(),
+                versions: BundledVersions::new(list.iter().copied()),
+            });
         }
-        let entries = fs::read_dir(dir).map_err(|source| BundleError::Unreadable { dir: dir.to_path_buf(), source })?;
+        let entries = fs::read_dir(dir).map_err(|source| BundleError::Unreadable {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
         let versions = entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("etcd-")).and_then(|v| v.parse().ok()))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("etcd-"))
+                    .and_then(|v| v.parse().ok())
+            })
             .collect::<Vec<EtcdVersion>>();
-        Ok(Bundle { dir: dir.to_path_buf(), versions: BundledVersions::new(versions) })
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            versions: BundledVersions::new(versions),
+        })
     }
 
     /// Path of a tool of a release.
@@ -74,7 +95,12 @@ impl Bundle {
                     RestoreTool::Etcdctl => Tool::Etcdctl,
                     RestoreTool::Etcdutl => Tool::Etcdutl,
                 };
-                vec![(Tool::Etcd, from), (Tool::Etcdctl, from), (restore, to), (Tool::Etcd, to)]
+                vec![
+                    (Tool::Etcd, from),
+                    (Tool::Etcdctl, from),
+                    (restore, to),
+                    (Tool::Etcd, to),
+                ]
             }
             Step::RollbackToEtcd2 { .. } => vec![],
         }
@@ -98,7 +124,11 @@ impl Bundle {
             Ok(m) if m.permissions().mode() & 0o111 == 0 => "it is not executable",
             Ok(_) => return Ok(()),
         };
-        Err(BundleError::Missing { path, why: why.to_string(), problem })
+        Err(BundleError::Missing {
+            path,
+            why: why.to_string(),
+            problem,
+        })
     }
 
     /// The optional etcd-2.2.1 that proves a native rollback, when it is bundled.
@@ -114,7 +144,15 @@ mod tests {
     #[test]
     fn discovers_versions_from_file_names_only() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["etcd-3.4.23", "etcd-3.5.1", "etcdctl-3.5.1", "etcd-v3.6.0", "etcd-3.5", "etcd", "etcd-3.5.1.bak"] {
+        for f in [
+            "etcd-3.4.23",
+            "etcd-3.5.1",
+            "etcdctl-3.5.1",
+            "etcd-v3.6.0",
+            "etcd-3.5",
+            "etcd",
+            "etcd-3.5.1.bak",
+        ] {
             fs::write(d.path().join(f), "").unwrap();
         }
         let b = Bundle::discover(d.path(), None).unwrap();
@@ -128,13 +166,30 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("etcd-3.5.1"), "").unwrap();
         let b = Bundle::discover(d.path(), None).unwrap();
-        let step = Step::Upgrade { from: "3.4.23/etcd3".parse().unwrap(), to: "3.5.1/etcd3".parse().unwrap(), cut_snapshot: false };
+        let step = Step::Upgrade {
+            from: "3.4.23/etcd3".parse().unwrap(),
+            to: "3.5.1/etcd3".parse().unwrap(),
+            cut_snapshot: false,
+        };
         let e = b.preflight(&[step]).unwrap_err().to_string();
-        assert!(e.contains("etcd-3.5.1") && e.contains("not executable"), "{e}");
-        fs::set_permissions(d.path().join("etcd-3.5.1"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(
+            e.contains("etcd-3.5.1") && e.contains("not executable"),
+            "{e}"
+        );
+        fs::set_permissions(
+            d.path().join("etcd-3.5.1"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         b.preflight(&[step]).unwrap();
-        let rb = Step::MinorRollback { from: "3.5.1".parse().unwrap(), to: "3.4.23".parse().unwrap() };
+        let rb = Step::MinorRollback {
+            from: "3.5.1".parse().unwrap(),
+            to: "3.4.23".parse().unwrap(),
+        };
         let e = b.preflight(&[rb]).unwrap_err().to_string();
-        assert!(e.contains("etcdctl-3.5.1") && e.contains("does not exist"), "{e}");
+        assert!(
+            e.contains("etcdctl-3.5.1") && e.contains("does not exist"),
+            "{e}"
+        );
     }
 }

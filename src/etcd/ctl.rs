@@ -22,7 +22,12 @@ pub enum CtlError {
     #[error(transparent)]
     Spawn(#[from] SpawnError),
     #[error("{path} {what} failed ({status}); its last lines:\n{tail}")]
-    Failed { path: PathBuf, what: &'static str, status: String, tail: String },
+    Failed {
+        path: PathBuf,
+        what: &'static str,
+        status: String,
+        tail: String,
+    },
 }
 
 async fn run(
@@ -36,11 +41,19 @@ async fn run(
     let path = bundle.path(tool, v);
     let (k, val) = Release::new(v).etcdctl_api_v3_env();
     let env = child_env(config, &args, "ETCDCTL_", &[(k, val)]);
-    let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let label = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let out = run_tool(&path, &args, &env, label, TOOL_TIMEOUT).await?;
     tracing::info!(tool = %path.display(), what, elapsed_ms = out.elapsed.as_millis() as u64, status = %out.describe(), "tool finished");
     if !out.success() {
-        return Err(CtlError::Failed { path, what, status: out.describe(), tail: out.tail.last(12) });
+        return Err(CtlError::Failed {
+            path,
+            what,
+            status: out.describe(),
+            tail: out.tail.last(12),
+        });
     }
     Ok(out)
 }
@@ -50,8 +63,21 @@ fn s(p: &Path) -> String {
 }
 
 /// `etcdctl migrate`: converts the v2 store of a stopped data dir into the v3 backend, in place.
-pub async fn migrate(bundle: &Bundle, config: &Config, v: EtcdVersion, data_dir: &Path) -> Result<ToolOutput, CtlError> {
-    run(bundle, config, Tool::Etcdctl, v, "migrate", vec!["migrate".into(), "--data-dir".into(), s(data_dir)]).await
+pub async fn migrate(
+    bundle: &Bundle,
+    config: &Config,
+    v: EtcdVersion,
+    data_dir: &Path,
+) -> Result<ToolOutput, CtlError> {
+    run(
+        bundle,
+        config,
+        Tool::Etcdctl,
+        v,
+        "migrate",
+        vec!["migrate".into(), "--data-dir".into(), s(data_dir)],
+    )
+    .await
 }
 
 /// `etcdctl snapshot save` from a running member.
@@ -62,7 +88,13 @@ pub async fn snapshot_save(
     endpoint: &str,
     file: &Path,
 ) -> Result<ToolOutput, CtlError> {
-    let args = vec!["--endpoints".into(), endpoint.into(), "snapshot".into(), "save".into(), s(file)];
+    let args = vec![
+        "--endpoints".into(),
+        endpoint.into(),
+        "snapshot".into(),
+        "save".into(),
+        s(file),
+    ];
     run(bundle, config, Tool::Etcdctl, v, "snapshot save", args).await
 }
 

@@ -59,7 +59,12 @@ impl FingerprintBuilder {
     }
 
     pub fn finish(self) -> Fingerprint {
-        let hex = |h: Sha256| h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let hex = |h: Sha256| {
+            h.finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
         Fingerprint {
             keys: self.keys,
             permanent: self.permanent,
@@ -74,7 +79,9 @@ impl FingerprintBuilder {
 pub enum Comparison {
     Same,
     /// Only keys with a TTL or lease went away (they expired, as etcd does).
-    Expired { gone: u64 },
+    Expired {
+        gone: u64,
+    },
     Differs(String),
 }
 
@@ -93,7 +100,9 @@ pub fn compare(before: &Fingerprint, after: &Fingerprint) -> Comparison {
         ));
     }
     if after.expiring() < before.expiring() {
-        return Comparison::Expired { gone: before.expiring() - after.expiring() };
+        return Comparison::Expired {
+            gone: before.expiring() - after.expiring(),
+        };
     }
     Comparison::Differs(format!(
         "keys with TTL: {} before, {} after, contents differ",

@@ -40,22 +40,40 @@ impl Tail {
 
 /// The env var etcd (or etcdctl) reads for a flag: `--peer-cert-file` -> `ETCD_PEER_CERT_FILE`.
 pub fn env_name_of_flag(prefix: &str, flag: &str) -> String {
-    format!("{prefix}{}", flag.trim_start_matches('-').replace('-', "_").to_ascii_uppercase())
+    format!(
+        "{prefix}{}",
+        flag.trim_start_matches('-')
+            .replace('-', "_")
+            .to_ascii_uppercase()
+    )
 }
 
 /// Flags named on a command line (`--a=b`, `--a b`, `-a`).
 pub fn flags_in(args: &[String]) -> BTreeSet<String> {
     args.iter()
         .filter(|a| a.starts_with('-') && a.len() > 1 && !a.starts_with("---"))
-        .map(|a| a.trim_start_matches('-').split('=').next().unwrap_or_default().to_string())
+        .map(|a| {
+            a.trim_start_matches('-')
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
         .filter(|f| !f.is_empty())
         .collect()
 }
 
 /// The environment for a child: `base` minus every `<prefix>X` that duplicates a flag in `args`
 /// (etcd 3.x exits when an env var shadows a command-line flag). Returns the dropped names.
-pub fn scrub_env(base: &[(OsString, OsString)], args: &[String], prefix: &str) -> (Vec<(OsString, OsString)>, Vec<String>) {
-    let shadowed: BTreeSet<String> = flags_in(args).iter().map(|f| env_name_of_flag(prefix, f)).collect();
+pub fn scrub_env(
+    base: &[(OsString, OsString)],
+    args: &[String],
+    prefix: &str,
+) -> (Vec<(OsString, OsString)>, Vec<String>) {
+    let shadowed: BTreeSet<String> = flags_in(args)
+        .iter()
+        .map(|f| env_name_of_flag(prefix, f))
+        .collect();
     let mut dropped = Vec::new();
     let kept = base
         .iter()
@@ -89,10 +107,22 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Child output goes to our log at info, or at debug when quiet.
+static QUIET_CHILDREN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Logs child output at debug only (it is still kept for error messages).
+pub fn quiet_children(quiet: bool) {
+    QUIET_CHILDREN.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn pump<R: Read + Send + 'static>(r: R, label: String, tail: Tail) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
-            tracing::info!(target: "child", "[{label}] {line}");
+            if QUIET_CHILDREN.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::debug!(target: "child", "[{label}] {line}");
+            } else {
+                tracing::info!(target: "child", "[{label}] {line}");
+            }
             tail.push(line);
         }
     })
@@ -126,10 +156,17 @@ impl ChildGuard {
         grace: Duration,
     ) -> Result<ChildGuard, SpawnError> {
         let mut cmd = Command::new(path);
-        cmd.args(args).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| SpawnError { path: path.to_path_buf(), source })?;
+        let mut child = cmd.spawn().map_err(|source| SpawnError {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let tail = Tail::default();
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -138,7 +175,13 @@ impl ChildGuard {
         if let Some(err) = child.stderr.take() {
             pumps.push(pump(err, label.clone(), tail.clone()));
         }
-        Ok(ChildGuard { child: Some(child), label, tail, grace, pumps })
+        Ok(ChildGuard {
+            child: Some(child),
+            label,
+            tail,
+            grace,
+            pumps,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -151,7 +194,9 @@ impl ChildGuard {
 
     /// The exit status if the child has ended.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits for the child to end on its own, polling without blocking the runtime.
@@ -255,12 +300,17 @@ pub async fn run_tool(
         Some(s) => s,
         None => {
             tracing::warn!(child = %g.label, timeout_s = timeout.as_secs(), "tool did not finish in time; stopping it");
-            g.stop_blocking().unwrap_or_else(|| ExitStatus::from_raw(9 << 8))
+            g.stop_blocking()
+                .unwrap_or_else(|| ExitStatus::from_raw(9 << 8))
         }
     };
     let tail = g.tail.clone();
     g.child = None;
-    Ok(ToolOutput { status, tail, elapsed: start.elapsed() })
+    Ok(ToolOutput {
+        status,
+        tail,
+        elapsed: start.elapsed(),
+    })
 }
 
 #[cfg(test)]
@@ -268,25 +318,48 @@ mod tests {
     use super::*;
 
     fn os(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
-        pairs.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect()
     }
 
     #[test]
     fn env_duplicating_a_flag_is_dropped_and_the_rest_kept() {
-        let base = os(&[("ETCD_NAME", "x"), ("ETCD_SNAPSHOT_COUNT", "10"), ("ETCD_PEER_CERT_FILE", "/c"), ("PATH", "/bin")]);
-        let args: Vec<String> =
-            ["--name", "m1", "--data-dir=/d", "--peer-cert-file", "/p"].iter().map(|s| s.to_string()).collect();
+        let base = os(&[
+            ("ETCD_NAME", "x"),
+            ("ETCD_SNAPSHOT_COUNT", "10"),
+            ("ETCD_PEER_CERT_FILE", "/c"),
+            ("PATH", "/bin"),
+        ]);
+        let args: Vec<String> = ["--name", "m1", "--data-dir=/d", "--peer-cert-file", "/p"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let (kept, dropped) = scrub_env(&base, &args, "ETCD_");
         assert_eq!(dropped, ["ETCD_NAME", "ETCD_PEER_CERT_FILE"]);
-        let names: Vec<_> = kept.iter().map(|(k, _)| k.to_string_lossy().into_owned()).collect();
+        let names: Vec<_> = kept
+            .iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names, ["ETCD_SNAPSHOT_COUNT", "PATH"]);
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn stop_escalates_to_sigkill_and_reaps() {
         // A child that ignores SIGTERM.
-        let args = vec!["-c".to_string(), "trap '' TERM; echo ready; sleep 30".to_string()];
-        let g = ChildGuard::spawn(Path::new("/bin/sh"), &args, &[], "sh".into(), Duration::from_millis(200)).unwrap();
+        let args = vec![
+            "-c".to_string(),
+            "trap '' TERM; echo ready; sleep 30".to_string(),
+        ];
+        let g = ChildGuard::spawn(
+            Path::new("/bin/sh"),
+            &args,
+            &[],
+            "sh".into(),
+            Duration::from_millis(200),
+        )
+        .unwrap();
         let pid = g.pid().unwrap();
         while g.tail.last(1) != "ready" {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -295,22 +368,43 @@ mod tests {
         let status = g.stop().unwrap();
         assert_eq!(status.signal(), Some(9));
         assert!(t.elapsed() >= Duration::from_millis(200));
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "child {pid} not reaped");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "child {pid} not reaped"
+        );
     }
 
     #[test]
     fn dropping_the_guard_stops_the_child() {
         let args = vec!["30".to_string()];
-        let g = ChildGuard::spawn(Path::new("/bin/sleep"), &args, &[], "sleep".into(), Duration::from_secs(5)).unwrap();
+        let g = ChildGuard::spawn(
+            Path::new("/bin/sleep"),
+            &args,
+            &[],
+            "sleep".into(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         let pid = g.pid().unwrap();
         drop(g);
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "child {pid} survived its guard");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "child {pid} survived its guard"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn tools_run_with_only_the_given_env() {
         let args = vec!["-c".to_string(), "echo \"x=$X y=$Y\"".to_string()];
-        let out = run_tool(Path::new("/bin/sh"), &args, &os(&[("X", "1")]), "sh".into(), Duration::from_secs(5)).await.unwrap();
+        let out = run_tool(
+            Path::new("/bin/sh"),
+            &args,
+            &os(&[("X", "1")]),
+            "sh".into(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         assert!(out.success());
         assert_eq!(out.tail.last(1), "x=1 y=");
     }

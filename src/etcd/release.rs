@@ -122,7 +122,9 @@ mod tests {
         std::fs::read_to_string(help_dir().join(format!("{tool}-{v}.txt"))).unwrap()
     }
 
-    const RELEASES: &[&str] = &["2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.27", "3.4.23", "3.5.0", "3.5.1"];
+    const RELEASES: &[&str] = &[
+        "2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.27", "3.4.23", "3.5.0", "3.5.1",
+    ];
 
     #[test]
     fn every_flag_we_pass_is_in_that_releases_help() {
@@ -148,7 +150,9 @@ mod tests {
                 for arg in r.server_args(&spec).iter().filter(|a| a.starts_with("--")) {
                     let flag = arg.split('=').next().unwrap();
                     // Help texts list flags as "--flag" (2.x: "--flag 'default'", one tab in).
-                    let listed = text.lines().any(|l| l.trim_start().split([' ', '\t']).next() == Some(flag));
+                    let listed = text
+                        .lines()
+                        .any(|l| l.trim_start().split([' ', '\t']).next() == Some(flag));
                     assert!(listed, "etcd {v} help does not list {flag}");
                 }
             }
@@ -160,10 +164,14 @@ mod tests {
         for v in RELEASES {
             let r = Release::new(v.parse().unwrap());
             let text = help("etcd", v);
-            let line = text.lines().find(|l| l.trim_start().starts_with("--enable-v2 ") || l.trim() == "--enable-v2");
+            let line = text
+                .lines()
+                .find(|l| l.trim_start().starts_with("--enable-v2 ") || l.trim() == "--enable-v2");
             match line {
                 // 3.4+: off by default, so etcd2 storage needs the flag.
-                Some(l) if l.contains("'false'") => assert_eq!(r.v2_flag(true), Some("--enable-v2=true"), "{v}"),
+                Some(l) if l.contains("'false'") => {
+                    assert_eq!(r.v2_flag(true), Some("--enable-v2=true"), "{v}")
+                }
                 // Absent, or on by default (3.2 prints no default, 3.3 'true'): v2 is served without it.
                 _ => assert_eq!(r.v2_flag(true), None, "{v}"),
             }
@@ -177,10 +185,18 @@ mod tests {
             let r = Release::new(v.parse().unwrap());
             let ctl = help("etcdctl", v);
             let lists_migrate = ctl.lines().any(|l| l.trim_start().starts_with("migrate"));
-            assert_eq!(r.has_etcdctl_migrate(), lists_migrate, "etcdctl {v} migrate");
+            assert_eq!(
+                r.has_etcdctl_migrate(),
+                lists_migrate,
+                "etcdctl {v} migrate"
+            );
             if r.has_v3_api() {
                 let utl = help_dir().join(format!("etcdutl-{v}.txt")).exists();
-                assert_eq!(r.restore_tool() == RestoreTool::Etcdutl, utl, "{v} restore tool");
+                assert_eq!(
+                    r.restore_tool() == RestoreTool::Etcdutl,
+                    utl,
+                    "{v} restore tool"
+                );
             }
         }
     }

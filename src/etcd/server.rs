@@ -26,12 +26,22 @@ pub enum EtcdError {
     #[error(transparent)]
     Spawn(#[from] SpawnError),
     #[error("{label} exited ({status}) before it accepted a write; its last lines:\n{tail}")]
-    ExitedEarly { label: String, status: String, tail: String },
+    ExitedEarly {
+        label: String,
+        status: String,
+        tail: String,
+    },
     #[error(
         "{label} did not accept a write within {timeout_s}s (last error: {last_error}){peers}; raise --health-timeout \
          (HEALTH_TIMEOUT) if it is only slow; its last lines:\n{tail}"
     )]
-    HealthTimeout { label: String, timeout_s: u64, last_error: String, peers: String, tail: String },
+    HealthTimeout {
+        label: String,
+        timeout_s: u64,
+        last_error: String,
+        peers: String,
+        tail: String,
+    },
     #[error("{label}: {source}")]
     V3 { label: String, source: V3Error },
     #[error("{label}: {source}")]
@@ -42,7 +52,7 @@ pub enum EtcdError {
 #[derive(Clone)]
 pub enum Api {
     V2(V2),
-    V3(V3),
+    V3(Box<V3>),
 }
 
 impl Api {
@@ -80,7 +90,12 @@ pub struct Launch<'a> {
 
 /// The environment for a child started with `args`: ours removed, `prefix` duplicates removed
 /// (logged: our flag wins), plus `set`.
-pub fn child_env(config: &Config, args: &[String], prefix: &str, set: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+pub fn child_env(
+    config: &Config,
+    args: &[String],
+    prefix: &str,
+    set: &[(&str, &str)],
+) -> Vec<(OsString, OsString)> {
     let (mut env, dropped) = scrub_env(&config.child_env, args, prefix);
     for name in dropped {
         tracing::info!(variable = %name, "environment variable duplicates a flag we pass; our flag wins");
@@ -148,7 +163,11 @@ impl EtcdServer {
                 });
             }
             let attempt = match self.storage {
-                Storage::Etcd2 => v2.put(&self.probe_key, "1").await.map(|_| Api::V2(v2.clone())).map_err(|e| e.to_string()),
+                Storage::Etcd2 => v2
+                    .put(&self.probe_key, "1")
+                    .await
+                    .map(|_| Api::V2(v2.clone()))
+                    .map_err(|e| e.to_string()),
                 Storage::Etcd3 => {
                     if v3.is_none() {
                         v3 = V3::connect(&self.client_url, REQUEST_TIMEOUT).await.ok();
@@ -156,7 +175,7 @@ impl EtcdServer {
                     match v3.as_mut() {
                         None => Err("not listening yet".to_string()),
                         Some(c) => match c.put(self.probe_key.as_bytes(), b"1").await {
-                            Ok(_) => Ok(Api::V3(c.clone())),
+                            Ok(_) => Ok(Api::V3(Box::new(c.clone()))),
                             Err(e) => {
                                 v3 = None;
                                 Err(e.to_string())
@@ -189,9 +208,20 @@ impl EtcdServer {
 
     async fn delete_probe(&self, api: &mut Api) -> Result<(), EtcdError> {
         match api {
-            Api::V2(c) => c.delete(&self.probe_key).await.map_err(|source| EtcdError::V2 { label: self.label(), source }),
+            Api::V2(c) => c
+                .delete(&self.probe_key)
+                .await
+                .map_err(|source| EtcdError::V2 {
+                    label: self.label(),
+                    source,
+                }),
             Api::V3(c) => {
-                c.delete(self.probe_key.as_bytes()).await.map_err(|source| EtcdError::V3 { label: self.label(), source })
+                c.delete(self.probe_key.as_bytes())
+                    .await
+                    .map_err(|source| EtcdError::V3 {
+                        label: self.label(),
+                        source,
+                    })
             }
         }
     }
@@ -202,13 +232,21 @@ impl EtcdServer {
             let value = i.to_string();
             match api {
                 Api::V2(c) => {
-                    c.put(&self.probe_key, &value).await.map_err(|source| EtcdError::V2 { label: self.label(), source })?
+                    c.put(&self.probe_key, &value)
+                        .await
+                        .map_err(|source| EtcdError::V2 {
+                            label: self.label(),
+                            source,
+                        })?
                 }
                 Api::V3(c) => c
                     .put(self.probe_key.as_bytes(), value.as_bytes())
                     .await
                     .map(|_| ())
-                    .map_err(|source| EtcdError::V3 { label: self.label(), source })?,
+                    .map_err(|source| EtcdError::V3 {
+                        label: self.label(),
+                        source,
+                    })?,
             }
         }
         self.delete_probe(api).await
@@ -217,8 +255,14 @@ impl EtcdServer {
     /// Fingerprint of the keyspace.
     pub async fn fingerprint(&self, api: &mut Api) -> Result<Fingerprint, EtcdError> {
         match api {
-            Api::V2(c) => c.fingerprint().await.map_err(|source| EtcdError::V2 { label: self.label(), source }),
-            Api::V3(c) => c.fingerprint().await.map_err(|source| EtcdError::V3 { label: self.label(), source }),
+            Api::V2(c) => c.fingerprint().await.map_err(|source| EtcdError::V2 {
+                label: self.label(),
+                source,
+            }),
+            Api::V3(c) => c.fingerprint().await.map_err(|source| EtcdError::V3 {
+                label: self.label(),
+                source,
+            }),
         }
     }
 
@@ -251,7 +295,13 @@ impl EtcdServer {
 }
 
 fn reachable(url: &str) -> bool {
-    let Some((_, host, port)) = split_url(url) else { return false };
-    let Ok(addrs) = (host, port).to_socket_addrs() else { return false };
-    addrs.into_iter().any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
+    let Some((_, host, port)) = split_url(url) else {
+        return false;
+    };
+    let Ok(addrs) = (host, port).to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }

@@ -75,15 +75,27 @@ impl V2 {
             .no_proxy()
             .build()
             .unwrap_or_default();
-        V2 { http, base: client_url.trim_end_matches('/').to_string() }
+        V2 {
+            http,
+            base: client_url.trim_end_matches('/').to_string(),
+        }
     }
 
     fn url(&self, key: &str) -> String {
         format!("{}/v2/keys{}", self.base, key)
     }
 
-    async fn send(&self, op: &'static str, key: &str, req: reqwest::RequestBuilder) -> Result<String, V2Error> {
-        let e = |message: String| V2Error { op, key: key.to_string(), message };
+    async fn send(
+        &self,
+        op: &'static str,
+        key: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<String, V2Error> {
+        let e = |message: String| V2Error {
+            op,
+            key: key.to_string(),
+            message,
+        };
         let resp = req.send().await.map_err(|x| e(x.to_string()))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|x| e(x.to_string()))?;
@@ -95,23 +107,43 @@ impl V2 {
 
     /// Sets a key (quorum write through raft).
     pub async fn put(&self, key: &str, value: &str) -> Result<(), V2Error> {
-        self.send("put", key, self.http.put(self.url(key)).form(&[("value", value)])).await.map(|_| ())
+        self.send(
+            "put",
+            key,
+            self.http.put(self.url(key)).form(&[("value", value)]),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), V2Error> {
-        self.send("delete", key, self.http.delete(self.url(key))).await.map(|_| ())
+        self.send("delete", key, self.http.delete(self.url(key)))
+            .await
+            .map(|_| ())
     }
 
     /// Every key, recursively, sorted.
     pub async fn tree(&self) -> Result<Tree, V2Error> {
         let body = self
-            .send("get", "/", self.http.get(self.url("/")).query(&[("recursive", "true"), ("sorted", "true"), ("quorum", "true")]))
+            .send(
+                "get",
+                "/",
+                self.http.get(self.url("/")).query(&[
+                    ("recursive", "true"),
+                    ("sorted", "true"),
+                    ("quorum", "true"),
+                ]),
+            )
             .await?;
-        let resp: Response =
-            serde_json::from_str(&body).map_err(|e| V2Error { op: "get", key: "/".into(), message: e.to_string() })?;
+        let resp: Response = serde_json::from_str(&body).map_err(|e| V2Error {
+            op: "get",
+            key: "/".into(),
+            message: e.to_string(),
+        })?;
         let mut tree = Tree::default();
         flatten(resp.node, &mut tree);
-        tree.leaves.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
+        tree.leaves
+            .sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
         Ok(tree)
     }
 
@@ -125,7 +157,13 @@ impl V2 {
 pub fn fingerprint_of(tree: &Tree) -> Fingerprint {
     let mut b = FingerprintBuilder::default();
     for l in &tree.leaves {
-        b.add(l.key.as_bytes(), l.value.as_bytes(), l.created_index, l.modified_index, l.expiration.is_some());
+        b.add(
+            l.key.as_bytes(),
+            l.value.as_bytes(),
+            l.created_index,
+            l.modified_index,
+            l.expiration.is_some(),
+        );
     }
     b.finish()
 }

@@ -3,13 +3,17 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp,
 };
 
 use super::fingerprint::{Fingerprint, FingerprintBuilder};
 
 /// Keys fetched per range request while fingerprinting.
 const PAGE: i64 = 5_000;
+
+/// A put with its lease, guarded by the key's mod revision: (key, value, mod revision, lease).
+pub type LeasedPut = (Vec<u8>, Vec<u8>, i64, i64);
 
 /// A v3 client failure, as text (the crate's error type is not ours to expose).
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +24,10 @@ pub struct V3Error {
 }
 
 fn err(op: &'static str) -> impl FnOnce(etcd_client::Error) -> V3Error {
-    move |e| V3Error { op, message: e.to_string() }
+    move |e| V3Error {
+        op,
+        message: e.to_string(),
+    }
 }
 
 /// One key as read from the v3 store.
@@ -47,13 +54,19 @@ impl V3 {
             .with_connect_timeout(Duration::from_millis(500))
             .with_timeout(request_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = Client::connect([url], Some(opts)).await.map_err(err("connect"))?;
+        let client = Client::connect([url], Some(opts))
+            .await
+            .map_err(err("connect"))?;
         Ok(V3 { client })
     }
 
     /// Puts a key; returns the store revision after the put.
     pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<i64, V3Error> {
-        let r = self.client.put(key, value, None).await.map_err(err("put"))?;
+        let r = self
+            .client
+            .put(key, value, None)
+            .await
+            .map_err(err("put"))?;
         Ok(r.header().map(|h| h.revision()).unwrap_or_default())
     }
 
@@ -63,10 +76,7 @@ impl V3 {
     }
 
     /// Reads every key in key order, a page at a time, at one revision.
-    pub async fn for_each_key(
-        &mut self,
-        mut f: impl FnMut(KeyValue),
-    ) -> Result<i64, V3Error> {
+    pub async fn for_each_key(&mut self, mut f: impl FnMut(KeyValue)) -> Result<i64, V3Error> {
         let mut start: Vec<u8> = vec![0];
         let mut revision = 0;
         loop {
@@ -77,7 +87,11 @@ impl V3 {
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = self.client.get(start.clone(), Some(opts)).await.map_err(err("range"))?;
+            let resp = self
+                .client
+                .get(start.clone(), Some(opts))
+                .await
+                .map_err(err("range"))?;
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }
@@ -105,39 +119,79 @@ impl V3 {
     /// Fingerprint of the whole keyspace (probe keys excluded).
     pub async fn fingerprint(&mut self) -> Result<Fingerprint, V3Error> {
         let mut b = FingerprintBuilder::default();
-        self.for_each_key(|kv| b.add(&kv.key, &kv.value, kv.create_revision, kv.mod_revision, kv.lease != 0)).await?;
+        self.for_each_key(|kv| {
+            b.add(
+                &kv.key,
+                &kv.value,
+                kv.create_revision,
+                kv.mod_revision,
+                kv.lease != 0,
+            )
+        })
+        .await?;
         Ok(b.finish())
     }
 
     /// Grants a lease with the given TTL (seconds); returns its id.
     pub async fn lease_grant(&mut self, ttl: i64) -> Result<i64, V3Error> {
-        let r = self.client.lease_grant(ttl, None).await.map_err(err("lease grant"))?;
+        let r = self
+            .client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(err("lease grant"))?;
         Ok(r.id())
     }
 
     /// Remaining TTL of a lease (seconds), -1 when it is gone.
     pub async fn lease_ttl(&mut self, id: i64) -> Result<i64, V3Error> {
-        let r = self.client.lease_time_to_live(id, None).await.map_err(err("lease timetolive"))?;
+        let r = self
+            .client
+            .lease_time_to_live(id, None)
+            .await
+            .map_err(err("lease timetolive"))?;
         Ok(r.ttl())
     }
 
     /// Re-puts keys with their leases in one transaction, guarded by each key's mod revision: if
     /// any key changed since it was read, nothing is written. Items: (key, value, mod revision,
     /// lease). Returns whether the guard held.
-    pub async fn put_with_leases_guarded(&mut self, items: &[(Vec<u8>, Vec<u8>, i64, i64)]) -> Result<bool, V3Error> {
-        let compares: Vec<Compare> =
-            items.iter().map(|(k, _, rev, _)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev)).collect();
+    pub async fn put_with_leases_guarded(
+        &mut self,
+        items: &[(Vec<u8>, Vec<u8>, i64, i64)],
+    ) -> Result<bool, V3Error> {
+        let compares: Vec<Compare> = items
+            .iter()
+            .map(|(k, _, rev, _)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev))
+            .collect();
         let ops: Vec<TxnOp> = items
             .iter()
-            .map(|(k, v, _, lease)| TxnOp::put(k.clone(), v.clone(), Some(PutOptions::new().with_lease(*lease))))
+            .map(|(k, v, _, lease)| {
+                TxnOp::put(
+                    k.clone(),
+                    v.clone(),
+                    Some(PutOptions::new().with_lease(*lease)),
+                )
+            })
             .collect();
-        let r = self.client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(err("txn"))?;
+        let r = self
+            .client
+            .txn(Txn::new().when(compares).and_then(ops))
+            .await
+            .map_err(err("txn"))?;
         Ok(r.succeeded())
     }
 
     /// A plain put with a lease (the naive one-by-one reattach the benchmark compares with).
-    pub async fn put_with_lease(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<(), V3Error> {
-        self.client.put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(err("put"))?;
+    pub async fn put_with_lease(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<(), V3Error> {
+        self.client
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(err("put"))?;
         Ok(())
     }
 
@@ -156,7 +210,14 @@ impl V3 {
 
     /// The cluster's members: (name, peer URLs).
     pub async fn member_list(&mut self) -> Result<Vec<(String, Vec<String>)>, V3Error> {
-        let r = self.client.member_list().await.map_err(err("member list"))?;
-        Ok(r.members().iter().map(|m| (m.name().to_string(), m.peer_urls().to_vec())).collect())
+        let r = self
+            .client
+            .member_list()
+            .await
+            .map_err(err("member list"))?;
+        Ok(r.members()
+            .iter()
+            .map(|m| (m.name().to_string(), m.peer_urls().to_vec()))
+            .collect())
     }
 }

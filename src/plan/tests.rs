@@ -19,19 +19,37 @@ fn one() -> DataFacts {
     DataFacts::default()
 }
 fn v2_boot() -> DataFacts {
-    DataFacts { members: 1, boot_cluster_version_v2: true }
+    DataFacts {
+        members: 1,
+        boot_cluster_version_v2: true,
+    }
 }
 fn up(from: &str, to: &str) -> Step {
-    Step::Upgrade { from: vf(from), to: vf(to), cut_snapshot: false }
+    Step::Upgrade {
+        from: vf(from),
+        to: vf(to),
+        cut_snapshot: false,
+    }
 }
 fn up_cut(from: &str, to: &str) -> Step {
-    Step::Upgrade { from: vf(from), to: vf(to), cut_snapshot: true }
+    Step::Upgrade {
+        from: vf(from),
+        to: vf(to),
+        cut_snapshot: true,
+    }
 }
 fn mig(from: &str, at: &str, cut: bool) -> Step {
-    Step::MigrateStorage { from: vf(from), at: v(at), cut_snapshot: cut }
+    Step::MigrateStorage {
+        from: vf(from),
+        at: v(at),
+        cut_snapshot: cut,
+    }
 }
 fn rb(from: &str, to: &str) -> Step {
-    Step::MinorRollback { from: v(from), to: v(to) }
+    Step::MinorRollback {
+        from: v(from),
+        to: v(to),
+    }
 }
 
 struct Case {
@@ -127,7 +145,11 @@ fn planner_table() {
         match (&c.want, got) {
             (Ok(want), Ok(p)) => assert_eq!(&p.steps, want, "{}", c.name),
             (Err(pred), Err(e)) => assert!(pred(&e), "{}: wrong error {e}", c.name),
-            (want, got) => panic!("{}: want {want:?}, got {got:?}", c.name, want = want.as_ref().map(|_| "plan").map_err(|_| "error")),
+            (want, got) => panic!(
+                "{}: want {want:?}, got {got:?}",
+                c.name,
+                want = want.as_ref().map(|_| "plan").map_err(|_| "error")
+            ),
         }
     }
 }
@@ -136,8 +158,14 @@ fn planner_table() {
 fn skipped_patches_and_known_bad_releases_are_noted() {
     let p = plan(vf("3.4.23/etcd3"), vf("3.5.1/etcd3"), &bundle(HERE), one()).unwrap();
     assert!(p.notes.iter().any(|n| matches!(n, Note::SkippedPatches { used, skipped, .. } if *used == v("3.5.1") && skipped == &vec![v("3.5.0")])), "{:?}", p.notes);
-    assert!(p.notes.iter().any(|n| matches!(n, Note::KnownBad { version, .. } if *version == v("3.5.1"))));
-    assert!(p.notes.iter().any(|n| n.to_string().contains("skipping 3.5.0 as older patches")));
+    assert!(p
+        .notes
+        .iter()
+        .any(|n| matches!(n, Note::KnownBad { version, .. } if *version == v("3.5.1"))));
+    assert!(p
+        .notes
+        .iter()
+        .any(|n| n.to_string().contains("skipping 3.5.0 as older patches")));
 }
 
 #[test]
@@ -146,8 +174,20 @@ fn errors_name_the_remedy() {
     assert!(e.to_string().contains("bundled: 3.4.23 3.5.0 3.5.1"), "{e}");
     let e = plan(vf("3.0.17/etcd2"), vf("2.2.1/etcd2"), &bundle(K8S), one()).unwrap_err();
     assert!(e.to_string().contains("supported paths"), "{e}");
-    let e = plan(vf("3.4.23/etcd2"), vf("3.4.23/etcd3"), &bundle(HERE), DataFacts { members: 3, boot_cluster_version_v2: false }).unwrap_err();
-    assert!(e.to_string().contains("shrink the cluster to one member"), "{e}");
+    let e = plan(
+        vf("3.4.23/etcd2"),
+        vf("3.4.23/etcd3"),
+        &bundle(HERE),
+        DataFacts {
+            members: 3,
+            boot_cluster_version_v2: false,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("shrink the cluster to one member"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -160,7 +200,8 @@ fn plan_display_reads_as_a_path() {
 }
 
 const UNIVERSE: &[&str] = &[
-    "2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.17", "3.3.27", "3.4.18", "3.4.23", "3.5.0", "3.5.1", "3.5.9", "3.6.0",
+    "2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.17", "3.3.27", "3.4.18", "3.4.23",
+    "3.5.0", "3.5.1", "3.5.9", "3.6.0",
 ];
 
 fn arb_versionfile() -> impl Strategy<Value = VersionFile> {

@@ -26,12 +26,17 @@ pub struct Backup {
 /// UTC now as `YYYYMMDDTHHMMSSZ` (sortable, no characters a path dislikes).
 pub fn stamp() -> String {
     let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    time::OffsetDateTime::now_utc().format(&fmt).unwrap_or_default()
+    time::OffsetDateTime::now_utc()
+        .format(&fmt)
+        .unwrap_or_default()
 }
 
 /// The name a backup of `data_dir` holding `vf` gets now.
 pub fn backup_path(data_dir: &Path, vf: VersionFile) -> PathBuf {
-    let base = crate::datadir::sibling(data_dir, &format!("backup-{}-{}-{}", vf.version, vf.storage, stamp()));
+    let base = crate::datadir::sibling(
+        data_dir,
+        &format!("backup-{}-{}-{}", vf.version, vf.storage, stamp()),
+    );
     // Two backups in the same second (a chain of fast steps): keep both.
     let mut p = base.clone();
     let mut n = 1;
@@ -44,7 +49,11 @@ pub fn backup_path(data_dir: &Path, vf: VersionFile) -> PathBuf {
 
 /// Copies the data dir to a new backup (through a `.partial` name, so a crash never leaves a
 /// half backup under a real name). Checks free space first.
-pub fn copy(data_dir: &Path, vf: VersionFile, retention: Option<usize>) -> Result<PathBuf, FsError> {
+pub fn copy(
+    data_dir: &Path,
+    vf: VersionFile,
+    retention: Option<usize>,
+) -> Result<PathBuf, FsError> {
     let size = fsutil::tree_size(data_dir)?;
     let parent = data_dir.parent().unwrap_or(Path::new("."));
     fsutil::ensure_space(parent, size)?;
@@ -52,8 +61,11 @@ pub fn copy(data_dir: &Path, vf: VersionFile, retention: Option<usize>) -> Resul
     let partial = PathBuf::from(format!("{}.partial", dst.display()));
     fsutil::remove_tree(&partial)?;
     fsutil::copy_tree(data_dir, &partial)?;
-    fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(FsError::io("chmod", &partial))?;
+    fs::set_permissions(
+        &partial,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(FsError::io("chmod", &partial))?;
     fail::fail_point!("backup-before-rename", |_| Err(fsutil::injected(&partial)));
     fsutil::rename_durable(&partial, &dst)?;
     tracing::info!(backup = %dst.display(), bytes = size, "backed up the data dir");
@@ -63,10 +75,24 @@ pub fn copy(data_dir: &Path, vf: VersionFile, retention: Option<usize>) -> Resul
 
 /// Backups of `data_dir`, oldest first.
 pub fn list(data_dir: &Path) -> Vec<Backup> {
-    let Some(parent) = data_dir.parent() else { return Vec::new() };
-    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-    let prefix = format!("{}{MARK}", data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let Ok(rd) = fs::read_dir(parent) else { return Vec::new() };
+    let Some(parent) = data_dir.parent() else {
+        return Vec::new();
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let prefix = format!(
+        "{}{MARK}",
+        data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let Ok(rd) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
     let mut out: Vec<Backup> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -103,9 +129,23 @@ pub fn prune(data_dir: &Path, keep: Option<usize>) -> Result<(), FsError> {
 
 /// Removes half-written backups left by a crash.
 pub fn remove_partials(data_dir: &Path) -> Result<(), FsError> {
-    let Some(parent) = data_dir.parent() else { return Ok(()) };
-    let prefix = format!("{}{MARK}", data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let Ok(rd) = fs::read_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent }) else { return Ok(()) };
+    let Some(parent) = data_dir.parent() else {
+        return Ok(());
+    };
+    let prefix = format!(
+        "{}{MARK}",
+        data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let Ok(rd) = fs::read_dir(if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    }) else {
+        return Ok(());
+    };
     for e in rd.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(&prefix) && name.ends_with(".partial") {
@@ -117,7 +157,11 @@ pub fn remove_partials(data_dir: &Path) -> Result<(), FsError> {
 }
 
 /// Journal line for a backup.
-pub fn journal(data_dir: &Path, vf: VersionFile, path: &Path) -> Result<(), progress::ProgressError> {
+pub fn journal(
+    data_dir: &Path,
+    vf: VersionFile,
+    path: &Path,
+) -> Result<(), progress::ProgressError> {
     let mut detail = serde_json::Map::new();
     detail.insert("path".into(), path.display().to_string().into());
     progress::append_journal(
@@ -150,7 +194,10 @@ mod tests {
         let a = copy(&data, vf, None).unwrap();
         let b = copy(&data, vf, None).unwrap();
         assert_ne!(a, b);
-        assert_eq!(fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&a).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert_eq!(fs::read(a.join("member/wal/0.wal")).unwrap(), b"wal");
         let l = list(&data);
         assert_eq!(l.len(), 2);

@@ -72,18 +72,34 @@ pub fn verify_against(
 ) -> Result<(), StepError> {
     use crate::etcd::fingerprint::{compare, Comparison};
     let Some(before) = before else {
-        tracing::info!(step, keys = after.keys, "key count recorded as the baseline for the next step");
+        tracing::info!(
+            step,
+            keys = after.keys,
+            "key count recorded as the baseline for the next step"
+        );
         return Ok(());
     };
     match compare(before, after) {
         Comparison::Same => {
-            tracing::info!(step, keys = after.keys, "keys and values match the previous step");
+            tracing::info!(
+                step,
+                keys = after.keys,
+                "keys and values match the previous step"
+            );
             Ok(())
         }
         Comparison::Expired { gone } => {
-            tracing::warn!(step, keys = after.keys, expired = gone, "keys with a TTL expired during the step, as etcd does");
+            tracing::warn!(
+                step,
+                keys = after.keys,
+                expired = gone,
+                "keys with a TTL expired during the step, as etcd does"
+            );
             Ok(())
         }
-        Comparison::Differs(what) => Err(StepError::Verify { step: step.to_string(), what }),
+        Comparison::Differs(what) => Err(StepError::Verify {
+            step: step.to_string(),
+            what,
+        }),
     }
 }

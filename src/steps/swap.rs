@@ -46,7 +46,11 @@ impl Stage {
             }
         }
         let id = format!("{}-{}", std::process::id(), progress::now_rfc3339());
-        Ok(Stage { data_dir: data_dir.to_path_buf(), path, id })
+        Ok(Stage {
+            data_dir: data_dir.to_path_buf(),
+            path,
+            id,
+        })
     }
 
     /// Where the staged member dir goes.
@@ -56,17 +60,33 @@ impl Stage {
 
     /// Makes the staged dir live, recording `outcome` in it; the old data dir becomes a backup of
     /// `before`. Returns the backup's path.
-    pub fn commit(self, outcome: VersionFile, before: VersionFile) -> Result<PathBuf, ProgressError> {
+    pub fn commit(
+        self,
+        outcome: VersionFile,
+        before: VersionFile,
+    ) -> Result<PathBuf, ProgressError> {
         progress::record(&self.path, outcome)?;
         fsutil::write_durable(&self.path.join(MARKER), self.id.as_bytes(), 0o600)?;
         fsutil::fsync_dir(&self.path)?;
         let backup = super::backup::backup_path(&self.data_dir, before);
-        let intent = Intent { id: self.id.clone(), backup: backup.clone() };
+        let intent = Intent {
+            id: self.id.clone(),
+            backup: backup.clone(),
+        };
         let intent_path = datadir::work_dir(&self.data_dir).join(INTENT);
-        fsutil::write_durable(&intent_path, &serde_json::to_vec(&intent).unwrap_or_default(), 0o600)?;
-        fail::fail_point!("swap-before-exchange", |_| Err(fsutil::injected(&self.path).into()));
+        fsutil::write_durable(
+            &intent_path,
+            &serde_json::to_vec(&intent).unwrap_or_default(),
+            0o600,
+        )?;
+        fail::fail_point!("swap-before-exchange", |_| Err(fsutil::injected(
+            &self.path
+        )
+        .into()));
         fsutil::exchange(&self.data_dir, &self.path)?;
-        fail::fail_point!("swap-after-exchange", |_| Err(fsutil::injected(&self.path).into()));
+        fail::fail_point!("swap-after-exchange", |_| Err(
+            fsutil::injected(&self.path).into()
+        ));
         finish(&self.data_dir, &intent)?;
         Ok(backup)
     }
@@ -75,10 +95,15 @@ impl Stage {
 /// After the exchange: the staging path holds the old data; make it the backup and clean up.
 fn finish(data_dir: &Path, intent: &Intent) -> Result<(), FsError> {
     let staging = staging_path(data_dir);
-    fs::set_permissions(&staging, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(FsError::io("chmod", &staging))?;
+    fs::set_permissions(
+        &staging,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(FsError::io("chmod", &staging))?;
     fsutil::rename_durable(&staging, &intent.backup)?;
-    fail::fail_point!("swap-after-backup-rename", |_| Err(fsutil::injected(data_dir)));
+    fail::fail_point!("swap-after-backup-rename", |_| Err(fsutil::injected(
+        data_dir
+    )));
     fsutil::remove_tree(&data_dir.join(MARKER))?;
     fsutil::fsync_dir(data_dir)?;
     fsutil::remove_tree(&datadir::work_dir(data_dir).join(INTENT))?;
@@ -91,7 +116,9 @@ pub fn recover(data_dir: &Path) -> Result<Option<String>, FsError> {
     let work = datadir::work_dir(data_dir);
     let intent_path = work.join(INTENT);
     let staging = staging_path(data_dir);
-    let intent: Option<Intent> = fs::read(&intent_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let intent: Option<Intent> = fs::read(&intent_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let live_marker = fs::read_to_string(data_dir.join(MARKER)).ok();
     let done = match intent {
         Some(i) if live_marker.as_deref() == Some(i.id.as_str()) => {
@@ -102,7 +129,10 @@ pub fn recover(data_dir: &Path) -> Result<Option<String>, FsError> {
                 fsutil::remove_tree(&data_dir.join(MARKER))?;
                 fsutil::remove_tree(&intent_path)?;
             }
-            Some(format!("completed an interrupted swap; previous data at {}", i.backup.display()))
+            Some(format!(
+                "completed an interrupted swap; previous data at {}",
+                i.backup.display()
+            ))
         }
         _ => {
             let had = staging.exists();
@@ -111,7 +141,9 @@ pub fn recover(data_dir: &Path) -> Result<Option<String>, FsError> {
             if live_marker.is_some() {
                 fsutil::remove_tree(&data_dir.join(MARKER))?;
             }
-            had.then(|| "discarded a staged rewrite that an interrupted run left unfinished".to_string())
+            had.then(|| {
+                "discarded a staged rewrite that an interrupted run left unfinished".to_string()
+            })
         }
     };
     super::backup::remove_partials(data_dir)?;
@@ -140,12 +172,32 @@ mod tests {
         let stage = Stage::begin(&data).unwrap();
         fs::create_dir_all(stage.member().join("wal")).unwrap();
         fs::write(stage.member().join("wal/0.wal"), "new").unwrap();
-        let backup = stage.commit("2.2.1/etcd2".parse().unwrap(), "3.0.17/etcd3".parse().unwrap()).unwrap();
-        assert_eq!(progress::read_version(&data).unwrap().unwrap().to_string(), "2.2.1/etcd2");
-        assert_eq!(fs::read_to_string(data.join("member/wal/0.wal")).unwrap(), "new");
+        let backup = stage
+            .commit(
+                "2.2.1/etcd2".parse().unwrap(),
+                "3.0.17/etcd3".parse().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(
+            progress::read_version(&data).unwrap().unwrap().to_string(),
+            "2.2.1/etcd2"
+        );
+        assert_eq!(
+            fs::read_to_string(data.join("member/wal/0.wal")).unwrap(),
+            "new"
+        );
         assert!(!data.join(MARKER).exists());
-        assert_eq!(fs::read_to_string(backup.join("member/snap/db")).unwrap(), "old");
-        assert_eq!(progress::read_version(&backup).unwrap().unwrap().to_string(), "3.0.17/etcd3");
+        assert_eq!(
+            fs::read_to_string(backup.join("member/snap/db")).unwrap(),
+            "old"
+        );
+        assert_eq!(
+            progress::read_version(&backup)
+                .unwrap()
+                .unwrap()
+                .to_string(),
+            "3.0.17/etcd3"
+        );
         assert_eq!(recover(&data).unwrap(), None, "nothing left to recover");
     }
 
@@ -158,7 +210,10 @@ mod tests {
         drop(stage);
         assert!(recover(&data).unwrap().is_some());
         assert!(!staging_path(&data).exists());
-        assert_eq!(progress::read_version(&data).unwrap().unwrap().to_string(), "3.0.17/etcd3");
+        assert_eq!(
+            progress::read_version(&data).unwrap().unwrap().to_string(),
+            "3.0.17/etcd3"
+        );
     }
 
     #[test]
@@ -171,12 +226,25 @@ mod tests {
         progress::record(&stage.path, "2.2.1/etcd2".parse().unwrap()).unwrap();
         fs::write(stage.path.join(MARKER), &stage.id).unwrap();
         let backup = d.path().join("data.backup-x");
-        let intent = Intent { id: stage.id.clone(), backup: backup.clone() };
-        fs::write(datadir::work_dir(&data).join(INTENT), serde_json::to_vec(&intent).unwrap()).unwrap();
+        let intent = Intent {
+            id: stage.id.clone(),
+            backup: backup.clone(),
+        };
+        fs::write(
+            datadir::work_dir(&data).join(INTENT),
+            serde_json::to_vec(&intent).unwrap(),
+        )
+        .unwrap();
         fsutil::exchange(&data, &stage.path).unwrap();
         assert!(recover(&data).unwrap().unwrap().contains("completed"));
-        assert_eq!(progress::read_version(&data).unwrap().unwrap().to_string(), "2.2.1/etcd2");
-        assert_eq!(fs::read_to_string(backup.join("member/snap/db")).unwrap(), "old");
+        assert_eq!(
+            progress::read_version(&data).unwrap().unwrap().to_string(),
+            "2.2.1/etcd2"
+        );
+        assert_eq!(
+            fs::read_to_string(backup.join("member/snap/db")).unwrap(),
+            "old"
+        );
         assert!(!data.join(MARKER).exists() && !staging_path(&data).exists());
     }
 }

@@ -26,7 +26,7 @@ use crate::etcd::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::etcd::release::Release;
 use crate::etcd::server::{EtcdError, EtcdServer, Launch};
 use crate::etcd::v2::{Tree, V2};
-use crate::etcd::v3::V3;
+use crate::etcd::v3::{LeasedPut, V3};
 use crate::fsutil;
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
@@ -84,7 +84,8 @@ fn in_dir(key: &str, dir: &str) -> bool {
 }
 
 fn unix_ns(rfc3339: &str) -> Option<i128> {
-    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).ok()?;
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
     Some(t.unix_timestamp_nanos())
 }
 
@@ -103,8 +104,12 @@ pub fn capture_from(tree: &Tree, scope: TtlScope, ttl_dir: &str) -> Result<Captu
     for l in &tree.leaves {
         let mut leased = false;
         if let Some(exp) = &l.expiration {
-            let expires_unix_ns =
-                unix_ns(exp).ok_or_else(|| StepError::Other(format!("v2 key {} has an unreadable expiration {exp:?}", l.key)))?;
+            let expires_unix_ns = unix_ns(exp).ok_or_else(|| {
+                StepError::Other(format!(
+                    "v2 key {} has an unreadable expiration {exp:?}",
+                    l.key
+                ))
+            })?;
             *ttl_by_prefix.entry(prefix_of(&l.key)).or_insert(0) += 1;
             let inside = in_dir(&l.key, ttl_dir);
             outside_ttl_dir += u64::from(!inside);
@@ -122,7 +127,13 @@ pub fn capture_from(tree: &Tree, scope: TtlScope, ttl_dir: &str) -> Result<Captu
             }
         }
         // Leased keys are re-put, so only their content is comparable, not their revisions.
-        expected.add(l.key.as_bytes(), l.value.as_bytes(), l.created_index, l.modified_index, leased);
+        expected.add(
+            l.key.as_bytes(),
+            l.value.as_bytes(),
+            l.created_index,
+            l.modified_index,
+            leased,
+        );
     }
     Ok(Capture {
         captured_unix_ns: now_ns(),
@@ -183,21 +194,43 @@ pub async fn run(
         snapshot_count: cut_snapshot.then_some(CUT_SNAPSHOT_COUNT),
     })?;
     let mut api = srv.ready().await?;
-    let mut v3 = api.v3().ok_or_else(|| StepError::Other("expected the v3 API".into()))?.clone();
+    let mut v3 = api
+        .v3()
+        .ok_or_else(|| StepError::Other("expected the v3 API".into()))?
+        .clone();
     let v2 = V2::new(&srv.client_url, Duration::from_secs(60));
-    let tree = v2.tree().await.map_err(|source| EtcdError::V2 { label: label.clone(), source })?;
+    let tree = v2.tree().await.map_err(|source| EtcdError::V2 {
+        label: label.clone(),
+        source,
+    })?;
     let v2_fp = crate::etcd::v2::fingerprint_of(&tree);
     if ctx.members == 1 && from.storage == Storage::Etcd2 {
         verify_against(&format!("{from} as read by {at}"), baseline, &v2_fp)?;
     }
     let capture = capture_from(&tree, cfg.ttl_scope, &cfg.ttl_keys_directory)?;
     let capture_path = work.join(CAPTURE_FILE);
-    fsutil::write_durable(&capture_path, &serde_json::to_vec(&capture).unwrap_or_default(), 0o600)?;
-    let expired = delete_expired_since_migrate(&mut v3, &tree).await.map_err(|source| EtcdError::V3 { label: label.clone(), source })?;
+    fsutil::write_durable(
+        &capture_path,
+        &serde_json::to_vec(&capture).unwrap_or_default(),
+        0o600,
+    )?;
+    let expired = delete_expired_since_migrate(&mut v3, &tree)
+        .await
+        .map_err(|source| EtcdError::V3 {
+            label: label.clone(),
+            source,
+        })?;
     drop(tree);
     let capture_ms = t.elapsed().as_millis() as u64;
-    tracing::info!(keys = capture.v2_keys, ttl_keys = capture.keys.len(), left_permanent = capture.left_permanent,
-        empty_dirs = capture.empty_dirs.len(), expired_since_migrate = expired, elapsed_ms = capture_ms, "captured v2 keys and TTLs");
+    tracing::info!(
+        keys = capture.v2_keys,
+        ttl_keys = capture.keys.len(),
+        left_permanent = capture.left_permanent,
+        empty_dirs = capture.empty_dirs.len(),
+        expired_since_migrate = expired,
+        elapsed_ms = capture_ms,
+        "captured v2 keys and TTLs"
+    );
     for (p, n) in &capture.ttl_by_prefix {
         tracing::info!(prefix = %p, ttl_keys = n, "keys with a TTL under prefix");
     }
@@ -209,9 +242,14 @@ pub async fn run(
 
     // 3. Reattach.
     let t = Instant::now();
-    let attach = reattach(v3, &capture.keys, cfg.ttl_granularity_secs, Release::new(at).max_txn_ops())
-        .await
-        .map_err(|e| StepError::Other(format!("{label}: reattaching TTLs: {e}")))?;
+    let attach = reattach(
+        v3,
+        &capture.keys,
+        cfg.ttl_granularity_secs,
+        Release::new(at).max_txn_ops(),
+    )
+    .await
+    .map_err(|e| StepError::Other(format!("{label}: reattaching TTLs: {e}")))?;
     let reattach_ms = t.elapsed().as_millis() as u64;
     if cut_snapshot {
         srv.probe_writes(&mut api, CUT_SNAPSHOT_WRITES).await?;
@@ -227,35 +265,63 @@ pub async fn run(
             ),
         });
     }
-    tracing::info!(keys = after.keys, leased = attach.attached, leases = attach.leases, elapsed_ms = reattach_ms,
-        "every key and value came through; TTL keys carry leases");
+    tracing::info!(
+        keys = after.keys,
+        leased = attach.attached,
+        leases = attach.leases,
+        elapsed_ms = reattach_ms,
+        "every key and value came through; TTL keys carry leases"
+    );
     if cut_snapshot {
         let facts = crate::datadir::member_facts(&stage.member())?;
         if facts.boot_cluster_version_v2 {
-            return Err(StepError::Other(format!("the pass at {at} did not cut a snapshot")));
+            return Err(StepError::Other(format!(
+                "the pass at {at} did not cut a snapshot"
+            )));
         }
     }
     fail::fail_point!("to-etcd3-before-swap");
 
     // 4. Swap in.
     let t = Instant::now();
-    let backup = stage.commit(VersionFile { version: at, storage: Storage::Etcd3 }, from)?;
+    let backup = stage.commit(
+        VersionFile {
+            version: at,
+            storage: Storage::Etcd3,
+        },
+        from,
+    )?;
     fsutil::remove_tree(&capture_path)?;
     let swap_ms = t.elapsed().as_millis() as u64;
 
     let d = &mut report.detail;
     d.insert("keys_migrated".into(), after.keys.into());
-    d.insert("ttl_keys".into(), (capture.keys.len() as u64 + capture.left_permanent).into());
+    d.insert(
+        "ttl_keys".into(),
+        (capture.keys.len() as u64 + capture.left_permanent).into(),
+    );
     d.insert("ttl_keys_leased".into(), attach.attached.into());
-    d.insert("ttl_keys_left_permanent".into(), capture.left_permanent.into());
-    d.insert("ttl_keys_outside_ttl_dir".into(), capture.outside_ttl_dir.into());
+    d.insert(
+        "ttl_keys_left_permanent".into(),
+        capture.left_permanent.into(),
+    );
+    d.insert(
+        "ttl_keys_outside_ttl_dir".into(),
+        capture.outside_ttl_dir.into(),
+    );
     d.insert("ttl_keys_past_expiry".into(), attach.past_expiry.into());
     d.insert("expired_since_migrate".into(), expired.into());
     d.insert("leases_granted".into(), attach.leases.into());
-    d.insert("ttl_by_prefix".into(), serde_json::to_value(&capture.ttl_by_prefix).unwrap_or_default());
+    d.insert(
+        "ttl_by_prefix".into(),
+        serde_json::to_value(&capture.ttl_by_prefix).unwrap_or_default(),
+    );
     d.insert("empty_dirs".into(), capture.empty_dirs.len().into());
     d.insert("etcdctl_migrate_ms".into(), migrate_ms.into());
-    d.insert("etcdctl_migrate_tool_ms".into(), (migrate.elapsed.as_millis() as u64).into());
+    d.insert(
+        "etcdctl_migrate_tool_ms".into(),
+        (migrate.elapsed.as_millis() as u64).into(),
+    );
     d.insert("capture_ms".into(), capture_ms.into());
     d.insert("reattach_ms".into(), reattach_ms.into());
     d.insert("swap_ms".into(), swap_ms.into());
@@ -266,7 +332,10 @@ pub async fn run(
 
 /// Deletes v3 keys that the v2 store no longer has: TTL keys that expired between `migrate`
 /// (which made them permanent) and the capture. Returns how many.
-async fn delete_expired_since_migrate(v3: &mut V3, tree: &Tree) -> Result<u64, crate::etcd::v3::V3Error> {
+async fn delete_expired_since_migrate(
+    v3: &mut V3,
+    tree: &Tree,
+) -> Result<u64, crate::etcd::v3::V3Error> {
     let mut v2_keys = tree.leaves.iter().map(|l| l.key.as_bytes()).peekable();
     let mut gone = Vec::new();
     v3.for_each_key(|kv| {
@@ -274,7 +343,11 @@ async fn delete_expired_since_migrate(v3: &mut V3, tree: &Tree) -> Result<u64, c
             v2_keys.next();
         }
         let in_v2 = v2_keys.peek().is_some_and(|k| *k == kv.key.as_slice());
-        if !in_v2 && !kv.key.starts_with(crate::etcd::fingerprint::PROBE_PREFIX.as_bytes()) {
+        if !in_v2
+            && !kv
+                .key
+                .starts_with(crate::etcd::fingerprint::PROBE_PREFIX.as_bytes())
+        {
             gone.push(kv.key);
         }
     })
@@ -298,7 +371,12 @@ pub struct Attached {
 /// Grants one lease per TTL bucket and re-puts each key with its lease, in transactions of at
 /// most `max_ops` puts guarded by each key's mod revision (the v2 modified index, which
 /// `etcdctl migrate` keeps), several in flight.
-pub async fn reattach(mut v3: V3, keys: &[Captured], granularity: u64, max_ops: usize) -> Result<Attached, String> {
+pub async fn reattach(
+    mut v3: V3,
+    keys: &[Captured],
+    granularity: u64,
+    max_ops: usize,
+) -> Result<Attached, String> {
     let now = now_ns();
     let mut out = Attached::default();
     let mut buckets: BTreeMap<i64, i64> = BTreeMap::new();
@@ -315,7 +393,7 @@ pub async fn reattach(mut v3: V3, keys: &[Captured], granularity: u64, max_ops: 
     }
     out.leases = buckets.len() as u64;
 
-    let mut batches: Vec<Vec<(Vec<u8>, Vec<u8>, i64, i64)>> = Vec::new();
+    let mut batches: Vec<Vec<LeasedPut>> = Vec::new();
     let mut cur = Vec::new();
     let mut bytes = 0;
     for (k, ttl) in keys.iter().zip(&ttls) {
@@ -325,7 +403,12 @@ pub async fn reattach(mut v3: V3, keys: &[Captured], granularity: u64, max_ops: 
             bytes = 0;
         }
         bytes += size;
-        cur.push((k.key.clone().into_bytes(), k.value.clone().into_bytes(), k.modified_index, buckets[ttl]));
+        cur.push((
+            k.key.clone().into_bytes(),
+            k.value.clone().into_bytes(),
+            k.modified_index,
+            buckets[ttl],
+        ));
     }
     if !cur.is_empty() {
         batches.push(cur);
@@ -344,7 +427,9 @@ pub async fn reattach(mut v3: V3, keys: &[Captured], granularity: u64, max_ops: 
                 (batch, r)
             });
         }
-        let Some(joined) = set.join_next().await else { break };
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
         let (batch, r) = joined.map_err(|e| e.to_string())?;
         match r.map_err(|e| e.to_string())? {
             true => out.attached += batch.len() as u64,
@@ -354,7 +439,11 @@ pub async fn reattach(mut v3: V3, keys: &[Captured], granularity: u64, max_ops: 
     // A guard failed: someone changed a key since the capture. Redo those one by one.
     for batch in failed {
         for item in batch {
-            if v3.put_with_leases_guarded(std::slice::from_ref(&item)).await.map_err(|e| e.to_string())? {
+            if v3
+                .put_with_leases_guarded(std::slice::from_ref(&item))
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 out.attached += 1;
             } else {
                 out.changed_since_capture += 1;
@@ -366,7 +455,11 @@ pub async fn reattach(mut v3: V3, keys: &[Captured], granularity: u64, max_ops: 
 }
 
 /// Time a single-step naive reattach (one put per key), for the benchmark's comparison.
-pub async fn reattach_naive(mut v3: V3, keys: &[Captured], granularity: u64) -> Result<Duration, String> {
+pub async fn reattach_naive(
+    mut v3: V3,
+    keys: &[Captured],
+    granularity: u64,
+) -> Result<Duration, String> {
     let t = Instant::now();
     let now = now_ns();
     let mut leases: BTreeMap<i64, i64> = BTreeMap::new();
@@ -380,7 +473,9 @@ pub async fn reattach_naive(mut v3: V3, keys: &[Captured], granularity: u64) -> 
                 l
             }
         };
-        v3.put_with_lease(k.key.as_bytes(), k.value.as_bytes(), lease).await.map_err(|e| e.to_string())?;
+        v3.put_with_lease(k.key.as_bytes(), k.value.as_bytes(), lease)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     Ok(t.elapsed())
 }
@@ -403,7 +498,14 @@ mod tests {
     }
 
     fn leaf(key: &str, exp: Option<&str>) -> Leaf {
-        Leaf { key: key.into(), value: "v".into(), created_index: 1, modified_index: 2, expiration: exp.map(Into::into), ttl: None }
+        Leaf {
+            key: key.into(),
+            value: "v".into(),
+            created_index: 1,
+            modified_index: 2,
+            expiration: exp.map(Into::into),
+            ttl: None,
+        }
     }
 
     #[test]
@@ -411,7 +513,10 @@ mod tests {
         let tree = Tree {
             leaves: vec![
                 leaf("/other/x", Some("2036-01-01T00:00:00Z")),
-                leaf("/registry/events/default/e1", Some("2036-01-01T00:00:00.5Z")),
+                leaf(
+                    "/registry/events/default/e1",
+                    Some("2036-01-01T00:00:00.5Z"),
+                ),
                 leaf("/registry/eventsx/e", Some("2036-01-01T00:00:00Z")),
                 leaf("/registry/pods/p1", None),
             ],
@@ -422,13 +527,22 @@ mod tests {
         assert_eq!(all.left_permanent, 0);
         assert_eq!((all.expected.keys, all.expected.permanent), (4, 1));
         let dir = capture_from(&tree, TtlScope::Directory, "/registry/events").unwrap();
-        assert_eq!(dir.keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["/registry/events/default/e1"]);
-        assert_eq!(dir.left_permanent, 2, "/registry/eventsx is not inside /registry/events");
+        assert_eq!(
+            dir.keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(),
+            ["/registry/events/default/e1"]
+        );
+        assert_eq!(
+            dir.left_permanent, 2,
+            "/registry/eventsx is not inside /registry/events"
+        );
         assert_eq!((all.outside_ttl_dir, dir.outside_ttl_dir), (2, 2));
         assert_eq!((dir.expected.keys, dir.expected.permanent), (4, 3));
         assert_eq!(dir.ttl_by_prefix.get("/registry/events"), Some(&1));
         assert_eq!(dir.ttl_by_prefix.get("/other"), Some(&1));
-        assert_eq!(all.expected.content, dir.expected.content, "the content digest ignores leases");
+        assert_eq!(
+            all.expected.content, dir.expected.content,
+            "the content digest ignores leases"
+        );
         assert_ne!(all.expected.permanent_digest, dir.expected.permanent_digest);
     }
 }

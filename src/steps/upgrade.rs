@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use crate::etcd::server::{EtcdServer, Launch};
 use crate::etcd::fingerprint::Fingerprint;
+use crate::etcd::server::{EtcdServer, Launch};
 use crate::version::VersionFile;
 
 use super::{verify_against, Ctx, StepError, StepReport};

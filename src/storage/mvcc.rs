@@ -447,7 +447,6 @@ mod tests {
         (dir, db)
     }
 
-
     /// Expected live set of a fixture: key -> (value, lease TTL).
     fn expected(name: &str) -> BTreeMap<Vec<u8>, (Vec<u8>, Option<i64>)> {
         use base64::Engine as _;
@@ -456,7 +455,10 @@ mod tests {
         entries
             .iter()
             .map(|e| {
-                let value = match (e.get("value").and_then(|v| v.as_str()), e.get("value_b64").and_then(|v| v.as_str())) {
+                let value = match (
+                    e.get("value").and_then(|v| v.as_str()),
+                    e.get("value_b64").and_then(|v| v.as_str()),
+                ) {
                     (Some(v), _) => v.as_bytes().to_vec(),
                     (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap(),
                     (None, None) => panic!("no value in {e:?}"),

@@ -376,7 +376,13 @@ fn read_full(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Reads the frame at `off` of an open segment (the reader is positioned there).
-fn read_frame(seg: &mut OpenSegment, off: usize, chain: u32, is_last: bool, path: &Path) -> Result<Frame> {
+fn read_frame(
+    seg: &mut OpenSegment,
+    off: usize,
+    chain: u32,
+    is_last: bool,
+    path: &Path,
+) -> Result<Frame> {
     let mut word = [0u8; FRAME_LEN_BYTES];
     let got = read_full(&mut seg.file, &mut word).map_err(io_err(path))?;
     if got < FRAME_LEN_BYTES {
@@ -395,7 +401,12 @@ fn read_frame(seg: &mut OpenSegment, off: usize, chain: u32, is_last: bool, path
         body.truncate(n);
     }
     decode_frame(off as u64, &word, &body, avail, chain, is_last, path).map(|f| match f {
-        Frame::Record { record, padding, crc, .. } => Frame::Record {
+        Frame::Record {
+            record,
+            padding,
+            crc,
+            ..
+        } => Frame::Record {
             record,
             padding,
             next_off: off + FRAME_LEN_BYTES + need as usize,
@@ -460,7 +471,15 @@ fn is_torn(data: &[u8], file_off: u64) -> bool {
 /// Decodes the frame at file offset `off` from its length word (`word`,
 /// shorter at end of file), its body (`body`, empty when not read) and the
 /// bytes left in the file after the word (`avail`).
-fn decode_frame(off: u64, word: &[u8], body: &[u8], avail: u64, chain: u32, is_last: bool, path: &Path) -> Result<Frame> {
+fn decode_frame(
+    off: u64,
+    word: &[u8],
+    body: &[u8],
+    avail: u64,
+    chain: u32,
+    is_last: bool,
+    path: &Path,
+) -> Result<Frame> {
     if word.is_empty() {
         return Ok(Frame::End);
     }

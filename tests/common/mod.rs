@@ -17,7 +17,11 @@ use etcd_client::{Client, GetOptions, PutOptions};
 /// The repo's `.bundle` (made by `make bundle`).
 pub fn bundle() -> PathBuf {
     let b = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".bundle");
-    assert!(b.join("etcd-3.4.23").exists(), "no etcd bundle at {}: run `make bundle`", b.display());
+    assert!(
+        b.join("etcd-3.4.23").exists(),
+        "no etcd bundle at {}: run `make bundle`",
+        b.display()
+    );
     b
 }
 
@@ -28,7 +32,11 @@ pub fn fixtures() -> PathBuf {
 
 /// A port nobody listens on right now (127.0.0.1 only).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn die_with_parent(cmd: &mut Command) {
@@ -86,12 +94,27 @@ impl MemberSpec {
     }
     /// The etcd flags of this member (also what a pod would pass after `run --`).
     pub fn flags(&self) -> Vec<String> {
-        let ic = self.initial_cluster.clone().unwrap_or_else(|| format!("{}={}", self.name, self.peer_url()));
+        let ic = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={}", self.name, self.peer_url()));
         let mut f: Vec<String> = [
-            "--name", &self.name, "--data-dir", &self.data_dir.to_string_lossy(),
-            "--listen-client-urls", &self.client_url(), "--advertise-client-urls", &self.client_url(),
-            "--listen-peer-urls", &self.peer_url(), "--initial-advertise-peer-urls", &self.peer_url(),
-            "--initial-cluster", &ic, "--initial-cluster-state", self.cluster_state,
+            "--name",
+            &self.name,
+            "--data-dir",
+            &self.data_dir.to_string_lossy(),
+            "--listen-client-urls",
+            &self.client_url(),
+            "--advertise-client-urls",
+            &self.client_url(),
+            "--listen-peer-urls",
+            &self.peer_url(),
+            "--initial-advertise-peer-urls",
+            &self.peer_url(),
+            "--initial-cluster",
+            &ic,
+            "--initial-cluster-state",
+            self.cluster_state,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -112,10 +135,15 @@ impl Member {
     /// Starts a member without waiting.
     pub fn spawn(spec: MemberSpec) -> Member {
         std::fs::create_dir_all(spec.data_dir.parent().unwrap()).unwrap();
-        let log = spec.data_dir.with_extension(format!("{}.{}.log", spec.version, spec.client_port));
+        let log = spec
+            .data_dir
+            .with_extension(format!("{}.{}.log", spec.version, spec.client_port));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bundle().join(format!("etcd-{}", spec.version)));
-        cmd.args(spec.flags()).env_clear().stdout(out.try_clone().unwrap()).stderr(out);
+        cmd.args(spec.flags())
+            .env_clear()
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("spawn etcd");
         Member {
@@ -142,11 +170,18 @@ impl Member {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("etcd-{} on {} not healthy; log:\n{}", self.version, self.data_dir.display(), tail(&self.log, 20));
+        panic!(
+            "etcd-{} on {} not healthy; log:\n{}",
+            self.version,
+            self.data_dir.display(),
+            tail(&self.log, 20)
+        );
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect([self.client_url.as_str()], None).await.expect("connect")
+        Client::connect([self.client_url.as_str()], None)
+            .await
+            .expect("connect")
     }
 
     /// SIGTERM and wait: a clean stop, data flushed.
@@ -182,7 +217,8 @@ impl Drop for Member {
 /// A plain HTTP GET on loopback; the body, or None on any failure.
 pub fn http_get(base: &str, path: &str) -> Option<String> {
     let hostport = base.trim_start_matches("http://");
-    let mut s = TcpStream::connect_timeout(&hostport.parse().ok()?, Duration::from_millis(300)).ok()?;
+    let mut s =
+        TcpStream::connect_timeout(&hostport.parse().ok()?, Duration::from_millis(300)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").ok()?;
     let mut body = String::new();
@@ -209,7 +245,10 @@ pub struct Kv {
 
 /// Every key of a v3 store.
 pub async fn dump(c: &mut Client) -> BTreeMap<Vec<u8>, Kv> {
-    let r = c.get(vec![0u8], Some(GetOptions::new().with_range(vec![0u8]))).await.expect("range");
+    let r = c
+        .get(vec![0u8], Some(GetOptions::new().with_range(vec![0u8])))
+        .await
+        .expect("range");
     r.kvs()
         .iter()
         .map(|kv| {
@@ -234,7 +273,8 @@ pub async fn seed(c: &mut Client, n: usize, lease_every: usize) -> Vec<i64> {
     for i in 0..n {
         let key = format!("/registry/pods/default/p{i:05}");
         let value = format!("{{\"kind\":\"Pod\",\"n\":{i}}}");
-        let opts = (lease_every > 0 && i % lease_every == 0).then(|| PutOptions::new().with_lease(if i % 2 == 0 { l1 } else { l2 }));
+        let opts = (lease_every > 0 && i % lease_every == 0)
+            .then(|| PutOptions::new().with_lease(if i % 2 == 0 { l1 } else { l2 }));
         c.put(key, value, opts).await.unwrap();
     }
     vec![l1, l2]
@@ -249,21 +289,36 @@ pub struct MigrateEnv {
 
 impl MigrateEnv {
     /// TARGET_*, DATA_DIRECTORY, ETCD_BIN_DIR, ETCD_NAME, INITIAL_CLUSTER and peer URLs, on free ports.
-    pub fn new(data_dir: &Path, name: &str, target_version: &str, target_storage: &str) -> MigrateEnv {
+    pub fn new(
+        data_dir: &Path,
+        name: &str,
+        target_version: &str,
+        target_storage: &str,
+    ) -> MigrateEnv {
         let peer_port = free_port();
         let peer = format!("http://127.0.0.1:{peer_port}");
         let vars = vec![
             ("TARGET_VERSION".into(), target_version.into()),
             ("TARGET_STORAGE".into(), target_storage.into()),
-            ("DATA_DIRECTORY".into(), data_dir.to_string_lossy().into_owned()),
-            ("ETCD_BIN_DIR".into(), bundle().to_string_lossy().into_owned()),
+            (
+                "DATA_DIRECTORY".into(),
+                data_dir.to_string_lossy().into_owned(),
+            ),
+            (
+                "ETCD_BIN_DIR".into(),
+                bundle().to_string_lossy().into_owned(),
+            ),
             ("ETCD_NAME".into(), name.into()),
             ("INITIAL_CLUSTER".into(), format!("{name}={peer}")),
             ("LISTEN_PEER_URLS".into(), peer.clone()),
             ("INITIAL_ADVERTISE_PEER_URLS".into(), peer),
             ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
         ];
-        MigrateEnv { vars, port: free_port(), peer_port }
+        MigrateEnv {
+            vars,
+            port: free_port(),
+            peer_port,
+        }
     }
 
     pub fn set(&mut self, k: &str, v: &str) -> &mut Self {
@@ -275,19 +330,30 @@ impl MigrateEnv {
     /// The command, with `--port` for the private client port.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-migrate"));
-        cmd.arg("--port").arg(self.port.to_string()).args(args).env_clear().envs(self.vars.iter().map(|(k, v)| (k, v)));
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(args)
+            .env_clear()
+            .envs(self.vars.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
     /// Runs to completion; output captured.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.command(args).stdin(Stdio::null()).output().expect("run etcd-migrate")
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run etcd-migrate")
     }
 }
 
 /// stdout + stderr as text, for assertions and failure messages.
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Unpacks a fixture tarball into `dir` and returns its `data/`.
@@ -312,7 +378,10 @@ pub fn tree_hash(dir: &Path) -> String {
         h.update(rel.to_string_lossy().as_bytes());
         h.update(meta.permissions().mode().to_le_bytes());
         if meta.is_dir() {
-            let mut names: Vec<OsString> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let mut names: Vec<OsString> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
             names.sort();
             for n in names {
                 walk(&p.join(&n), &rel.join(&n), h);
@@ -334,11 +403,24 @@ pub fn tree_hash(dir: &Path) -> String {
 pub fn etcd_children(ppid: Option<u32>) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some(after) = stat.rsplit_once(") ") else { continue };
-        let parent: u32 = after.1.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let parent: u32 = after
+            .1
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if exe.contains("/.bundle/etcd-") && ppid.is_none_or(|p| p == parent) {
             out.push(pid);
         }
@@ -361,7 +443,9 @@ pub fn listening_addrs(pid: u32) -> Vec<String> {
     }
     let mut out = Vec::new();
     for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
-        let Ok(body) = std::fs::read_to_string(file) else { continue };
+        let Ok(body) = std::fs::read_to_string(file) else {
+            continue;
+        };
         for line in body.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {

@@ -1,0 +1,57 @@
+# etcd-migrate. Two commands set up a fresh Debian machine:
+#   make demo   builds, migrates a real etcd 3.4.23 demo data dir to 3.5.1, shows status
+#   make test   installs what it needs (apt, pip, cargo) and runs every test
+SHELL := /bin/bash
+CARGO ?= cargo
+FEATURES := --features failpoints
+
+.PHONY: all deps bundle build release test unit acceptance demo bench lint fmt reliability fuzz rootfs image clean
+
+all: build
+
+# Build and test prerequisites, idempotent: protoc for etcd-client, the etcd bundle.
+deps:
+	@command -v protoc >/dev/null && [ -f /usr/include/google/protobuf/timestamp.proto ] || { \
+	  echo "installing protobuf-compiler libprotobuf-dev"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q protobuf-compiler libprotobuf-dev >/dev/null 2>&1 \
+	  || { $$SUDO apt-get update -q >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q protobuf-compiler libprotobuf-dev >/dev/null; }; }
+	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
+
+bundle:
+	@scripts/bundle.sh .bundle >/dev/null && echo "bundle: $$(ls .bundle | tr '\n' ' ')"
+
+build: deps
+	$(CARGO) build --release
+
+release: build
+
+# Every test: unit, property, and integration tests against real etcd processes.
+test: deps bundle
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets $(FEATURES) -- -D warnings
+	$(CARGO) test $(FEATURES) -- --test-threads=2
+
+unit: deps
+	$(CARGO) test $(FEATURES) --lib
+
+# The acceptance checks shipped beside the repo (../shared/acceptance).
+acceptance: build bundle
+	../shared/acceptance/run-all
+
+demo: build bundle
+	scripts/demo.sh
+
+bench: build bundle
+	scripts/bench.sh
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets $(FEATURES) -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+clean:
+	$(CARGO) clean
+	rm -rf .demo
