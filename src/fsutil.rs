@@ -197,6 +197,24 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<u64, FsError> {
     }
 }
 
+/// fsyncs every file and directory of a tree (for output written without fsync).
+pub fn fsync_tree(root: &Path) -> Result<(), FsError> {
+    let meta = fs::symlink_metadata(root).map_err(FsError::io("stat", root))?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(root).map_err(FsError::io("read dir", root))? {
+            let entry = entry.map_err(FsError::io("read dir", root))?;
+            fsync_tree(&entry.path())?;
+        }
+        fsync_dir(root)
+    } else if meta.is_file() {
+        File::open(root)
+            .and_then(|f| f.sync_all())
+            .map_err(FsError::io("fsync", root))
+    } else {
+        Ok(())
+    }
+}
+
 /// Atomically exchanges two paths on the same filesystem (renameat2 RENAME_EXCHANGE), then
 /// fsyncs their parent: either both have moved or neither.
 pub fn exchange(a: &Path, b: &Path) -> Result<(), FsError> {

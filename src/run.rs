@@ -111,10 +111,10 @@ impl EtcdOps for RealEtcd {
                 at,
                 cut_snapshot,
             } => steps::to_etcd3::run(ctx, from, at, cut_snapshot, baseline).await,
-            other => Err(StepError::Other(format!(
-                "step kind '{}' is not available in this build",
-                other.kind()
-            ))),
+            Step::MinorRollback { from, to } => {
+                steps::minor_rollback::run(ctx, from, to, baseline).await
+            }
+            Step::RollbackToEtcd2 { from } => steps::to_etcd2::run(ctx, from, baseline).await,
         }
     }
 }
@@ -229,7 +229,6 @@ pub async fn migrate<O: EtcdOps>(
         }
         prepared.bundle.preflight(&p.steps)?;
         check_swappable(&config.data_dir, &p.steps)?;
-        refuse_protobuf_rollback(config, p)?;
     } else if !prepared.bundle.versions.contains(target.version) {
         return Err(PlanError::TargetNotBundled {
             target: target.version,
@@ -238,6 +237,15 @@ pub async fn migrate<O: EtcdOps>(
         .into());
     }
 
+    if command == "run" {
+        // `run` ends in exec etcd-<target>: make sure it is there before touching anything.
+        let exec = Step::Upgrade {
+            from: target,
+            to: target,
+            cut_snapshot: false,
+        };
+        prepared.bundle.preflight(&[exec])?;
+    }
     let _lock = datadir::lock(&config.data_dir, command)??;
     if let Some(what) = datadir::in_use_by(&config.data_dir) {
         return Err(RunError::InUse {
@@ -254,6 +262,7 @@ pub async fn migrate<O: EtcdOps>(
     if plan.steps.is_empty() {
         return Ok(target);
     }
+    refuse_unrepresentable(config, &plan)?;
     if plan
         .steps
         .iter()
@@ -297,10 +306,19 @@ fn record_fresh(
     Ok(target)
 }
 
-/// The native rollback refuses protobuf values before touching anything.
-fn refuse_protobuf_rollback(config: &Config, plan: &Plan) -> Result<(), RunError> {
-    let _ = (config, plan);
-    Ok(())
+/// The native rollback refuses data a v2 store cannot hold (Kubernetes protobuf values first of
+/// all) before touching anything. Minor rollbacks before it keep every value, so the current
+/// data is what is checked.
+fn refuse_unrepresentable(config: &Config, plan: &Plan) -> Result<(), RunError> {
+    if !plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::RollbackToEtcd2 { .. }))
+    {
+        return Ok(());
+    }
+    steps::to_etcd2::refuse_unrepresentable(&config.data_dir.join("member"), &config.data_prefix)
+        .map_err(RunError::Refused)
 }
 
 /// Runs the steps in order, recording after each.

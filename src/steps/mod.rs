@@ -2,7 +2,9 @@
 //! leaves recording version.txt to the executor (or, for staged steps, to the swap).
 
 pub mod backup;
+pub mod minor_rollback;
 pub mod swap;
+pub mod to_etcd2;
 pub mod to_etcd3;
 pub mod upgrade;
 

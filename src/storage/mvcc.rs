@@ -256,6 +256,18 @@ impl LiveIndex {
         self.keys.iter().map(|(k, r)| (k.as_slice(), *r))
     }
 
+    /// Every live key in key order with its full KeyValue, fetched lazily by point lookups
+    /// (one value in memory at a time).
+    pub fn values<'a>(&'a self, db: &'a Db) -> Result<impl Iterator<Item = Result<KeyValue>> + 'a> {
+        let bucket = db
+            .bucket(KEY_BUCKET)?
+            .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
+        Ok(self
+            .keys
+            .iter()
+            .map(move |(key, rev)| fetch(&bucket, key, *rev)))
+    }
+
     /// Visits every live key in key order with its full KeyValue, fetched by a point
     /// lookup of its revision, so only one value is in memory at a time.
     pub fn for_each<E, F>(&self, db: &Db, mut f: F) -> std::result::Result<(), E>
@@ -268,33 +280,41 @@ impl LiveIndex {
             .map_err(MvccError::from)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
         for (key, rev) in &self.keys {
-            let value = bucket
-                .get(&rev.to_key(false))
-                .map_err(MvccError::from)?
-                .ok_or_else(|| key_inconsistent(*rev, "indexed revision is gone"))?;
-            let kv: KeyValue =
-                prost::Message::decode(value.as_slice()).map_err(|source| MvccError::Decode {
-                    bucket: "key",
-                    entry: rev.to_string(),
-                    source,
-                })?;
-            if kv.key != *key || kv.mod_revision != rev.main {
-                return Err(key_inconsistent(
-                    *rev,
-                    format!(
-                        "holds key {} at mod_revision {}, index says {} at {}",
-                        hex(&kv.key),
-                        kv.mod_revision,
-                        hex(key),
-                        rev.main
-                    ),
-                )
-                .into());
-            }
+            let kv = fetch(&bucket, key, *rev)?;
             f(kv)?;
         }
         Ok(())
     }
+}
+
+/// The KeyValue of live `key` at revision `rev`, checked against the index.
+fn fetch(
+    bucket: &crate::storage::bbolt::Bucket<'_>,
+    key: &[u8],
+    rev: Revision,
+) -> Result<KeyValue> {
+    let value = bucket
+        .get(&rev.to_key(false))?
+        .ok_or_else(|| key_inconsistent(rev, "indexed revision is gone"))?;
+    let kv: KeyValue =
+        prost::Message::decode(value.as_slice()).map_err(|source| MvccError::Decode {
+            bucket: "key",
+            entry: rev.to_string(),
+            source,
+        })?;
+    if kv.key != key || kv.mod_revision != rev.main {
+        return Err(key_inconsistent(
+            rev,
+            format!(
+                "holds key {} at mod_revision {}, index says {} at {}",
+                hex(&kv.key),
+                kv.mod_revision,
+                hex(key),
+                rev.main
+            ),
+        ));
+    }
+    Ok(kv)
 }
 
 /// All live KeyValues in key order (holds every value in memory: for small stores).

@@ -348,6 +348,28 @@ struct DirMeta {
     expire: String,
 }
 
+/// Whether a key can be a v2 path: UTF-8, starts with `/`, no empty, `.` or `..`
+/// components. Returns why not.
+pub fn validate_key_path(key: &[u8]) -> std::result::Result<(), &'static str> {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return Err("not UTF-8");
+    };
+    let Some(rest) = key.strip_prefix('/') else {
+        return Err("does not start with '/'");
+    };
+    if rest.is_empty() {
+        return Err("is the root");
+    }
+    for c in rest.split('/') {
+        match c {
+            "" => return Err("has an empty path component"),
+            "." | ".." => return Err("has a '.' or '..' component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Components of a validated user key.
 fn validate_key(k: &V2Key) -> Result<&str> {
     let lossy = || String::from_utf8_lossy(&k.key).into_owned();
@@ -355,23 +377,10 @@ fn validate_key(k: &V2Key) -> Result<&str> {
         key: lossy(),
         what: "key",
     })?;
-    let invalid = |reason| V2StoreError::InvalidKey {
+    validate_key_path(&k.key).map_err(|reason| V2StoreError::InvalidKey {
         key: key.to_string(),
         reason,
-    };
-    let Some(rest) = key.strip_prefix('/') else {
-        return Err(invalid("does not start with '/'"));
-    };
-    if rest.is_empty() {
-        return Err(invalid("is the root"));
-    }
-    for c in rest.split('/') {
-        match c {
-            "" => return Err(invalid("has an empty path component")),
-            "." | ".." => return Err(invalid("has a '.' or '..' component")),
-            _ => {}
-        }
-    }
+    })?;
     if k.created_index == 0 || k.created_index > k.modified_index {
         return Err(V2StoreError::BadIndex {
             key: key.to_string(),

@@ -1,0 +1,346 @@
+//! Rollback 3.0.x/etcd3 -> 2.2.1/etcd2, written natively and offline.
+//!
+//! Reads the v3 backend with our own bbolt reader (newest revision per key, tombstones dropped,
+//! lease TTLs), the member and cluster identity from the old WAL/snapshot, and writes what etcd
+//! 2.2.1 restarts from: a v2 store snapshot and a fresh WAL holding metadata and a snapshot
+//! record. The output is built in staging and swapped in; the old dir becomes a backup.
+//! Memory: the key index (keys and revisions, no values) plus one value at a time.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Instant, SystemTime};
+
+use crate::etcd::bundle::Tool;
+use crate::etcd::fingerprint::{Fingerprint, FingerprintBuilder};
+use crate::etcd::server::{EtcdServer, Launch};
+use crate::fsutil;
+use crate::plan::ROLLBACK_ETCD2_VERSION;
+use crate::storage::bbolt::Db;
+use crate::storage::mvcc::{self, KeyValue, LiveIndex};
+use crate::storage::v2member::{write_v2_member, V2MemberParams};
+use crate::storage::v2store::{validate_key_path, ExpireTime, V2Key};
+use crate::storage::walinfo;
+use crate::version::{EtcdVersion, Storage, VersionFile};
+
+use super::swap::Stage;
+use super::{verify_against, Ctx, StepError, StepReport};
+
+/// The Kubernetes protobuf envelope.
+const PROTOBUF_MAGIC: &[u8] = b"k8s\0";
+
+/// Why the data cannot be written as a v2 store: found before anything is touched.
+#[derive(Debug, Default)]
+pub struct Unrepresentable {
+    pub protobuf: Vec<String>,
+    pub protobuf_count: u64,
+    pub non_utf8: Vec<String>,
+    pub bad_keys: Vec<String>,
+}
+
+impl Unrepresentable {
+    fn is_empty(&self) -> bool {
+        self.protobuf_count == 0 && self.non_utf8.is_empty() && self.bad_keys.is_empty()
+    }
+
+    /// The operator-facing refusal.
+    pub fn message(&self, prefix: &str) -> String {
+        let mut parts = Vec::new();
+        if self.protobuf_count > 0 {
+            parts.push(format!(
+                "{} values under {prefix} are Kubernetes protobuf (they start with \"k8s\\0\"; e.g. {}), which etcd2 cannot \
+                 store: set STORAGE_MEDIA_TYPE=application/json (--storage-media-type=application/json) on the API servers, \
+                 rewrite every object (e.g. kubectl get <kind> --all-namespaces -o json | kubectl replace -f -), then roll back",
+                self.protobuf_count,
+                self.protobuf.join(", ")
+            ));
+        }
+        if !self.non_utf8.is_empty() {
+            parts.push(format!(
+                "values that are not UTF-8 text, which the v2 store cannot hold: {}",
+                self.non_utf8.join(", ")
+            ));
+        }
+        if !self.bad_keys.is_empty() {
+            parts.push(format!(
+                "keys that are not v2 paths: {}",
+                self.bad_keys.join(", ")
+            ));
+        }
+        format!(
+            "rollback to etcd2 refused, nothing was changed: {}",
+            parts.join("; ")
+        )
+    }
+}
+
+fn note(list: &mut Vec<String>, key: &[u8]) {
+    if list.len() < 5 {
+        list.push(String::from_utf8_lossy(key).into_owned());
+    }
+}
+
+/// Scans the live keys for what a v2 store cannot hold. Offline, read-only.
+pub fn check_representable(member: &Path, prefix: &str) -> Result<Unrepresentable, String> {
+    let db = Db::open(member.join("snap/db")).map_err(|e| e.to_string())?;
+    let index = LiveIndex::build(&db).map_err(|e| e.to_string())?;
+    let mut u = Unrepresentable::default();
+    for kv in index.values(&db).map_err(|e| e.to_string())? {
+        let kv = kv.map_err(|e| e.to_string())?;
+        if kv.key.starts_with(prefix.as_bytes()) && kv.value.starts_with(PROTOBUF_MAGIC) {
+            u.protobuf_count += 1;
+            note(&mut u.protobuf, &kv.key);
+        } else if std::str::from_utf8(&kv.value).is_err() {
+            note(&mut u.non_utf8, &kv.key);
+        }
+        if let Err(why) = validate_key_path(&kv.key) {
+            if u.bad_keys.len() < 5 {
+                u.bad_keys
+                    .push(format!("{} ({why})", String::from_utf8_lossy(&kv.key)));
+            }
+        }
+        // A key that is also a directory of other keys: "/a" and "/a/b".
+        let mut p = kv.key.as_slice();
+        while let Some(i) = p.iter().rposition(|&b| b == b'/') {
+            p = &p[..i];
+            if !p.is_empty() && index.revision(p).is_some() {
+                if u.bad_keys.len() < 5 {
+                    u.bad_keys.push(format!(
+                        "{} (its parent {} is a key too)",
+                        String::from_utf8_lossy(&kv.key),
+                        String::from_utf8_lossy(p)
+                    ));
+                }
+                break;
+            }
+        }
+    }
+    Ok(u)
+}
+
+/// Refuses before anything is touched when the data cannot become a v2 store.
+pub fn refuse_unrepresentable(member: &Path, prefix: &str) -> Result<(), String> {
+    let u = check_representable(member, prefix)
+        .map_err(|e| format!("cannot read {}: {e}", member.display()))?;
+    if u.is_empty() {
+        Ok(())
+    } else {
+        Err(u.message(prefix))
+    }
+}
+
+/// Runs the native rollback of `from` (3.0.x/etcd3) to 2.2.1/etcd2.
+pub async fn run(
+    ctx: &Ctx<'_>,
+    from: EtcdVersion,
+    baseline: Option<&Fingerprint>,
+) -> Result<StepReport, StepError> {
+    let t0 = Instant::now();
+    let member = ctx.data_dir.join("member");
+    let work = ctx.work_dir();
+    let err = |what: &str, e: String| StepError::Other(format!("{what} {}: {e}", member.display()));
+
+    // Identity and raft position from the old WAL/snapshot.
+    let summary =
+        walinfo::summarize(&member).map_err(|e| err("reading the WAL of", e.to_string()))?;
+    if summary.member_count > 1 {
+        return Err(StepError::Other(format!(
+            "{} holds a cluster of {} members",
+            member.display(),
+            summary.member_count
+        )));
+    }
+    let term = summary
+        .hard_state
+        .as_ref()
+        .map(|h| h.term)
+        .unwrap_or(summary.last_term)
+        .max(summary.last_term)
+        .max(1);
+    let mut members = summary.member_info.clone();
+    for m in &mut members {
+        if m.id == summary.node_id && m.name.is_empty() {
+            m.name = ctx.config.member.name.clone();
+        }
+        if m.id == summary.node_id && m.peer_urls.is_empty() {
+            m.peer_urls = ctx
+                .config
+                .member
+                .advertise_peer_urls
+                .split(',')
+                .map(str::to_string)
+                .collect();
+        }
+    }
+
+    // The v3 store.
+    let db = Db::open(member.join("snap/db"))
+        .map_err(|e| err("opening the backend of", e.to_string()))?;
+    let ttl_of: HashMap<i64, i64> = mvcc::leases(&db)
+        .map_err(|e| err("reading leases of", e.to_string()))?
+        .into_iter()
+        .map(|l| (l.id, l.ttl))
+        .collect();
+    let index = LiveIndex::build(&db).map_err(|e| err("indexing keys of", e.to_string()))?;
+    let current_rev = index
+        .newest_revision()
+        .map(|r| r.main.max(0) as u64)
+        .unwrap_or(0);
+    let read_ms = t0.elapsed().as_millis() as u64;
+
+    // Write the v2 member in staging.
+    let t = Instant::now();
+    let db_size = std::fs::metadata(member.join("snap/db"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    fsutil::ensure_space(&work, 2 * db_size)?;
+    let stage = Stage::begin(ctx.data_dir)?;
+    let mut params = V2MemberParams::new(
+        summary.node_id,
+        summary.cluster_id,
+        members,
+        term,
+        summary.last_index,
+    );
+    params.min_store_index = current_rev;
+    let now = SystemTime::now();
+    let mut fp = FingerprintBuilder::default();
+    let mut leased = 0u64;
+    let mut orphan_leases = 0u64;
+    let values = index
+        .values(&db)
+        .map_err(|e| err("reading keys of", e.to_string()))?;
+    let keys = values.map(|kv| -> Result<V2Key, mvcc::MvccError> {
+        let kv: KeyValue = kv?;
+        let lease_ttl = (kv.lease != 0)
+            .then(|| ttl_of.get(&kv.lease).copied())
+            .flatten();
+        if kv.lease != 0 && lease_ttl.is_none() {
+            orphan_leases += 1;
+        }
+        leased += u64::from(lease_ttl.is_some());
+        fp.add(
+            &kv.key,
+            &kv.value,
+            kv.create_revision,
+            kv.mod_revision,
+            kv.lease != 0,
+        );
+        Ok(V2Key {
+            key: kv.key,
+            value: kv.value,
+            dir: false,
+            expire: lease_ttl.map(|ttl| ExpireTime::after_ttl(now, ttl)),
+            created_index: kv.create_revision.max(1) as u64,
+            modified_index: kv.mod_revision.max(1) as u64,
+        })
+    });
+    fail::fail_point!("to-etcd2-before-write");
+    let written = write_v2_member(&stage.member(), &params, keys)
+        .map_err(|e| err("writing the v2 member for", e.to_string()))?;
+    fail::fail_point!("to-etcd2-mid-write");
+    fsutil::fsync_tree(&stage.path)?;
+    let source = fp.finish();
+    if ctx.members == 1 {
+        verify_against(&format!("{from}/etcd3 read offline"), baseline, &source)?;
+    }
+    if orphan_leases > 0 {
+        tracing::warn!(
+            keys = orphan_leases,
+            "keys name a lease that is gone; they are written without a TTL"
+        );
+    }
+    let write_ms = t.elapsed().as_millis() as u64;
+
+    // Check what we wrote with our readers; prove it with etcd 2.2.1 when the image has one.
+    let check = walinfo::summarize(&stage.member())
+        .map_err(|e| err("reading back the v2 member written for", e.to_string()))?;
+    if check.node_id != summary.node_id
+        || check.cluster_id != summary.cluster_id
+        || check.member_count != 1
+    {
+        return Err(StepError::Other(
+            "the v2 member written does not keep the member and cluster ids".into(),
+        ));
+    }
+    if check.boot_cluster_version.as_deref() != Some("2.2.0") {
+        return Err(StepError::Other(format!(
+            "the v2 member written boots as {:?}, not 2.2.0",
+            check.boot_cluster_version
+        )));
+    }
+    let proved = prove_with_221(ctx, &stage.path, &source).await?;
+    fail::fail_point!("to-etcd2-before-swap");
+
+    let t = Instant::now();
+    let backup = stage.commit(
+        VersionFile {
+            version: ROLLBACK_ETCD2_VERSION,
+            storage: Storage::Etcd2,
+        },
+        VersionFile {
+            version: from,
+            storage: Storage::Etcd3,
+        },
+    )?;
+    let swap_ms = t.elapsed().as_millis() as u64;
+    tracing::info!(keys = written.store.keys, leased, snapshot = %written.snap_path.display(), term = written.term,
+        index = written.index, "wrote a 2.2.1 v2 store snapshot and WAL");
+
+    let mut report = StepReport {
+        fingerprint: Some(source),
+        ..Default::default()
+    };
+    let d = &mut report.detail;
+    d.insert("keys".into(), written.store.keys.into());
+    d.insert("keys_with_ttl".into(), leased.into());
+    d.insert("snapshot_term".into(), written.term.into());
+    d.insert("snapshot_index".into(), written.index.into());
+    d.insert("proved_with_etcd_2_2_1".into(), proved.into());
+    d.insert("read_ms".into(), read_ms.into());
+    d.insert("write_ms".into(), write_ms.into());
+    d.insert("swap_ms".into(), swap_ms.into());
+    d.insert("backup".into(), backup.display().to_string().into());
+    Ok(report)
+}
+
+/// Starts etcd-2.2.1 on the staged dir when it is bundled, and compares its keys with the source.
+async fn prove_with_221(
+    ctx: &Ctx<'_>,
+    staged: &Path,
+    source: &Fingerprint,
+) -> Result<bool, StepError> {
+    if ctx
+        .bundle
+        .optional(Tool::Etcd, ROLLBACK_ETCD2_VERSION)
+        .is_none()
+    {
+        tracing::info!(
+            "etcd-2.2.1 is not bundled: the output was checked with our own readers only"
+        );
+        return Ok(false);
+    }
+    let mut srv = EtcdServer::start(Launch {
+        bundle: ctx.bundle,
+        config: ctx.config,
+        data_dir: staged,
+        version: ROLLBACK_ETCD2_VERSION,
+        storage: Storage::Etcd2,
+        serve_v2: true,
+        snapshot_count: None,
+    })?;
+    let mut api = srv.ready().await?;
+    let got = srv.fingerprint(&mut api).await?;
+    srv.stop();
+    // Key contents must agree; 2.2.1 may already have expired keys whose TTL ran out.
+    if got.permanent_digest != source.permanent_digest || got.keys > source.keys {
+        return Err(StepError::Verify {
+            step: "rollback to 2.2.1".into(),
+            what: format!(
+                "etcd 2.2.1 serves {} keys ({} permanent), the v3 store had {} ({})",
+                got.keys, got.permanent, source.keys, source.permanent
+            ),
+        });
+    }
+    tracing::info!(keys = got.keys, "etcd 2.2.1 serves the rolled-back data");
+    Ok(true)
+}
