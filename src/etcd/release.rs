@@ -82,6 +82,11 @@ impl Release {
             "--initial-cluster".to_string(),
             spec.initial_cluster.to_string(),
         ];
+        if spec.fast_election {
+            // A lone member has no peers to disrupt: elect itself in ~100 ms, not 1-2 s.
+            a.push("--heartbeat-interval=10".to_string());
+            a.push("--election-timeout=100".to_string());
+        }
         if let Some(n) = spec.snapshot_count {
             a.push(format!("--snapshot-count={n}"));
         }
@@ -104,6 +109,8 @@ pub struct ServerSpec<'a> {
     pub initial_cluster: &'a str,
     /// Serve the v2 API (etcd2 storage, or reading TTLs right after `migrate`).
     pub serve_v2: bool,
+    /// Short heartbeat and election timeouts: single-member data only.
+    pub fast_election: bool,
     pub snapshot_count: Option<u32>,
     pub extra_args: &'a [String],
 }
@@ -144,6 +151,7 @@ mod tests {
                     advertise_peer_urls: "http://127.0.0.1:2",
                     initial_cluster: "n=http://127.0.0.1:2",
                     serve_v2: storage == Storage::Etcd2,
+                    fast_election: true,
                     snapshot_count: Some(5),
                     extra_args: &[],
                 };

@@ -86,6 +86,8 @@ pub struct Launch<'a> {
     pub serve_v2: bool,
     /// A small `--snapshot-count` for the pass that cuts a snapshot.
     pub snapshot_count: Option<u32>,
+    /// The data belongs to a single-member cluster: elect quickly.
+    pub single_member: bool,
 }
 
 /// The environment for a child started with `args`: ours removed, `prefix` duplicates removed
@@ -121,6 +123,7 @@ impl EtcdServer {
             advertise_peer_urls: &member.advertise_peer_urls,
             initial_cluster: &member.initial_cluster,
             serve_v2: l.serve_v2 || l.storage == Storage::Etcd2,
+            fast_election: l.single_member,
             snapshot_count: l.snapshot_count,
             extra_args: &l.config.extra_args,
         };

@@ -44,6 +44,7 @@ pub async fn run(
         storage: Storage::Etcd3,
         serve_v2: false,
         snapshot_count: None,
+        single_member: ctx.members == 1,
     })?;
     let mut api = srv.ready().await?;
     let before = srv.fingerprint(&mut api).await?;
@@ -79,6 +80,7 @@ pub async fn run(
         storage: Storage::Etcd3,
         serve_v2: false,
         snapshot_count: None,
+        single_member: ctx.members == 1,
     })?;
     let mut api = srv.ready().await?;
     let after = srv.fingerprint(&mut api).await?;

@@ -327,6 +327,7 @@ async fn prove_with_221(
         storage: Storage::Etcd2,
         serve_v2: true,
         snapshot_count: None,
+        single_member: ctx.members == 1,
     })?;
     let mut api = srv.ready().await?;
     let got = srv.fingerprint(&mut api).await?;

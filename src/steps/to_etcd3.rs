@@ -192,6 +192,7 @@ pub async fn run(
         storage: Storage::Etcd3,
         serve_v2: true,
         snapshot_count: cut_snapshot.then_some(CUT_SNAPSHOT_COUNT),
+        single_member: ctx.members == 1,
     })?;
     let mut api = srv.ready().await?;
     let mut v3 = api

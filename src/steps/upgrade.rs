@@ -31,6 +31,7 @@ pub async fn run(
         storage: to.storage,
         serve_v2: false,
         snapshot_count: cut_snapshot.then_some(CUT_SNAPSHOT_COUNT),
+        single_member: ctx.members == 1,
     })?;
     let mut api = srv.ready().await?;
     let healthy_ms = t0.elapsed().as_millis() as u64;
