@@ -409,6 +409,25 @@ fn initial_baseline(ctx: &Ctx<'_>, at: VersionFile) -> Option<Fingerprint> {
     }
 }
 
+/// Which kinds of step the data's cluster allows: one member's data may be rewritten alone only
+/// when it is the whole cluster.
+#[derive(Serialize)]
+struct Allowed {
+    upgrade: bool,
+    storage_migration: bool,
+    rollback: bool,
+}
+
+impl Allowed {
+    fn for_members(members: usize) -> Allowed {
+        Allowed {
+            upgrade: true,
+            storage_migration: members <= 1,
+            rollback: members <= 1,
+        }
+    }
+}
+
 /// `plan`: what migrate would do.
 pub fn print_plan(config: &Config, output: Output) -> Result<(), RunError> {
     let p = prepare(config, true)?;
@@ -430,12 +449,6 @@ pub fn print_plan(config: &Config, output: Output) -> Result<(), RunError> {
         step: Step,
         outcome: VersionFile,
         describe: String,
-    }
-    #[derive(Serialize)]
-    struct Allowed {
-        upgrade: bool,
-        storage_migration: bool,
-        rollback: bool,
     }
     let members = p.inspection.facts.members;
     let out = Out {
@@ -533,6 +546,7 @@ pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
         recorded: Option<VersionFile>,
         legacy_default: bool,
         members: Option<usize>,
+        allowed: Option<Allowed>,
         lock_holder: Option<String>,
         interrupted_work: bool,
         last_steps: Vec<JournalEntry>,
@@ -543,6 +557,7 @@ pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
         recorded: inspection.on_disk.current(),
         legacy_default: inspection.on_disk == OnDisk::Legacy,
         members,
+        allowed: members.map(Allowed::for_members),
         lock_holder: lock,
         interrupted_work: staging,
         last_steps: journal,
@@ -560,7 +575,12 @@ pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
                 (Some(v), false) => println!("recorded: {v}"),
             }
             if let Some(m) = out.members {
-                println!("members:  {m}");
+                let allowed = if m > 1 {
+                    " (upgrades only: storage migration and rollbacks need one member)"
+                } else {
+                    ""
+                };
+                println!("members:  {m}{allowed}");
             }
             println!("lock:     {}", out.lock_holder.as_deref().unwrap_or("free"));
             if out.interrupted_work {
