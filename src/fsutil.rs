@@ -99,6 +99,29 @@ pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError
     result
 }
 
+/// Removes temp files that `write_durable` of another (crashed) process left in `dir`:
+/// `.<name>.tmp-<pid>` with a pid that is not ours. Returns how many.
+pub fn remove_stale_temps(dir: &Path) -> Result<usize, FsError> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let ours = format!(".tmp-{}", std::process::id());
+    let mut n = 0;
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp-")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            && !name.ends_with(&ours);
+        if stale && e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            fs::remove_file(e.path()).map_err(FsError::io("remove", &e.path()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// The error a failpoint returns when it is configured to fail rather than crash.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub(crate) fn injected(path: &Path) -> FsError {
@@ -298,6 +321,23 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn stale_temps_of_other_processes_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(".version.txt.tmp-1"), "x").unwrap();
+        fs::write(
+            d.path()
+                .join(format!(".version.txt.tmp-{}", std::process::id())),
+            "ours",
+        )
+        .unwrap();
+        fs::write(d.path().join(".hidden"), "keep").unwrap();
+        fs::write(d.path().join("version.txt"), "keep").unwrap();
+        assert_eq!(remove_stale_temps(d.path()).unwrap(), 1);
+        assert!(!d.path().join(".version.txt.tmp-1").exists());
+        assert!(d.path().join(".hidden").exists());
     }
 
     #[test]

@@ -110,6 +110,17 @@ pub fn read_journal(dir: &Path, n: usize) -> Vec<JournalEntry> {
     all[all.len().saturating_sub(n)..].to_vec()
 }
 
+/// An in-place upgrade a crashed run began and did not finish, as (from, to): the release `to`
+/// may already have written the data (e.g. raised the cluster version), so it must be finished
+/// before anything else. Only the last journal entry counts.
+pub fn interrupted_upgrade(dir: &Path) -> Option<(VersionFile, VersionFile)> {
+    let last = read_journal(dir, 1).pop()?;
+    if last.event != "begin" || last.kind.as_deref() != Some("upgrade") {
+        return None;
+    }
+    Some((last.from.parse().ok()?, last.to.parse().ok()?))
+}
+
 /// Current UTC time as RFC 3339 with seconds.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();

@@ -156,10 +156,11 @@ pub fn prepare(config: &Config, always_facts: bool) -> Result<Prepared, RunError
             if current != target || always_facts {
                 inspection.facts = datadir::member_facts(&config.data_dir.join("member"))?;
             }
-            Some(plan::plan(
+            Some(plan_with_interrupted(
+                &config.data_dir,
                 current,
                 target,
-                &bundle.versions,
+                &bundle,
                 inspection.facts,
             )?)
         }
@@ -170,6 +171,37 @@ pub fn prepare(config: &Config, always_facts: bool) -> Result<Prepared, RunError
         plan,
         target,
     })
+}
+
+/// Plans from version.txt, unless a crashed run began an in-place upgrade it did not finish:
+/// then that upgrade is finished first and the plan continues from there.
+fn plan_with_interrupted(
+    data_dir: &Path,
+    current: VersionFile,
+    target: VersionFile,
+    bundle: &Bundle,
+    facts: plan::DataFacts,
+) -> Result<Plan, RunError> {
+    match progress::interrupted_upgrade(data_dir) {
+        Some((from, to)) if from == current && to != current => {
+            tracing::warn!(from = %from, to = %to, "a previous run began the upgrade to {to} and did not finish it: \
+                etcd {to} may already have written the data, so that step is finished first");
+            let mut rest = plan::plan(to, target, &bundle.versions, facts)?;
+            let mut steps = vec![Step::Upgrade {
+                from,
+                to,
+                cut_snapshot: false,
+            }];
+            steps.append(&mut rest.steps);
+            Ok(Plan {
+                current,
+                target,
+                steps,
+                notes: rest.notes,
+            })
+        }
+        _ => Ok(plan::plan(current, target, &bundle.versions, facts)?),
+    }
 }
 
 fn check_ports_free(config: &Config) -> Result<(), RunError> {
@@ -344,6 +376,23 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
             backup::journal(ctx.data_dir, at, &b)?;
         }
         tracing::info!(step = i + 1, of = n, kind = step.kind(), from = %at, to = %step.outcome(), "step {}/{n}: {label}", i + 1);
+        if matches!(step, Step::Upgrade { .. }) && step.outcome() != at {
+            // In place: from here the new release may write the data; a crash must not be
+            // mistaken for "still at the old version".
+            progress::append_journal(
+                ctx.data_dir,
+                &JournalEntry {
+                    at: progress::now_rfc3339(),
+                    event: "begin".into(),
+                    kind: Some(step.kind().into()),
+                    from: at.to_string(),
+                    to: step.outcome().to_string(),
+                    elapsed_ms: 0,
+                    keys: None,
+                    detail: Default::default(),
+                },
+            )?;
+        }
         let t = Instant::now();
         let result = tokio::select! {
             r = ops.run_step(ctx, *step, at, baseline.as_ref()) => r,
@@ -731,4 +780,151 @@ pub async fn restore(config: &Config, backup_arg: &Path) -> Result<(), RunError>
     )?;
     tracing::info!(restored = %restored, from = %chosen.path.display(), previous = %old.display(), "restored the backup; the data dir now holds {restored}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{resolve, Env};
+    use crate::plan::BundledVersions;
+
+    /// Runs steps without processes; fails at one of them.
+    struct FakeEtcd {
+        fail_at: Option<usize>,
+        ran: Vec<Step>,
+    }
+
+    impl EtcdOps for FakeEtcd {
+        async fn run_step(
+            &mut self,
+            _ctx: &Ctx<'_>,
+            step: Step,
+            _before: VersionFile,
+            _b: Option<&Fingerprint>,
+        ) -> Result<StepReport, StepError> {
+            self.ran.push(step);
+            if self.fail_at == Some(self.ran.len()) {
+                return Err(StepError::Other("injected".into()));
+            }
+            Ok(StepReport::default())
+        }
+    }
+
+    fn vf(s: &str) -> VersionFile {
+        s.parse().unwrap()
+    }
+
+    fn setup(current: &str) -> (tempfile::TempDir, Config) {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir_all(data.join("member")).unwrap();
+        progress::record(&data, vf(current)).unwrap();
+        let env = Env::from_pairs([
+            ("DATA_DIRECTORY", data.to_str().unwrap()),
+            ("TARGET_VERSION", "3.5.1"),
+            ("TARGET_STORAGE", "etcd3"),
+            ("HOSTNAME", "h"),
+        ]);
+        (d, resolve(&Default::default(), &env, true).unwrap())
+    }
+
+    fn k8s() -> BundledVersions {
+        BundledVersions::new(
+            [
+                "2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.17", "3.4.18", "3.5.1",
+            ]
+            .iter()
+            .map(|v| v.parse().unwrap()),
+        )
+    }
+
+    async fn exec(
+        config: &Config,
+        plan: &Plan,
+        fail_at: Option<usize>,
+    ) -> (Result<(), RunError>, Vec<Step>) {
+        let bundle = Bundle {
+            dir: PathBuf::from("/nonexistent"),
+            versions: k8s(),
+        };
+        let ctx = Ctx {
+            config,
+            bundle: &bundle,
+            data_dir: &config.data_dir,
+            members: 1,
+        };
+        let mut ops = FakeEtcd {
+            fail_at,
+            ran: Vec::new(),
+        };
+        let r = execute(&mut ops, &ctx, plan).await;
+        (r, ops.ran)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_completed_step_is_recorded_and_a_failure_stops_at_the_last_one() {
+        let (_d, config) = setup("2.2.1/etcd2");
+        let p = plan::plan(
+            vf("2.2.1/etcd2"),
+            vf("3.5.1/etcd3"),
+            &k8s(),
+            Default::default(),
+        )
+        .unwrap();
+        let (r, ran) = exec(&config, &p, Some(4)).await;
+        assert!(matches!(r, Err(RunError::Step { n: 4, .. })), "{r:?}");
+        assert_eq!(ran.len(), 4);
+        assert_eq!(
+            progress::read_version(&config.data_dir).unwrap().unwrap(),
+            p.steps[2].outcome(),
+            "as of the last completed step"
+        );
+        let journal = progress::read_journal(&config.data_dir, 100);
+        let done: Vec<&str> = journal
+            .iter()
+            .filter(|e| e.event == "step")
+            .map(|e| e.to.as_str())
+            .collect();
+        assert_eq!(done, ["2.3.7/etcd2", "3.0.17/etcd3", "3.1.20/etcd3"]);
+        assert!(
+            journal
+                .iter()
+                .any(|e| e.event == "backup" && e.from == "2.2.1/etcd2"),
+            "a backup before the first step away from 2.2.1"
+        );
+        assert_eq!(backup::list(&config.data_dir).len(), 1);
+        // The failed step was an in-place upgrade: the next run finishes it first.
+        assert_eq!(
+            progress::interrupted_upgrade(&config.data_dir),
+            Some((vf("3.1.20/etcd3"), vf("3.2.32/etcd3")))
+        );
+        let again = plan_with_interrupted(
+            &config.data_dir,
+            vf("3.1.20/etcd3"),
+            vf("3.1.20/etcd3"),
+            &Bundle {
+                dir: PathBuf::new(),
+                versions: k8s(),
+            },
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            again.steps,
+            [
+                Step::Upgrade {
+                    from: vf("3.1.20/etcd3"),
+                    to: vf("3.2.32/etcd3"),
+                    cut_snapshot: false
+                },
+                Step::MinorRollback {
+                    from: "3.2.32".parse().unwrap(),
+                    to: "3.1.20".parse().unwrap()
+                }
+            ]
+        );
+        let (r, _) = exec(&config, &p, None).await;
+        assert!(r.is_ok());
+        assert_eq!(progress::interrupted_upgrade(&config.data_dir), None);
+    }
 }

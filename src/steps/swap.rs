@@ -147,6 +147,20 @@ pub fn recover(data_dir: &Path) -> Result<Option<String>, FsError> {
         }
     };
     super::backup::remove_partials(data_dir)?;
+    // Everything else in the work area belongs to one run (captures, snapshots, restores).
+    let mut leftovers = fsutil::remove_stale_temps(data_dir)?;
+    if let Ok(rd) = fs::read_dir(&work) {
+        for e in rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != "lock")
+        {
+            fsutil::remove_tree(&e.path())?;
+            leftovers += 1;
+        }
+    }
+    if leftovers > 0 {
+        tracing::info!(count = leftovers, "removed files an interrupted run left");
+    }
     if let Some(what) = &done {
         tracing::warn!(data_dir = %data_dir.display(), "{what}");
     }

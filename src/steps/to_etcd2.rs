@@ -211,6 +211,9 @@ pub async fn run(
         .map_err(|e| err("reading keys of", e.to_string()))?;
     let keys = values.map(|kv| -> Result<V2Key, mvcc::MvccError> {
         let kv: KeyValue = kv?;
+        fail::fail_point!("to-etcd2-mid-write", |_| Err(
+            mvcc::MvccError::MissingBucket("failpoint".into())
+        ));
         let lease_ttl = (kv.lease != 0)
             .then(|| ttl_of.get(&kv.lease).copied())
             .flatten();
@@ -237,7 +240,6 @@ pub async fn run(
     fail::fail_point!("to-etcd2-before-write");
     let written = write_v2_member(&stage.member(), &params, keys)
         .map_err(|e| err("writing the v2 member for", e.to_string()))?;
-    fail::fail_point!("to-etcd2-mid-write");
     fsutil::fsync_tree(&stage.path)?;
     let source = fp.finish();
     if ctx.members == 1 {

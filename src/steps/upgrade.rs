@@ -34,6 +34,7 @@ pub async fn run(
         single_member: ctx.members == 1,
     })?;
     let mut api = srv.ready().await?;
+    fail::fail_point!("upgrade-etcd-running");
     let healthy_ms = t0.elapsed().as_millis() as u64;
     if cut_snapshot {
         srv.probe_writes(&mut api, CUT_SNAPSHOT_WRITES).await?;

@@ -464,3 +464,81 @@ pub fn listening_addrs(pid: u32) -> Vec<String> {
     }
     out
 }
+
+/// Seeds the Kubernetes-like data set over v2, many requests in flight.
+pub async fn seed_v2(
+    url: &str,
+    permanent: usize,
+    events: usize,
+    masterleases: usize,
+    outside: usize,
+) {
+    let http = reqwest::Client::new();
+    let mut puts: Vec<(String, String, Option<u64>)> = Vec::new();
+    let kinds = [
+        "pods",
+        "services/specs",
+        "minions",
+        "namespaces",
+        "configmaps",
+    ];
+    for i in 0..permanent {
+        let kind = kinds[i % kinds.len()];
+        puts.push((
+            format!("/registry/{kind}/default/k{i:05}"),
+            format!("{{\"kind\":\"{kind}\",\"i\":{i}}}"),
+            None,
+        ));
+    }
+    for i in 0..events {
+        puts.push((
+            format!("/registry/events/default/e{i:05}"),
+            format!("{{\"event\":{i}}}"),
+            Some(3600),
+        ));
+    }
+    for i in 0..masterleases {
+        let ttl = 30 + (570 * i / masterleases.max(1)) as u64;
+        puts.push((
+            format!("/registry/masterleases/10.0.{}.{}", i / 250, i % 250),
+            format!("{{\"ip\":{i}}}"),
+            Some(ttl),
+        ));
+    }
+    for i in 0..outside {
+        puts.push((format!("/other/ttl/k{i}"), format!("o{i}"), Some(1200)));
+    }
+    let mut set = tokio::task::JoinSet::new();
+    let mut it = puts.into_iter();
+    loop {
+        while set.len() < 64 {
+            let Some((k, v, ttl)) = it.next() else { break };
+            let http = http.clone();
+            let url = format!("{url}/v2/keys{k}");
+            set.spawn(async move {
+                let mut form = vec![("value".to_string(), v)];
+                if let Some(t) = ttl {
+                    form.push(("ttl".into(), t.to_string()));
+                }
+                let r = http.put(&url).form(&form).send().await.unwrap();
+                assert!(r.status().is_success(), "{url}: {}", r.status());
+            });
+        }
+        if set.join_next().await.is_none() {
+            break;
+        }
+    }
+    for d in [
+        "/registry/emptydir",
+        "/registry/namespaces/emptysub",
+        "/other/empty",
+    ] {
+        let r = http
+            .put(format!("{url}/v2/keys{d}"))
+            .form(&[("dir", "true")])
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+}
