@@ -110,15 +110,49 @@ pub fn read_journal(dir: &Path, n: usize) -> Vec<JournalEntry> {
     all[all.len().saturating_sub(n)..].to_vec()
 }
 
-/// An in-place upgrade a crashed run began and did not finish, as (from, to): the release `to`
-/// may already have written the data (e.g. raised the cluster version), so it must be finished
-/// before anything else. Only the last journal entry counts.
-pub fn interrupted_upgrade(dir: &Path) -> Option<(VersionFile, VersionFile)> {
-    let last = read_journal(dir, 1).pop()?;
-    if last.event != "begin" || last.kind.as_deref() != Some("upgrade") {
-        return None;
-    }
-    Some((last.from.parse().ok()?, last.to.parse().ok()?))
+/// Name of the in-place intent in the work area.
+pub const IN_PLACE_FILE: &str = "in-place.json";
+
+#[derive(Serialize, Deserialize)]
+struct InPlace {
+    from: String,
+    to: String,
+    at: String,
+}
+
+/// Records, before an in-place upgrade starts the new release on the data, that it may write
+/// it: a crash or failure from here must not be taken for "still at the old version". Kept in
+/// the work area so that a failed step leaves the data dir untouched.
+pub fn begin_in_place(
+    work: &Path,
+    from: VersionFile,
+    to: VersionFile,
+) -> Result<(), ProgressError> {
+    let rec = InPlace {
+        from: from.to_string(),
+        to: to.to_string(),
+        at: now_rfc3339(),
+    };
+    fsutil::write_durable(
+        &work.join(IN_PLACE_FILE),
+        &serde_json::to_vec(&rec).unwrap_or_default(),
+        0o600,
+    )?;
+    Ok(())
+}
+
+/// The in-place upgrade is recorded in version.txt: the intent is done.
+pub fn end_in_place(work: &Path) -> Result<(), ProgressError> {
+    fsutil::remove_tree(&work.join(IN_PLACE_FILE))?;
+    Ok(())
+}
+
+/// An in-place upgrade that began and did not finish, as (from, to, when): the release `to`
+/// may already have written the data (e.g. raised the cluster version), so it is finished before
+/// anything else.
+pub fn interrupted_upgrade(work: &Path) -> Option<(VersionFile, VersionFile, String)> {
+    let rec: InPlace = serde_json::from_slice(&fs::read(work.join(IN_PLACE_FILE)).ok()?).ok()?;
+    Some((rec.from.parse().ok()?, rec.to.parse().ok()?, rec.at))
 }
 
 /// Current UTC time as RFC 3339 with seconds.

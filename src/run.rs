@@ -182,10 +182,10 @@ fn plan_with_interrupted(
     bundle: &Bundle,
     facts: plan::DataFacts,
 ) -> Result<Plan, RunError> {
-    match progress::interrupted_upgrade(data_dir) {
-        Some((from, to)) if from == current && to != current => {
-            tracing::warn!(from = %from, to = %to, "a previous run began the upgrade to {to} and did not finish it: \
-                etcd {to} may already have written the data, so that step is finished first");
+    match progress::interrupted_upgrade(&datadir::work_dir(data_dir)) {
+        Some((from, to, when)) if from == current && to != current => {
+            tracing::warn!(from = %from, to = %to, began = %when, "a previous run began the upgrade to {to} and did not finish \
+                it: etcd {to} may already have written the data, so that step is finished first");
             let mut rest = plan::plan(to, target, &bundle.versions, facts)?;
             let mut steps = vec![Step::Upgrade {
                 from,
@@ -376,22 +376,9 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
             backup::journal(ctx.data_dir, at, &b)?;
         }
         tracing::info!(step = i + 1, of = n, kind = step.kind(), from = %at, to = %step.outcome(), "step {}/{n}: {label}", i + 1);
-        if matches!(step, Step::Upgrade { .. }) && step.outcome() != at {
-            // In place: from here the new release may write the data; a crash must not be
-            // mistaken for "still at the old version".
-            progress::append_journal(
-                ctx.data_dir,
-                &JournalEntry {
-                    at: progress::now_rfc3339(),
-                    event: "begin".into(),
-                    kind: Some(step.kind().into()),
-                    from: at.to_string(),
-                    to: step.outcome().to_string(),
-                    elapsed_ms: 0,
-                    keys: None,
-                    detail: Default::default(),
-                },
-            )?;
+        let in_place = matches!(step, Step::Upgrade { .. }) && step.outcome() != at;
+        if in_place {
+            progress::begin_in_place(&ctx.work_dir(), at, step.outcome())?;
         }
         let t = Instant::now();
         let result = tokio::select! {
@@ -408,6 +395,9 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
         fail::fail_point!("executor-before-record");
         let outcome = step.outcome();
         progress::record(ctx.data_dir, outcome)?;
+        if in_place {
+            progress::end_in_place(&ctx.work_dir())?;
+        }
         let elapsed_ms = t.elapsed().as_millis() as u64;
         let keys = report.fingerprint.as_ref().map(|f| f.keys);
         progress::append_journal(
@@ -925,6 +915,6 @@ mod tests {
         );
         let (r, _) = exec(&config, &p, None).await;
         assert!(r.is_ok());
-        assert_eq!(progress::interrupted_upgrade(&config.data_dir), None);
+        assert!(progress::interrupted_upgrade(&work).is_none());
     }
 }
