@@ -884,9 +884,15 @@ mod tests {
         );
         assert_eq!(backup::list(&config.data_dir).len(), 1);
         // The failed step was an in-place upgrade: the next run finishes it first.
-        assert_eq!(
-            progress::interrupted_upgrade(&config.data_dir),
-            Some((vf("3.1.20/etcd3"), vf("3.2.32/etcd3")))
+        let work = datadir::work_dir(&config.data_dir);
+        let (from, to, _) = progress::interrupted_upgrade(&work).unwrap();
+        assert_eq!((from, to), (vf("3.1.20/etcd3"), vf("3.2.32/etcd3")));
+        assert!(
+            !config.data_dir.join("etcd-migrate.journal").exists()
+                || !std::fs::read_to_string(config.data_dir.join("etcd-migrate.journal"))
+                    .unwrap()
+                    .contains("3.2.32"),
+            "the failed step left no trace in the data dir"
         );
         let again = plan_with_interrupted(
             &config.data_dir,
