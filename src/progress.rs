@@ -133,6 +133,7 @@ pub fn begin_in_place(
         to: to.to_string(),
         at: now_rfc3339(),
     };
+    fsutil::create_dir_mode(work, 0o700)?;
     fsutil::write_durable(
         &work.join(IN_PLACE_FILE),
         &serde_json::to_vec(&rec).unwrap_or_default(),
