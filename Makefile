@@ -17,6 +17,7 @@ deps:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q protobuf-compiler libprotobuf-dev >/dev/null 2>&1 \
 	  || { $$SUDO apt-get update -q >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q protobuf-compiler libprotobuf-dev >/dev/null; }; }
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
+	@scripts/image-deps.sh
 
 bundle:
 	@scripts/bundle.sh .bundle >/dev/null && echo "bundle: $$(ls .bundle | tr '\n' ' ')"
@@ -55,3 +56,21 @@ fmt:
 clean:
 	$(CARGO) clean
 	rm -rf .demo
+
+# Building and testing the image: buildah, bash-static (the image's /bin/sh), curl, shellcheck,
+# hadolint (into .tools/). Idempotent: installs only what is missing.
+.PHONY: image-deps
+image-deps:
+	@scripts/image-deps.sh
+
+# The image's files (images/etcd/layout) in .rootfs/, from .bundle/ and etcd-migrate built static:
+# what the Dockerfile's PARTS=local variant copies; chroot-able (dynamic parts get their libs).
+rootfs: deps bundle
+	scripts/rootfs.sh .rootfs
+
+# The image from images/etcd/Dockerfile with docker, podman or buildah, whichever works here.
+# PARTS=local (default: from `make rootfs`, no registry needed) or PARTS=official (fetches the
+# etcd releases, checksums verified). IMAGE=, ENGINE=, OCI_ARCHIVE=, PLATFORMS= as in the script.
+PARTS ?= local
+image: $(if $(filter local,$(PARTS)),rootfs,image-deps)
+	PARTS=$(PARTS) scripts/build-image.sh

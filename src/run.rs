@@ -389,7 +389,7 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
         let report = result.map_err(|source| RunError::Step {
             n: i + 1,
             of: n,
-            step: label.clone(),
+            step: format!("{label}{}", low_space_hint(ctx.data_dir)),
             source: Box::new(source),
         })?;
         fail::fail_point!("executor-before-record");
@@ -421,6 +421,23 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
         at = outcome;
     }
     Ok(())
+}
+
+/// When the data dir's filesystem is nearly full, a failed step says so with the figures.
+fn low_space_hint(data_dir: &Path) -> String {
+    let Ok(free) = crate::fsutil::available_space(data_dir) else {
+        return String::new();
+    };
+    let used = crate::fsutil::tree_size(data_dir).unwrap_or(0);
+    if free < used / 10 + (8 << 20) {
+        format!(
+            "; the filesystem holding {} has only {free} bytes free (the data dir uses {used}): the step may have run out \
+             of space; free some (old backups are listed by `status`) and run again",
+            data_dir.display()
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// What the first step is compared with: the keys read offline from a cleanly stopped etcd3

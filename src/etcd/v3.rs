@@ -10,7 +10,7 @@ use etcd_client::{
 use super::fingerprint::{Fingerprint, FingerprintBuilder};
 
 /// Keys fetched per range request while fingerprinting.
-const PAGE: i64 = 5_000;
+const PAGE: i64 = 1_000;
 
 /// A put with its lease, guarded by the key's mod revision: (key, value, mod revision, lease).
 pub type LeasedPut = (Vec<u8>, Vec<u8>, i64, i64);
@@ -79,19 +79,24 @@ impl V3 {
     pub async fn for_each_key(&mut self, mut f: impl FnMut(KeyValue)) -> Result<i64, V3Error> {
         let mut start: Vec<u8> = vec![0];
         let mut revision = 0;
+        let mut limit = PAGE;
         loop {
             let mut opts = GetOptions::new()
                 .with_range(vec![0])
-                .with_limit(PAGE)
+                .with_limit(limit)
                 .with_sort(SortTarget::Key, SortOrder::Ascend);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = self
-                .client
-                .get(start.clone(), Some(opts))
-                .await
-                .map_err(err("range"))?;
+            let resp = match self.client.get(start.clone(), Some(opts)).await {
+                Ok(r) => r,
+                // A page of large values outgrew gRPC's 4 MiB message limit: smaller pages.
+                Err(e) if limit > 1 && e.to_string().contains("message length too large") => {
+                    limit /= 2;
+                    continue;
+                }
+                Err(e) => return Err(err("range")(e)),
+            };
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }

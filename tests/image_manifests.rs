@@ -1,0 +1,1817 @@
+//! The operator's way in, end to end: the image's layout (`make rootfs`, by the same script), the
+//! Dockerfile checked without a docker daemon and built for real with buildah, the kube-up style
+//! bootstrap (scripts/render-manifests.sh) rendering static pods that parse as Kubernetes Pods,
+//! and a fake kubelet that runs a rendered pod's command and env against the rootfs: a fresh
+//! cluster, an upgrade, a manual rollback and forward again, etcd and etcd-events side by side,
+//! and the Kubernetes-style `sh -c "migrate-if-needed.sh && exec etcd ..."` command line.
+//!
+//! Every port is a free 127.0.0.1 port substituted into the settings; every process a test starts
+//! runs in its own process group, which is stopped and reaped when the test ends, also on failure.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{Client, ConnectOptions, PutOptions};
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::Value;
+
+/// How long a pod may take from start to serving: a migration runs first.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(out.status.success(), "{what} failed: {}", text(&out));
+    out
+}
+
+/// The versions of etcd-<X.Y.Z> files in a directory, sorted.
+fn etcd_versions_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            let ver = name.strip_prefix("etcd-")?.to_string();
+            (ver.split('.').count() == 3 && ver.split('.').all(|p| p.parse::<u32>().is_ok()))
+                .then_some(ver)
+        })
+        .collect();
+    v.sort_by_key(|s| semver_key(s));
+    v
+}
+
+fn semver_key(v: &str) -> Vec<u32> {
+    v.split('.').map(|p| p.parse().unwrap()).collect()
+}
+
+/// A line of images/etcd/versions ("official" or "local").
+fn versions_line(which: &str) -> Vec<String> {
+    let text = fs::read_to_string(repo().join("images/etcd/versions")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(which))
+        .unwrap_or_else(|| panic!("images/etcd/versions has no {which} line"));
+    line.split_whitespace().skip(1).map(String::from).collect()
+}
+
+/// The image rootfs, made once per test run by scripts/rootfs.sh (what `make rootfs` runs), with
+/// this build's etcd-migrate in place of the static release binary.
+fn rootfs() -> &'static Path {
+    static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("image-test-rootfs");
+        run_ok(
+            Command::new(repo().join("scripts/rootfs.sh"))
+                .arg(&out)
+                .env("MIGRATE_BIN", env!("CARGO_BIN_EXE_etcd-migrate"))
+                .env("BUNDLE", bundle()),
+            "scripts/rootfs.sh",
+        );
+        out
+    })
+}
+
+// ---- the layout ---------------------------------------------------------------------------
+
+/// One expanded line of images/etcd/layout.
+#[derive(Debug)]
+struct LayoutEntry {
+    path: String,
+    kind: String,
+    mode: Option<u32>,
+    source: String,
+}
+
+fn at_least(v: &str, min: &str) -> bool {
+    let (a, b) = (semver_key(v), semver_key(min));
+    a[..b.len()] >= b[..]
+}
+
+/// images/etcd/layout expanded for `versions` (an independent reading of the format
+/// assemble.sh implements).
+fn layout_for(versions: &[String]) -> Vec<LayoutEntry> {
+    let text = fs::read_to_string(repo().join("images/etcd/layout")).unwrap();
+    let newest = versions.last().unwrap().clone();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.is_empty() || f[0].starts_with('#') {
+            continue;
+        }
+        assert_eq!(f.len(), 5, "layout line {line:?}");
+        let vs: Vec<String> = match f[4] {
+            "-" => vec![String::new()],
+            "all" => versions.to_vec(),
+            "newest" => vec![newest.clone()],
+            s if s.starts_with("newest>=") => {
+                if at_least(&newest, &s[8..]) {
+                    vec![newest.clone()]
+                } else {
+                    vec![]
+                }
+            }
+            s if s.starts_with(">=") => versions
+                .iter()
+                .filter(|v| at_least(v, &s[2..]))
+                .cloned()
+                .collect(),
+            other => panic!("layout versions column {other:?}"),
+        };
+        for v in vs {
+            out.push(LayoutEntry {
+                path: f[0].replace("{v}", &v),
+                kind: f[1].to_string(),
+                mode: u32::from_str_radix(f[2], 8).ok(),
+                source: f[3].replace("{v}", &v),
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn rootfs_holds_exactly_the_layout_and_runs_under_chroot() {
+    let root = rootfs();
+    let versions = etcd_versions_in(&bundle());
+    assert_eq!(
+        versions,
+        versions_line("local"),
+        "the bundle differs from the local line of images/etcd/versions"
+    );
+    let layout = layout_for(&versions);
+    let mut named = BTreeSet::new();
+    for e in &layout {
+        let p = root.join(&e.path);
+        let meta = fs::symlink_metadata(&p)
+            .unwrap_or_else(|_| panic!("{} is in the layout but not in the rootfs", e.path));
+        match e.kind.as_str() {
+            "dir" => assert!(meta.is_dir(), "{} is not a dir", e.path),
+            "file" => {
+                assert!(meta.is_file(), "{} is not a file", e.path);
+                let want = fs::read(bundle_or_part(&e.source)).unwrap();
+                assert!(
+                    fs::read(&p).unwrap() == want,
+                    "{} is not a copy of {}",
+                    e.path,
+                    e.source
+                );
+            }
+            "link" => assert_eq!(
+                fs::read_link(&p).unwrap(),
+                PathBuf::from(&e.source),
+                "{} links elsewhere",
+                e.path
+            ),
+            other => panic!("layout type {other}"),
+        }
+        if let Some(mode) = e.mode {
+            assert_eq!(meta.mode() & 0o7777, mode, "mode of {}", e.path);
+        }
+        named.insert(PathBuf::from(&e.path));
+    }
+    // Nothing else, except the shared libraries of dynamically linked parts.
+    for entry in walk(root) {
+        let rel = entry.strip_prefix(root).unwrap().to_path_buf();
+        let lib = rel.starts_with("lib") || rel.starts_with("lib64") || rel.starts_with("usr/lib");
+        assert!(
+            named.contains(&rel) || lib,
+            "{} is in the rootfs but not in the layout",
+            rel.display()
+        );
+    }
+    let newest = versions.last().unwrap();
+    assert_eq!(
+        fs::read_link(root.join("usr/local/bin/etcd")).unwrap(),
+        PathBuf::from(format!("etcd-{newest}"))
+    );
+    // Debian's 3.4.23 is dynamically linked: its libraries came along, so it runs under chroot.
+    let out = run_ok(
+        Command::new("/usr/sbin/chroot")
+            .arg(root)
+            .args(["/usr/local/bin/etcd-3.4.23", "--version"]),
+        "chroot etcd-3.4.23 --version",
+    );
+    assert!(
+        text(&out).contains("etcd Version: 3.4.23"),
+        "{}",
+        text(&out)
+    );
+    let out = run_ok(
+        Command::new("/usr/sbin/chroot")
+            .arg(root)
+            .args(["/bin/sh", "-c", "exec migrate --version"])
+            .env("PATH", "/usr/local/bin:/bin"),
+        "chroot sh -c 'migrate --version'",
+    );
+    assert!(text(&out).starts_with("etcd-migrate "), "{}", text(&out));
+}
+
+/// Where a layout source comes from when the rootfs is made from the bundle.
+fn bundle_or_part(source: &str) -> PathBuf {
+    match source {
+        "etcd-migrate" => PathBuf::from(env!("CARGO_BIN_EXE_etcd-migrate")),
+        "sh" => PathBuf::from("/bin/bash-static"),
+        "migrate-if-needed.sh" => repo().join("images/etcd/migrate-if-needed.sh"),
+        other => bundle().join(other),
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        out.push(p.clone());
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
+
+// ---- the Dockerfile, without a docker daemon ------------------------------------------------
+
+/// The Dockerfile's instructions, continuation lines joined, comments dropped.
+fn dockerfile() -> Vec<String> {
+    let text = fs::read_to_string(repo().join("images/etcd/Dockerfile")).unwrap();
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+            continue;
+        }
+        if let Some(body) = t.strip_suffix('\\') {
+            cur.push_str(body);
+            cur.push(' ');
+        } else {
+            cur.push_str(t);
+            if !cur.trim().is_empty() {
+                out.push(cur.trim().to_string());
+            }
+            cur.clear();
+        }
+    }
+    out
+}
+
+/// ARG defaults, first definition wins (the global ones).
+fn dockerfile_args() -> BTreeMap<String, String> {
+    let mut args = BTreeMap::new();
+    for i in dockerfile() {
+        if let Some(rest) = i.strip_prefix("ARG ") {
+            if let Some((k, v)) = rest.split_once('=') {
+                args.entry(k.to_string())
+                    .or_insert_with(|| v.trim_matches('"').to_string());
+            }
+        }
+    }
+    args
+}
+
+#[test]
+fn dockerfile_copies_only_what_the_repo_and_the_rootfs_hold() {
+    let root = rootfs();
+    let args = dockerfile_args();
+    let mut checked_rootfs_copy = false;
+    for i in dockerfile() {
+        let Some(rest) = i.strip_prefix("COPY ") else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        if words[0].starts_with("--from=") {
+            continue;
+        }
+        let (dst, srcs) = words.split_last().unwrap();
+        assert!(
+            dst.starts_with('/') || dst.starts_with("./"),
+            "COPY destination {dst}"
+        );
+        for src in srcs {
+            if *src == "${ROOTFS}/" {
+                // PARTS=local: the whole image is the rootfs `make rootfs` made.
+                assert_eq!(args.get("ROOTFS").map(String::as_str), Some(".rootfs"));
+                assert_eq!(*dst, "/");
+                checked_rootfs_copy = true;
+                continue;
+            }
+            assert!(
+                repo().join(src).exists(),
+                "the Dockerfile copies {src}, which is not in the repo"
+            );
+        }
+    }
+    assert!(
+        checked_rootfs_copy,
+        "the PARTS=local stage does not copy the rootfs"
+    );
+    // images/Dockerfile is the same file (a link), for `-f images/Dockerfile`.
+    assert_eq!(
+        fs::canonicalize(repo().join("images/Dockerfile")).unwrap(),
+        fs::canonicalize(repo().join("images/etcd/Dockerfile")).unwrap()
+    );
+    // Every script the official stages run from images/etcd/ exists there.
+    for i in dockerfile().iter().filter(|i| i.starts_with("RUN ")) {
+        for word in i.split_whitespace() {
+            if let Some(name) = word.strip_prefix("/image/") {
+                assert!(
+                    repo().join("images/etcd").join(name).is_file(),
+                    "the Dockerfile runs /image/{name}, which is not in images/etcd/"
+                );
+            }
+        }
+    }
+    // Everything the final image names exists in the rootfs.
+    let mut named = Vec::new();
+    for i in dockerfile() {
+        for key in ["ENTRYPOINT ", "CMD "] {
+            if let Some(json) = i.strip_prefix(key) {
+                let v: Vec<String> = serde_json::from_str(json).unwrap();
+                named.extend(v.into_iter().filter(|w| w.starts_with('/')));
+            }
+        }
+        if let Some(path) = i.strip_prefix("ENV PATH=") {
+            named.extend(path.split(':').map(String::from));
+        }
+    }
+    assert!(
+        named.contains(&"/usr/local/bin/etcd-migrate".to_string()),
+        "{named:?}"
+    );
+    for p in &named {
+        assert!(
+            root.join(p.trim_start_matches('/')).exists(),
+            "the Dockerfile names {p}, which the rootfs lacks"
+        );
+    }
+    // The parts the official fetch stage hands to assemble.sh are the ones the layout reads.
+    let official = versions_line("official");
+    let layout_sources: BTreeSet<String> = layout_for(&official)
+        .into_iter()
+        .filter(|e| e.kind == "file")
+        .map(|e| e.source)
+        .collect();
+    let run = dockerfile()
+        .into_iter()
+        .find(|i| i.contains("/image/assemble.sh"))
+        .unwrap();
+    for part in ["sh", "migrate-if-needed.sh"] {
+        assert!(
+            run.contains(&format!("/parts/{part}")),
+            "the fetch stage does not put {part} in /parts"
+        );
+        assert!(layout_sources.contains(part));
+    }
+}
+
+#[test]
+fn dockerfile_versions_match_the_version_list_and_the_bundle() {
+    let args = dockerfile_args();
+    let official: Vec<String> = args["ETCD_VERSIONS"]
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(official, versions_line("official"));
+    assert_eq!(etcd_versions_in(&bundle()), versions_line("local"));
+    assert_eq!(args.get("PARTS").map(String::as_str), Some("official"));
+    // Every minor of the official list is needed (no duplicates) and sorted.
+    let mut sorted = official.clone();
+    sorted.sort_by_key(|v| semver_key(v));
+    assert_eq!(official, sorted, "ETCD_VERSIONS is not sorted");
+    let minors: BTreeSet<(u32, u32)> = official
+        .iter()
+        .map(|v| {
+            let k = semver_key(v);
+            (k[0], k[1])
+        })
+        .collect();
+    assert_eq!(minors.len(), official.len(), "two patches of one minor");
+    // build-image.sh passes only build args the Dockerfile declares.
+    let script = fs::read_to_string(repo().join("scripts/build-image.sh")).unwrap();
+    let passed: Vec<&str> = script
+        .split("--build-arg \"")
+        .skip(1)
+        .map(|rest| rest.split('=').next().unwrap())
+        .collect();
+    assert!(passed.contains(&"PARTS"), "{passed:?}");
+    for name in passed {
+        assert!(
+            args.contains_key(name),
+            "build arg {name} is not in the Dockerfile"
+        );
+    }
+}
+
+/// The official set is a complete upgrade chain: the planner walks 2.2.1/etcd2 (the legacy
+/// fixture) to the newest official release through every minor of the list, with no gap.
+#[test]
+fn official_versions_form_a_complete_upgrade_chain() {
+    let official = versions_line("official");
+    let newest = official.last().unwrap().clone();
+    let t = tempfile::tempdir().unwrap();
+    let data = untar_fixture("etcd-2.2.1-v2", t.path());
+    let mut env = MigrateEnv::new(&data, "etcd-test", &newest, "etcd3");
+    env.set("BUNDLED_VERSIONS", &official.join(" "));
+    let out = env.run(&["plan", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outcomes: Vec<String> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap().to_string())
+        .collect();
+    let visited: BTreeSet<String> = outcomes
+        .iter()
+        .map(|o| o.split('/').next().unwrap().to_string())
+        .collect();
+    for v in official.iter().skip(1) {
+        assert!(
+            visited.contains(v),
+            "the plan 2.2.1 -> {newest} with {official:?} skips {v}: {outcomes:?}"
+        );
+    }
+    assert_eq!(outcomes.last().unwrap(), &format!("{newest}/etcd3"));
+}
+
+/// hadolint: `make image-deps` installs it into .tools/.
+fn hadolint() -> PathBuf {
+    let local = repo().join(".tools/hadolint");
+    if local.exists() {
+        return local;
+    }
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v hadolint"])
+        .output()
+        .unwrap();
+    assert!(
+        on_path.status.success(),
+        "hadolint is not installed: run `make image-deps`"
+    );
+    PathBuf::from(String::from_utf8_lossy(&on_path.stdout).trim())
+}
+
+#[test]
+fn hadolint_passes_the_dockerfile() {
+    let out = Command::new(hadolint())
+        .arg("--no-color")
+        .arg(repo().join("images/etcd/Dockerfile"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "hadolint: {}", text(&out));
+    // And it does flag a bad Dockerfile, so a pass means something.
+    let t = tempfile::tempdir().unwrap();
+    let bad = t.path().join("Dockerfile");
+    fs::write(
+        &bad,
+        "FROM debian\nRUN apt-get install curl\nCOPY a b\nUSER root\n",
+    )
+    .unwrap();
+    let out = Command::new(hadolint())
+        .arg("--no-color")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "hadolint passed a bad Dockerfile");
+}
+
+#[test]
+fn image_and_bootstrap_scripts_pass_shellcheck() {
+    let scripts = [
+        "images/etcd/assemble.sh",
+        "images/etcd/fetch-etcd.sh",
+        "images/etcd/migrate-if-needed.sh",
+        "scripts/render-manifests.sh",
+        "scripts/rootfs.sh",
+        "scripts/build-image.sh",
+        "scripts/image-deps.sh",
+        "testdata/gen-registry.sh",
+    ];
+    let out = Command::new("shellcheck")
+        .current_dir(repo())
+        .args(scripts)
+        .output()
+        .expect("shellcheck is not installed: run `make image-deps`");
+    assert!(out.status.success(), "shellcheck: {}", text(&out));
+}
+
+/// fetch-etcd.sh (the official stage) refuses an archive whose SHA-256 does not match, and takes
+/// one that does; here against a fake release server on file://.
+#[test]
+fn fetch_etcd_verifies_checksums_before_unpacking() {
+    let t = tempfile::tempdir().unwrap();
+    let server = t.path().join("releases");
+    let make_release = |v: &str, tools: &[&str]| {
+        let name = format!("etcd-v{v}-linux-amd64");
+        let dir = t.path().join("src").join(&name);
+        fs::create_dir_all(&dir).unwrap();
+        for tool in tools {
+            fs::write(dir.join(tool), format!("#!/bin/sh\necho {tool} {v}\n")).unwrap();
+        }
+        let rel = server.join(format!("v{v}"));
+        fs::create_dir_all(&rel).unwrap();
+        run_ok(
+            Command::new("tar")
+                .arg("czf")
+                .arg(rel.join(format!("{name}.tar.gz")))
+                .arg("-C")
+                .arg(t.path().join("src"))
+                .arg(&name),
+            "tar",
+        );
+        rel.join(format!("{name}.tar.gz"))
+    };
+    let a34 = make_release("3.4.99", &["etcd", "etcdctl"]);
+    let a35 = make_release("3.5.99", &["etcd", "etcdctl", "etcdutl"]);
+    let sha = |p: &Path| {
+        let o = run_ok(Command::new("sha256sum").arg(p), "sha256sum");
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    // 3.4.99 pinned in our list; 3.5.99 listed by its release's SHA256SUMS.
+    let pins = t.path().join("pins.txt");
+    fs::write(
+        &pins,
+        format!("{}  etcd-v3.4.99-linux-amd64.tar.gz\n", sha(&a34)),
+    )
+    .unwrap();
+    fs::write(
+        server.join("v3.5.99/SHA256SUMS"),
+        format!("{}  etcd-v3.5.99-linux-amd64.tar.gz\n", sha(&a35)),
+    )
+    .unwrap();
+    let fetch = |versions: &str, out: &Path| {
+        Command::new(repo().join("images/etcd/fetch-etcd.sh"))
+            .args(["--versions", versions, "--arch", "amd64", "--out"])
+            .arg(out)
+            .arg("--pins")
+            .arg(&pins)
+            .env("ETCD_RELEASE_URL", format!("file://{}", server.display()))
+            .output()
+            .unwrap()
+    };
+    let parts = t.path().join("parts");
+    let out = fetch("3.4.99 3.5.99", &parts);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut got: Vec<String> = fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "etcd-3.4.99",
+            "etcd-3.5.99",
+            "etcdctl-3.4.99",
+            "etcdctl-3.5.99",
+            "etcdutl-3.5.99"
+        ]
+    );
+    // Tampered after pinning: refused, nothing unpacked.
+    fs::write(&a34, b"not the release").unwrap();
+    let parts2 = t.path().join("parts2");
+    let out = fetch("3.4.99", &parts2);
+    assert!(!out.status.success(), "a tampered archive was accepted");
+    assert!(text(&out).contains("refusing"), "{}", text(&out));
+    assert!(!parts2.join("etcd-3.4.99").exists());
+    // Listed nowhere: refused.
+    let _ = make_release("3.3.99", &["etcd", "etcdctl"]);
+    let out = fetch("3.3.99", &parts2);
+    assert!(
+        !out.status.success(),
+        "an unverifiable archive was accepted"
+    );
+    assert!(text(&out).contains("no checksum"), "{}", text(&out));
+}
+
+// ---- the bootstrap: settings -> manifests -------------------------------------------------
+
+/// A settings file for scripts/render-manifests.sh, on free loopback ports.
+struct Settings {
+    vars: BTreeMap<String, String>,
+    file: PathBuf,
+}
+
+impl Settings {
+    /// Settings for a node "master-1" whose /var/etcd is `<dir>/var-etcd`, on free ports.
+    fn for_test(dir: &Path, target_version: &str) -> Settings {
+        let mut vars = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            vars.insert(k.to_string(), v);
+        };
+        set("TARGET_VERSION", target_version.into());
+        set("TARGET_STORAGE", "etcd3".into());
+        set("ETCD_HOSTNAME", "master-1".into());
+        set("ETCD_ADVERTISE_HOST", "127.0.0.1".into());
+        set("ETCD_HOST_IP", "127.0.0.1".into());
+        set("ETCD_LISTEN_CLIENT_IP", "127.0.0.1".into());
+        for k in [
+            "ETCD_CLIENT_PORT",
+            "ETCD_PEER_PORT",
+            "ETCD_MIGRATE_PORT",
+            "ETCD_EVENTS_CLIENT_PORT",
+            "ETCD_EVENTS_PEER_PORT",
+            "ETCD_EVENTS_MIGRATE_PORT",
+        ] {
+            set(k, free_port().to_string());
+        }
+        set(
+            "ETCD_DATA_ROOT",
+            dir.join("var-etcd").to_string_lossy().into_owned(),
+        );
+        set(
+            "ETCD_CREDS_DIR",
+            dir.join("srv-kubernetes").to_string_lossy().into_owned(),
+        );
+        set("ETCD_IMAGE", "localhost/etcd-migrate:test".into());
+        Settings {
+            vars,
+            file: dir.join("settings.env"),
+        }
+    }
+
+    fn set(&mut self, k: &str, v: &str) -> &mut Self {
+        self.vars.insert(k.to_string(), v.to_string());
+        self
+    }
+
+    fn port(&self, k: &str) -> u16 {
+        self.vars[k].parse().unwrap()
+    }
+
+    /// Runs the bootstrap script; its output.
+    fn try_render(&self, out: &Path) -> Output {
+        let body: String = self
+            .vars
+            .iter()
+            .map(|(k, v)| {
+                if v.contains('\'') {
+                    format!("{k}=\"{v}\"\n")
+                } else {
+                    format!("{k}='{v}'\n")
+                }
+            })
+            .collect();
+        fs::write(&self.file, format!("# written by a test\n{body}")).unwrap();
+        Command::new(repo().join("scripts/render-manifests.sh"))
+            .arg("--settings")
+            .arg(&self.file)
+            .arg("--out")
+            .arg(out)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap()
+    }
+
+    fn render(&self, out: &Path) {
+        let o = self.try_render(out);
+        assert!(o.status.success(), "render-manifests.sh: {}", text(&o));
+    }
+}
+
+/// A rendered manifest as a Kubernetes Pod; also checks that the Pod type knows every field
+/// (a misspelled field would be dropped by the round trip).
+fn load_pod(path: &Path) -> Pod {
+    let raw: Value = serde_json::from_slice(&fs::read(path).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let pod: Pod = serde_json::from_value(raw.clone())
+        .unwrap_or_else(|e| panic!("{} is not a Pod: {e}", path.display()));
+    let back = serde_json::to_value(&pod).unwrap();
+    assert_eq!(
+        back,
+        raw,
+        "{}: fields the Pod type does not know were dropped",
+        path.display()
+    );
+    pod
+}
+
+fn container(pod: &Pod) -> &Container {
+    &pod.spec.as_ref().unwrap().containers[0]
+}
+
+fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+    container(pod)
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+/// The etcd flags after `run --` in the pod's command.
+fn etcd_flags(pod: &Pod) -> Vec<String> {
+    let cmd = container(pod).command.as_ref().unwrap();
+    let dd = cmd.iter().position(|a| a == "--").unwrap();
+    cmd[dd + 1..].to_vec()
+}
+
+fn flag<'a>(flags: &'a [String], name: &str) -> &'a str {
+    let i = flags.iter().position(|f| f == name).unwrap();
+    &flags[i + 1]
+}
+
+#[test]
+fn rendered_manifests_are_kubernetes_pods_with_the_env_contract() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s = Settings::for_test(t.path(), "3.4.23");
+    s.set(
+        "ETCD_CREDS",
+        "--peer-cert-file=/etc/srv/kubernetes/peer.crt --peer-key-file '/etc/srv/kubernetes/peer key.pem'",
+    );
+    s.set("ETCD_EXTRA_ARGS", "--quota-backend-bytes=8589934592");
+    let out = t.path().join("manifests");
+    s.render(&out);
+    let main = load_pod(&out.join("etcd.manifest"));
+    let events = load_pod(&out.join("etcd-events.manifest"));
+    let mut names = BTreeSet::new();
+    for (pod, suffix, client, peer, migrate) in [
+        (
+            &main,
+            "",
+            "ETCD_CLIENT_PORT",
+            "ETCD_PEER_PORT",
+            "ETCD_MIGRATE_PORT",
+        ),
+        (
+            &events,
+            "-events",
+            "ETCD_EVENTS_CLIENT_PORT",
+            "ETCD_EVENTS_PEER_PORT",
+            "ETCD_EVENTS_MIGRATE_PORT",
+        ),
+    ] {
+        let meta = &pod.metadata;
+        assert_eq!(meta.name.as_deref(), Some(&*format!("etcd-server{suffix}")));
+        assert_eq!(meta.namespace.as_deref(), Some("kube-system"));
+        names.insert(meta.name.clone().unwrap());
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.host_network, Some(true));
+        let c = container(pod);
+        let cmd = c.command.as_ref().unwrap();
+        assert_eq!(cmd[..3], ["/usr/local/bin/etcd-migrate", "run", "--"]);
+        let env = env_of(pod);
+        let data_dir = format!("/var/etcd/data{suffix}");
+        let peer_url = format!("http://127.0.0.1:{}", s.port(peer));
+        let cluster = format!("etcd-master-1={peer_url}");
+        for (k, v) in [
+            ("TARGET_STORAGE", "etcd3"),
+            ("TARGET_VERSION", "3.4.23"),
+            ("DATA_DIRECTORY", data_dir.as_str()),
+            ("INITIAL_CLUSTER", cluster.as_str()),
+            ("LISTEN_PEER_URLS", peer_url.as_str()),
+            ("INITIAL_ADVERTISE_PEER_URLS", peer_url.as_str()),
+            ("ETCD_HOSTNAME", "master-1"),
+        ] {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k} in {suffix:?}");
+        }
+        assert_eq!(
+            env["LISTEN_CLIENT_URLS"],
+            format!("http://127.0.0.1:{}", s.port(migrate))
+        );
+        assert_eq!(env["ETCD_CREDS"], s.vars["ETCD_CREDS"]);
+        // The final etcd's flags agree with the env the migration uses.
+        let flags = etcd_flags(pod);
+        assert_eq!(flag(&flags, "--data-dir"), data_dir);
+        assert_eq!(flag(&flags, "--name"), "etcd-master-1");
+        assert_eq!(flag(&flags, "--initial-cluster"), cluster);
+        assert_eq!(flag(&flags, "--listen-peer-urls"), peer_url);
+        assert_eq!(
+            flag(&flags, "--listen-client-urls"),
+            format!("http://127.0.0.1:{}", s.port(client))
+        );
+        // ETCD_CREDS became separate flags, quotes honoured.
+        assert_eq!(
+            flag(&flags, "--peer-key-file"),
+            "/etc/srv/kubernetes/peer key.pem"
+        );
+        assert!(flags.contains(&"--peer-cert-file=/etc/srv/kubernetes/peer.crt".to_string()));
+        assert!(flags.contains(&"--quota-backend-bytes=8589934592".to_string()));
+        // Probes: the same etcdctl health check, on this pod's client port.
+        let live = c.liveness_probe.as_ref().unwrap();
+        let start = c.startup_probe.as_ref().unwrap();
+        let live_cmd = live.exec.as_ref().unwrap().command.clone().unwrap();
+        assert_eq!(
+            start.exec.as_ref().unwrap().command.clone().unwrap(),
+            live_cmd
+        );
+        assert!(
+            live_cmd[2].contains(&format!("127.0.0.1:{} ", s.port(client))),
+            "{live_cmd:?}"
+        );
+        assert!(start.failure_threshold.unwrap() * start.period_seconds.unwrap() >= 600);
+        // The data root is a hostPath mounted at /var/etcd.
+        let mounts = c.volume_mounts.as_ref().unwrap();
+        let varetcd = mounts.iter().find(|m| m.mount_path == "/var/etcd").unwrap();
+        let vol = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == varetcd.name)
+            .unwrap();
+        assert_eq!(
+            vol.host_path.as_ref().unwrap().path,
+            s.vars["ETCD_DATA_ROOT"]
+        );
+        assert!(spec.termination_grace_period_seconds.unwrap() > 30);
+    }
+    assert_eq!(names.len(), 2);
+    // Only the events data dir matches etcd-migrate's "event" path rule (private ports 18631/2381
+    // when the migrate port is left empty).
+    assert!(env_of(&events)["DATA_DIRECTORY"].contains("event"));
+    assert!(!env_of(&main)["DATA_DIRECTORY"].contains("event"));
+}
+
+/// The probes use only flags and commands the probed release's etcdctl has (its `--help` is in
+/// ../shared/fixtures/etcd-help): v3 `endpoint health` for etcd3, v2 `cluster-health` of the
+/// target release for etcd2.
+#[test]
+fn probes_use_flags_the_target_etcdctl_knows() {
+    for (version, storage, tool, want) in [
+        ("3.5.1", "etcd3", "etcdctl-3.5.1", "endpoint health"),
+        ("3.4.23", "etcd3", "etcdctl-3.4.23", "endpoint health"),
+        ("2.2.1", "etcd2", "etcdctl-2.2.1", "cluster-health"),
+        ("3.0.17", "etcd2", "etcdctl-3.0.17", "cluster-health"),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Settings::for_test(t.path(), version);
+        s.set("TARGET_STORAGE", storage);
+        s.render(&t.path().join("m"));
+        let pod = load_pod(&t.path().join("m/etcd.manifest"));
+        let probe = container(&pod).liveness_probe.clone().unwrap();
+        let line = probe.exec.unwrap().command.unwrap()[2].clone();
+        assert!(line.contains(want), "{line}");
+        if storage == "etcd2" {
+            assert!(line.contains(&format!("/usr/local/bin/{tool} ")), "{line}");
+            assert!(line.starts_with("ETCDCTL_API=2 exec "), "{line}");
+        }
+        let help = fs::read_to_string(fixtures().join(format!("etcd-help/{tool}.txt"))).unwrap();
+        for word in line.split_whitespace().filter(|w| w.starts_with("--")) {
+            let name = word.split('=').next().unwrap();
+            assert!(
+                help.contains(&format!("{name} ")) || help.contains(&format!("{name}=")),
+                "{tool} has no {name}: {line}"
+            );
+        }
+        let cmd = want.split(' ').next().unwrap();
+        assert!(help.contains(cmd), "{tool} has no {cmd}");
+    }
+}
+
+#[test]
+fn default_settings_render_kube_up_ports_and_the_path_rule() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    let o = Command::new(repo().join("scripts/render-manifests.sh"))
+        .arg("--settings")
+        .arg(repo().join("manifests/settings.env"))
+        .arg("--out")
+        .arg(&out)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ETCD_HOSTNAME", "master-1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let main = load_pod(&out.join("etcd.manifest"));
+    let events = load_pod(&out.join("etcd-events.manifest"));
+    let ports = |p: &Pod| -> Vec<i32> {
+        container(p)
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| p.container_port)
+            .collect()
+    };
+    assert_eq!(ports(&main), [2380, 2379]);
+    assert_eq!(ports(&events), [2381, 4002]);
+    // Empty LISTEN_CLIENT_URLS counts as unset: etcd-migrate picks 18629, or 18631 for events.
+    assert_eq!(env_of(&main)["LISTEN_CLIENT_URLS"], "");
+    assert_eq!(env_of(&events)["LISTEN_CLIENT_URLS"], "");
+    // The example file holds the script's defaults: rendering without it gives the same pods.
+    let out2 = t.path().join("m2");
+    let o = Command::new(repo().join("scripts/render-manifests.sh"))
+        .arg("--out")
+        .arg(&out2)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ETCD_HOSTNAME", "master-1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    for m in ["etcd.manifest", "etcd-events.manifest"] {
+        assert_eq!(
+            fs::read_to_string(out.join(m)).unwrap(),
+            fs::read_to_string(out2.join(m)).unwrap(),
+            "manifests/settings.env and the script's defaults differ ({m})"
+        );
+    }
+}
+
+#[test]
+fn render_refuses_bad_settings_and_leaves_the_manifests_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("manifests");
+    let good = Settings::for_test(t.path(), "3.4.23");
+    good.render(&out);
+    let before = tree_hash(&out);
+    for (k, v, want) in [
+        ("TARGET_VERSION", "3.5", "X.Y.Z"),
+        ("TARGET_STORAGE", "etcd4", "etcd2 or etcd3"),
+        ("ETCD_CLIENT_PORT", "70000", "port"),
+        ("ETCD_CREDS", "--peer-key-file '/unterminated", "ETCD_CREDS"),
+        (
+            "ETCD_INITIAL_CLUSTER",
+            "other=http://10.0.0.1:2380",
+            "etcd-master-1",
+        ),
+        ("ETCD_CLUSTER_STATE", "maybe", "new or existing"),
+    ] {
+        let mut bad = Settings::for_test(t.path(), "3.4.23");
+        bad.set(k, v);
+        let o = bad.try_render(&out);
+        assert_eq!(o.status.code(), Some(2), "{k}={v}: {}", text(&o));
+        assert!(text(&o).contains(want), "{k}={v}: {}", text(&o));
+        assert_eq!(tree_hash(&out), before, "{k}={v} changed the manifests dir");
+    }
+    // An unknown key (a typo) is refused too.
+    fs::write(t.path().join("typo.env"), "TARGET_VERSON=3.5.1\n").unwrap();
+    let o = Command::new(repo().join("scripts/render-manifests.sh"))
+        .arg("--settings")
+        .arg(t.path().join("typo.env"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("unknown setting TARGET_VERSON"));
+}
+
+#[test]
+fn the_two_templates_differ_only_by_the_events_data_dir_and_name() {
+    let main = fs::read_to_string(repo().join("manifests/etcd.manifest")).unwrap();
+    let events = fs::read_to_string(repo().join("manifests/etcd-events.manifest")).unwrap();
+    let as_events = main
+        .replace("\"etcd-server\"", "\"etcd-server-events\"")
+        .replace("\"component\": \"etcd\"", "\"component\": \"etcd-events\"")
+        .replace("/var/etcd/data\"", "/var/etcd/data-events\"");
+    assert_eq!(as_events, events);
+    assert_ne!(main, events);
+}
+
+#[test]
+fn generator_reproduces_the_committed_test_data() {
+    let out = run_ok(
+        Command::new(repo().join("testdata/gen-registry.sh")).arg("40"),
+        "gen-registry.sh",
+    );
+    let committed = fs::read(repo().join("testdata/registry-small.tsv")).unwrap();
+    assert!(
+        out.stdout == committed,
+        "testdata/registry-small.tsv is not `gen-registry.sh 40`"
+    );
+}
+
+// ---- the fake kubelet ---------------------------------------------------------------------
+
+/// What a kubelet would run for a pod's container, with the image's paths mapped into the
+/// rootfs and each volume's mount path to its hostPath dir.
+#[derive(Clone)]
+struct ContainerRun {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+fn path_maps(pod: &Pod, root: &Path) -> Vec<(String, String)> {
+    let spec = pod.spec.as_ref().unwrap();
+    let mut maps = Vec::new();
+    for m in container(pod).volume_mounts.as_ref().unwrap() {
+        let vol = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == m.name)
+            .unwrap();
+        let host = &vol.host_path.as_ref().unwrap().path;
+        fs::create_dir_all(host).unwrap(); // type DirectoryOrCreate
+        maps.push((m.mount_path.clone(), host.clone()));
+    }
+    maps.push((
+        "/usr/local/bin/".to_string(),
+        format!("{}/usr/local/bin/", root.display()),
+    ));
+    maps
+}
+
+fn map_paths(s: &str, maps: &[(String, String)]) -> String {
+    let mut s = s.to_string();
+    for (from, to) in maps {
+        s = s.replace(from.as_str(), to);
+    }
+    s
+}
+
+/// The container's command and env as the kubelet runs them; `/bin/sh` and `/usr/local/bin`
+/// are the rootfs's, ETCD_BIN_DIR and PATH point there (the image's default bin dir), HOSTNAME
+/// is the node's (hostNetwork).
+fn container_run(pod: &Pod, argv: &[String]) -> ContainerRun {
+    let root = rootfs();
+    let maps = path_maps(pod, root);
+    let argv = argv
+        .iter()
+        .map(|a| {
+            if a == "/bin/sh" {
+                format!("{}/bin/sh", root.display())
+            } else {
+                map_paths(a, &maps)
+            }
+        })
+        .collect();
+    let mut env: Vec<(String, String)> = env_of(pod)
+        .into_iter()
+        .map(|(k, v)| (k, map_paths(&v, &maps)))
+        .collect();
+    env.push((
+        "ETCD_BIN_DIR".into(),
+        format!("{}/usr/local/bin", root.display()),
+    ));
+    env.push((
+        "PATH".into(),
+        format!("{0}/usr/local/bin:{0}/bin", root.display()),
+    ));
+    env.push(("HOSTNAME".into(), "master-1".into()));
+    ContainerRun { argv, env }
+}
+
+fn pod_command(pod: &Pod) -> Vec<String> {
+    container(pod).command.clone().unwrap()
+}
+
+/// A running pod: its own process group, stopped like a kubelet stops it (SIGTERM to the main
+/// process, SIGKILL to the group after the grace period) and always reaped.
+struct PodProcess {
+    child: Option<Child>,
+    log: PathBuf,
+    client_url: String,
+}
+
+impl PodProcess {
+    fn start(run: &ContainerRun, log: &Path, client_port: u16) -> PodProcess {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = Command::new(&run.argv[0]);
+        cmd.args(&run.argv[1..])
+            .env_clear()
+            .envs(run.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start the pod");
+        PodProcess {
+            child: Some(child),
+            log: log.to_path_buf(),
+            client_url: format!("http://127.0.0.1:{client_port}"),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&self.log, 40)
+    }
+
+    /// Waits until a write succeeds on the pod's client port; panics if the pod exits first.
+    async fn wait_serving(&mut self) -> Client {
+        let deadline = Instant::now() + SERVE_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "the pod exited ({st}) before serving; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_timeout(Duration::from_secs(3));
+            match Client::connect([self.client_url.as_str()], Some(opts)).await {
+                Ok(mut c) => match c.put("/e2e/probe", "1", None).await {
+                    Ok(_) => {
+                        c.delete("/e2e/probe", None).await.unwrap();
+                        return c;
+                    }
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the pod did not serve on {} within {SERVE_TIMEOUT:?} ({last}); log:\n{}",
+            self.client_url,
+            self.log_tail()
+        );
+    }
+
+    /// Waits for the pod to exit by itself.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.kill_group();
+                self.child = None;
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the pod did not exit; log:\n{}", self.log_tail());
+    }
+
+    /// The kubelet's stop: SIGTERM, the grace period, SIGKILL.
+    fn stop(&mut self) -> ExitStatus {
+        let pid = self.pid() as i32;
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.kill_group();
+                self.child = None;
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_group();
+        let st = self.child.take().unwrap().wait().unwrap();
+        panic!("the pod ignored SIGTERM ({st}); log:\n{}", self.log_tail());
+    }
+
+    fn kill_group(&self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts the pod of `manifest` as the kubelet would, with the rendered command.
+fn start_pod(manifest: &Path, log: &Path, client_port: u16) -> (Pod, PodProcess) {
+    let pod = load_pod(manifest);
+    let run = container_run(&pod, &pod_command(&pod));
+    let p = PodProcess::start(&run, log, client_port);
+    (pod, p)
+}
+
+/// The pod's liveness probe, run as the kubelet would (exec in the container).
+fn liveness_probe_passes(pod: &Pod) -> bool {
+    let probe = container(pod).liveness_probe.as_ref().unwrap();
+    let argv = probe.exec.as_ref().unwrap().command.clone().unwrap();
+    let run = container_run(pod, &argv);
+    Command::new(&run.argv[0])
+        .args(&run.argv[1..])
+        .env_clear()
+        .envs(run.env)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Puts testdata/registry-small.tsv into etcd: TTL keys get one lease per TTL.
+async fn seed_registry(c: &mut Client) -> usize {
+    let text = fs::read_to_string(repo().join("testdata/registry-small.tsv")).unwrap();
+    let mut leases: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut n = 0;
+    for line in text.lines() {
+        let mut f = line.splitn(3, '\t');
+        let (key, ttl, value) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+        let ttl: i64 = ttl.parse().unwrap();
+        let opts = if ttl > 0 {
+            let id = match leases.get(&ttl) {
+                Some(id) => *id,
+                None => {
+                    let id = c.lease_grant(ttl, None).await.unwrap().id();
+                    leases.insert(ttl, id);
+                    id
+                }
+            };
+            Some(PutOptions::new().with_lease(id))
+        } else {
+            None
+        };
+        c.put(key, value, opts).await.unwrap();
+        n += 1;
+    }
+    n
+}
+
+fn version_txt(data_dir: &Path) -> String {
+    fs::read_to_string(data_dir.join("version.txt"))
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+async fn served_version(c: &mut Client) -> String {
+    c.status().await.unwrap().version().to_string()
+}
+
+/// Every key, value and revision equal; leases attached to the same keys.
+fn assert_same_keys(want: &BTreeMap<Vec<u8>, Kv>, got: &BTreeMap<Vec<u8>, Kv>, what: &str) {
+    assert_eq!(
+        want.len(),
+        got.len(),
+        "{what}: {} keys before, {} after",
+        want.len(),
+        got.len()
+    );
+    for (k, a) in want {
+        let b = got
+            .get(k)
+            .unwrap_or_else(|| panic!("{what}: {} is gone", String::from_utf8_lossy(k)));
+        assert_eq!(
+            (
+                &a.value,
+                a.create_revision,
+                a.mod_revision,
+                a.version,
+                a.lease != 0
+            ),
+            (
+                &b.value,
+                b.create_revision,
+                b.mod_revision,
+                b.version,
+                b.lease != 0
+            ),
+            "{what}: {} changed",
+            String::from_utf8_lossy(k)
+        );
+    }
+}
+
+/// (1) fresh, (2) upgrade, (3) manual rollback and forward again, all by re-rendering the
+/// settings and restarting the pod, as an operator with kube-up would.
+#[tokio::test]
+async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
+    let t = tempfile::tempdir().unwrap();
+    let manifests = t.path().join("manifests");
+    let log = t.path().join("etcd-pod.log");
+    let mut s = Settings::for_test(t.path(), "3.4.23");
+    let port = s.port("ETCD_CLIENT_PORT");
+    let data = t.path().join("var-etcd/data");
+
+    // (1) A fresh node: the pod comes up at the target and serves writes on its client port.
+    s.render(&manifests);
+    let (pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.4.23");
+    assert_eq!(version_txt(&data), "3.4.23/etcd3");
+    let pid = p.pid();
+    let listening: BTreeSet<String> = listening_addrs(pid).into_iter().collect();
+    assert_eq!(
+        listening,
+        BTreeSet::from([
+            format!("127.0.0.1:{port}"),
+            format!("127.0.0.1:{}", s.port("ETCD_PEER_PORT"))
+        ]),
+        "run must exec etcd in the pod's own process"
+    );
+    assert!(liveness_probe_passes(&pod), "liveness probe fails");
+    let n = seed_registry(&mut c).await;
+    let before = dump(&mut c).await;
+    assert_eq!(before.len(), n);
+    assert!(before.values().any(|kv| kv.lease != 0));
+
+    // (2) TARGET_VERSION 3.4.23 -> 3.5.1, re-render, restart the pod: upgraded, every key served.
+    s.set("TARGET_VERSION", "3.5.1");
+    s.render(&manifests);
+    assert_eq!(
+        env_of(&load_pod(&manifests.join("etcd.manifest")))["TARGET_VERSION"],
+        "3.5.1"
+    );
+    p.stop();
+    let (pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.5.1");
+    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_same_keys(&before, &dump(&mut c).await, "after the upgrade");
+    assert!(liveness_probe_passes(&pod), "liveness probe fails on 3.5.1");
+    c.put("/registry/pods/default/after-upgrade", "{}", None)
+        .await
+        .unwrap();
+    let before = dump(&mut c).await;
+
+    // (3) Manual rollback: TARGET_VERSION back to 3.4.23, re-render, restart.
+    s.set("TARGET_VERSION", "3.4.23");
+    s.render(&manifests);
+    p.stop();
+    let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.4.23");
+    assert_eq!(version_txt(&data), "3.4.23/etcd3");
+    assert_same_keys(&before, &dump(&mut c).await, "after the rollback");
+    // The rollback kept a backup of the 3.5.1 data, listed by status.
+    let status = run_ok(
+        Command::new(rootfs().join("usr/local/bin/etcd-migrate"))
+            .args(["status", "--output", "json", "--data-dir"])
+            .arg(&data)
+            .env_clear(),
+        "status",
+    );
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let backups: Vec<String> = status["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["version"].as_str().unwrap().to_string())
+        .collect();
+    assert!(backups.contains(&"3.5.1/etcd3".to_string()), "{status}");
+    let kinds: Vec<&str> = status["last_steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds.last(), Some(&"minor-rollback"), "{status}");
+
+    // ... and forward again.
+    s.set("TARGET_VERSION", "3.5.1");
+    s.render(&manifests);
+    p.stop();
+    let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.5.1");
+    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_same_keys(&before, &dump(&mut c).await, "forward again");
+    drop(c);
+
+    // The runbook's restore: pod stopped, `restore <backup>` (a name `status` lists), the
+    // target set to the backup's version, pod started: it serves the backup's data as is.
+    let backup = status["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["version"] == "3.5.1/etcd3")
+        .map(|b| PathBuf::from(b["path"].as_str().unwrap()))
+        .unwrap();
+    p.stop();
+    let name = backup.file_name().unwrap().to_str().unwrap();
+    run_ok(
+        Command::new(rootfs().join("usr/local/bin/etcd-migrate"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["restore", name])
+            .env_clear(),
+        "restore",
+    );
+    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.5.1");
+    assert_same_keys(&before, &dump(&mut c).await, "restored from the backup");
+    p.stop();
+}
+
+/// (4) etcd and etcd-events on one node: own data dirs, own ports, no clash, also while both
+/// migrate at once.
+#[tokio::test]
+async fn etcd_and_etcd_events_run_side_by_side_and_upgrade_together() {
+    let t = tempfile::tempdir().unwrap();
+    let manifests = t.path().join("manifests");
+    let mut s = Settings::for_test(t.path(), "3.4.23");
+    s.render(&manifests);
+    let root = t.path().join("var-etcd");
+    let pods = [
+        ("etcd", "ETCD_CLIENT_PORT", "ETCD_PEER_PORT", "data"),
+        (
+            "etcd-events",
+            "ETCD_EVENTS_CLIENT_PORT",
+            "ETCD_EVENTS_PEER_PORT",
+            "data-events",
+        ),
+    ];
+    let mut running = Vec::new();
+    for (name, port, _, _) in pods {
+        running.push(start_pod(
+            &manifests.join(format!("{name}.manifest")),
+            &t.path().join(format!("{name}.log")),
+            s.port(port),
+        ));
+    }
+    let mut clients = Vec::new();
+    for (_, p) in running.iter_mut() {
+        clients.push(p.wait_serving().await);
+    }
+    for (i, (name, port, peer, dir)) in pods.iter().enumerate() {
+        assert_eq!(version_txt(&root.join(dir)), "3.4.23/etcd3", "{name}");
+        let listening: BTreeSet<String> = listening_addrs(running[i].1.pid()).into_iter().collect();
+        assert_eq!(
+            listening,
+            BTreeSet::from([
+                format!("127.0.0.1:{}", s.port(port)),
+                format!("127.0.0.1:{}", s.port(peer))
+            ]),
+            "{name}"
+        );
+        clients[i]
+            .put(format!("/registry/only-in/{name}"), *name, None)
+            .await
+            .unwrap();
+    }
+    seed_registry(&mut clients[1]).await;
+    let befores = [dump(&mut clients[0]).await, dump(&mut clients[1]).await];
+    assert!(befores[0].contains_key(&b"/registry/only-in/etcd"[..]));
+    assert!(!befores[0].contains_key(&b"/registry/only-in/etcd-events"[..]));
+    assert!(befores[1].contains_key(&b"/registry/only-in/etcd-events"[..]));
+    assert!(!befores[1].contains_key(&b"/registry/only-in/etcd"[..]));
+
+    // Both upgrade at the same time, each on its own private migrate port.
+    s.set("TARGET_VERSION", "3.5.1");
+    s.render(&manifests);
+    for (_, p) in running.iter_mut() {
+        p.stop();
+    }
+    running.clear();
+    for (name, port, _, _) in pods {
+        running.push(start_pod(
+            &manifests.join(format!("{name}.manifest")),
+            &t.path().join(format!("{name}.log")),
+            s.port(port),
+        ));
+    }
+    for (i, (name, _, _, dir)) in pods.iter().enumerate() {
+        let mut c = running[i].1.wait_serving().await;
+        assert_eq!(served_version(&mut c).await, "3.5.1", "{name}");
+        assert_eq!(version_txt(&root.join(dir)), "3.5.1/etcd3", "{name}");
+        assert_same_keys(&befores[i], &dump(&mut c).await, name);
+    }
+    // Their work areas and backups are their own.
+    assert!(root.join("data.etcd-migrate").is_dir());
+    assert!(root.join("data-events.etcd-migrate").is_dir());
+    for (_, p) in running.iter_mut() {
+        p.stop();
+    }
+}
+
+/// The Kubernetes-style command line of the rendered pod's flags.
+fn kubernetes_sh_command(pod: &Pod, exec: &str) -> Vec<String> {
+    let flags = etcd_flags(pod);
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "/usr/local/bin/migrate-if-needed.sh && exec {exec} {}",
+            shell_words::join(&flags)
+        ),
+    ]
+}
+
+/// (5) The shim: `sh -c "migrate-if-needed.sh && exec /usr/local/bin/etcd ..."`, as manifests
+/// written for the Kubernetes image say it, works against the rootfs; when /usr/local/bin/etcd
+/// is not the target it refuses untouched, and with DO_NOT_MOVE_BINARIES=true plus
+/// `exec etcd-<target>` it rolls back.
+#[tokio::test]
+async fn kubernetes_style_sh_c_command_with_the_shim_works() {
+    let t = tempfile::tempdir().unwrap();
+    let manifests = t.path().join("manifests");
+    let log = t.path().join("shim-pod.log");
+    let mut s = Settings::for_test(t.path(), "3.5.1");
+    let port = s.port("ETCD_CLIENT_PORT");
+    let data = t.path().join("var-etcd/data");
+    s.render(&manifests);
+    let pod = load_pod(&manifests.join("etcd.manifest"));
+    let shim_run = |pod: &Pod, exec: &str, extra: &[(&str, &str)]| {
+        let mut run = container_run(pod, &kubernetes_sh_command(pod, exec));
+        // The shim finds etcd-migrate and the etcd binaries beside itself.
+        run.env.retain(|(k, _)| k != "ETCD_BIN_DIR");
+        for (k, v) in extra {
+            run.env.push((k.to_string(), v.to_string()));
+        }
+        run
+    };
+
+    // Fresh, target = the newest in the image: the shim records it, `exec etcd` serves.
+    let mut p = PodProcess::start(&shim_run(&pod, "/usr/local/bin/etcd", &[]), &log, port);
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.5.1");
+    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    seed_registry(&mut c).await;
+    let before = dump(&mut c).await;
+    p.stop();
+
+    // TARGET_VERSION=3.4.23 with `exec /usr/local/bin/etcd` (3.5.1): refused, nothing touched.
+    s.set("TARGET_VERSION", "3.4.23");
+    s.render(&manifests);
+    let pod = load_pod(&manifests.join("etcd.manifest"));
+    let untouched = tree_hash(&data);
+    let mut p = PodProcess::start(&shim_run(&pod, "/usr/local/bin/etcd", &[]), &log, port);
+    let st = p.wait_exit(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(2), "{}", p.log_tail());
+    let log_text = fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("etcd-3.4.23") && log_text.contains("Nothing was touched"),
+        "{log_text}"
+    );
+    assert_eq!(tree_hash(&data), untouched);
+    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+
+    // DO_NOT_MOVE_BINARIES=true and `exec etcd-3.4.23`: the shim rolls back, etcd 3.4.23 serves.
+    let mut p = PodProcess::start(
+        &shim_run(
+            &pod,
+            "/usr/local/bin/etcd-3.4.23",
+            &[("DO_NOT_MOVE_BINARIES", "true")],
+        ),
+        &log,
+        port,
+    );
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.4.23");
+    assert_eq!(version_txt(&data), "3.4.23/etcd3");
+    assert_same_keys(&before, &dump(&mut c).await, "after the shim's rollback");
+    p.stop();
+}
+
+// ---- the real image, built with buildah ---------------------------------------------------
+
+/// buildah with a private storage root (vfs) under `dir`, removed with it.
+struct Buildah {
+    root: PathBuf,
+}
+
+impl Buildah {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(self.root.join("storage"))
+            .arg("--runroot")
+            .arg(self.root.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        run_ok(self.cmd().args(args), &format!("buildah {args:?}"))
+    }
+}
+
+impl Drop for Buildah {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["umount", "--all"]).output();
+        let _ = self.cmd().args(["rm", "--all"]).output();
+        let _ = self.cmd().args(["rmi", "--all", "--force"]).output();
+    }
+}
+
+/// Processes whose parent is `pid`, recursively.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let ppid: u32 = stat
+            .rsplit_once(") ")
+            .and_then(|(_, r)| r.split(' ').nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid == pid {
+            out.push(child);
+            out.extend(descendants(child));
+        }
+    }
+    out
+}
+
+/// The PARTS=local image, built by buildah from the rootfs (FROM scratch, no registry), holds the
+/// rootfs file for file, and runs the Kubernetes-style pod as non-root: a 3.4.23 data dir is
+/// upgraded to 3.5.1 inside the image and served.
+#[tokio::test]
+async fn image_built_with_buildah_matches_the_rootfs_and_runs_the_pod_as_non_root() {
+    let root = rootfs();
+    assert!(
+        Command::new("buildah")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "buildah is not installed: run `make image-deps`"
+    );
+    let t = tempfile::tempdir().unwrap();
+    let b = Buildah {
+        root: t.path().join("buildah"),
+    };
+    // The build context: the rootfs (as `make rootfs` leaves .rootfs) and nothing else.
+    let ctx = t.path().join("context");
+    fs::create_dir_all(&ctx).unwrap();
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(root)
+            .arg(ctx.join(".rootfs")),
+        "cp rootfs",
+    );
+    let tag = "localhost/etcd-migrate:e2e";
+    let dockerfile = repo().join("images/etcd/Dockerfile");
+    b.run(&[
+        "bud",
+        "--isolation",
+        "chroot",
+        "--pull=never",
+        "--build-arg",
+        "PARTS=local",
+        "--build-arg",
+        "RUN_AS=65532:65532",
+        "-f",
+        dockerfile.to_str().unwrap(),
+        "-t",
+        tag,
+        ctx.to_str().unwrap(),
+    ]);
+    let ctr = String::from_utf8(b.run(&["from", "--pull=never", tag]).stdout).unwrap();
+    let ctr = ctr.trim().to_string();
+    let inspect: Value =
+        serde_json::from_slice(&b.run(&["inspect", "--type", "image", tag]).stdout).unwrap();
+    assert_eq!(inspect["OCIv1"]["config"]["User"], "65532:65532");
+
+    // File for file: same paths, types, modes, link targets and bytes as the rootfs.
+    let mnt = PathBuf::from(
+        String::from_utf8(b.run(&["mount", &ctr]).stdout)
+            .unwrap()
+            .trim(),
+    );
+    let list = |dir: &Path| -> BTreeMap<PathBuf, (u32, Option<PathBuf>, u64)> {
+        walk(dir)
+            .into_iter()
+            .map(|p| {
+                let m = fs::symlink_metadata(&p).unwrap();
+                let link = m
+                    .file_type()
+                    .is_symlink()
+                    .then(|| fs::read_link(&p).unwrap());
+                let size = if m.is_file() { m.len() } else { 0 };
+                (
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    (m.permissions().mode() & 0o7777, link, size),
+                )
+            })
+            .collect()
+    };
+    let want = list(root);
+    let got = list(&mnt);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "the image's files differ from the rootfs"
+    );
+    for (p, w) in &want {
+        let g = &got[p];
+        assert_eq!((g.1.as_ref(), g.2), (w.1.as_ref(), w.2), "{}", p.display());
+        if w.1.is_none() {
+            assert_eq!(g.0, w.0, "mode of {}", p.display());
+        }
+    }
+    b.run(&["umount", &ctr]);
+
+    // A 3.4.23 data dir with keys, written by the member the manifest describes (same name and
+    // peer URL), owned by the image's non-root user.
+    let var_etcd = t.path().join("var-etcd");
+    let data = var_etcd.join("data");
+    fs::create_dir_all(&var_etcd).unwrap();
+    let mut s = Settings::for_test(t.path(), "3.5.1");
+    let mut spec = MemberSpec::new("3.4.23", &data, "etcd-master-1");
+    spec.peer_port = s.port("ETCD_PEER_PORT");
+    let m = Member::spawn(spec);
+    m.wait_healthy(Duration::from_secs(30));
+    let mut c = m.client().await;
+    seed_registry(&mut c).await;
+    let before = dump(&mut c).await;
+    drop(c);
+    m.stop();
+    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "65532:65532"])
+            .arg(&var_etcd),
+        "chown",
+    );
+
+    // The rendered pod's env and Kubernetes-style command, run in the image with /var/etcd
+    // mounted from the host, as the kubelet's container runtime would.
+    s.set("ETCD_DATA_ROOT", var_etcd.to_str().unwrap());
+    let manifests = t.path().join("manifests");
+    s.render(&manifests);
+    let pod = load_pod(&manifests.join("etcd.manifest"));
+    let argv = kubernetes_sh_command(&pod, "/usr/local/bin/etcd");
+    let mut cmd = b.cmd();
+    cmd.args(["run", "--isolation", "chroot", "--network", "host"])
+        .arg("-v")
+        .arg(format!("{}:/var/etcd", var_etcd.display()));
+    for (k, v) in env_of(&pod) {
+        cmd.arg("-e").arg(format!("{k}={v}"));
+    }
+    cmd.arg(&ctr).arg("--").args(&argv);
+    let log = t.path().join("image-pod.log");
+    let out = fs::File::create(&log).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .process_group(0);
+    let child = cmd.spawn().unwrap();
+    let mut run = BuildahRun(PodProcess {
+        child: Some(child),
+        log: log.clone(),
+        client_url: format!("http://127.0.0.1:{}", s.port("ETCD_CLIENT_PORT")),
+    });
+    let p = &mut run.0;
+    let buildah_pid = p.pid();
+    let mut c = p.wait_serving().await;
+    assert_eq!(served_version(&mut c).await, "3.5.1");
+    assert_same_keys(&before, &dump(&mut c).await, "upgraded inside the image");
+    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    // etcd runs as the image's user and the data it wrote is that user's.
+    let etcd_pid = descendants(buildah_pid)
+        .into_iter()
+        .find(|pid| {
+            fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().ends_with("/etcd-3.5.1"))
+        })
+        .expect("etcd-3.5.1 under buildah run");
+    assert_eq!(
+        fs::metadata(format!("/proc/{etcd_pid}")).unwrap().uid(),
+        65532
+    );
+    assert_eq!(fs::metadata(data.join("version.txt")).unwrap().uid(), 65532);
+    drop(c);
+    // buildah passes SIGTERM on to the container's process, which stops cleanly.
+    let in_container = descendants(buildah_pid);
+    p.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in in_container {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "process {pid} of the container outlived buildah run"
+        );
+    }
+}
+
+/// A `buildah run` pod: on drop, also kills what runs inside the container, which may live in
+/// a session of its own.
+struct BuildahRun(PodProcess);
+
+impl Drop for BuildahRun {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0.child {
+            for pid in descendants(c.id()) {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}

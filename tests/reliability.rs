@@ -1,0 +1,892 @@
+//! Reliability: bad input of every kind is refused with its exit code, a message naming the
+//! problem and the remedy, and the data dir byte-for-byte unchanged; a full disk fails a step
+//! cleanly and a rerun after freeing space completes; concurrent runs are refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn version(dir: &Path) -> String {
+    fs::read_to_string(dir.join("version.txt"))
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+/// A 3.4.23/etcd3 data dir with `n` keys.
+async fn seeded_34(dir: &Path, name: &str, n: usize) -> BTreeMap<Vec<u8>, Kv> {
+    let m = Member::start("3.4.23", dir, name);
+    let mut c = m.client().await;
+    seed(&mut c, n, 10).await;
+    let before = dump(&mut c).await;
+    m.stop();
+    fs::write(dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    before
+}
+
+/// A bin dir with the real 3.4.23 and a fake `etcd-3.5.1` script.
+fn fake_bin(dir: &Path, script: &str) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    for f in ["etcd-3.4.23", "etcdctl-3.4.23"] {
+        let _ = fs::remove_file(dir.join(f));
+        std::os::unix::fs::symlink(bundle().join(f), dir.join(f)).unwrap();
+    }
+    fs::write(dir.join("etcd-3.5.1"), format!("#!/bin/sh\n{script}\n")).unwrap();
+    fs::set_permissions(dir.join("etcd-3.5.1"), fs::Permissions::from_mode(0o755)).unwrap();
+    dir.to_path_buf()
+}
+
+struct Table {
+    data: PathBuf,
+    checked: Vec<String>,
+}
+
+impl Table {
+    /// Runs, then checks the exit code, that the message names the problem and the remedy, and
+    /// that the data dir is byte-for-byte as it was.
+    fn expect(
+        &mut self,
+        name: &str,
+        out: impl FnOnce() -> Output,
+        code: i32,
+        problem: &str,
+        remedy: &str,
+    ) {
+        let before = tree_hash(&self.data);
+        let t0 = Instant::now();
+        let o = out();
+        println!("case {name}: {:?}", t0.elapsed());
+        let log = text(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{name}: exit code; log:\n{log}"
+        );
+        assert!(
+            log.contains(problem),
+            "{name}: the message should name the problem ({problem:?}):\n{log}"
+        );
+        assert!(
+            log.contains(remedy),
+            "{name}: the message should name the remedy ({remedy:?}):\n{log}"
+        );
+        assert_eq!(
+            tree_hash(&self.data),
+            before,
+            "{name}: the data dir changed"
+        );
+        self.checked.push(name.to_string());
+    }
+}
+
+#[tokio::test]
+async fn bad_inputs_are_refused_with_their_code_a_remedy_and_the_dir_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let data = t.path().join("data");
+    seeded_34(&data, "m1", 20).await;
+    let base = || MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
+    let mut tb = Table {
+        data: data.clone(),
+        checked: Vec::new(),
+    };
+
+    // Environment and flags.
+    let env_cases: &[(&str, &str, &str, &str)] = &[
+        ("TARGET_VERSION", "3.5", "TARGET_VERSION", "X.Y.Z"),
+        ("TARGET_VERSION", "v3.5.1", "TARGET_VERSION", "X.Y.Z"),
+        ("TARGET_VERSION", "abc", "TARGET_VERSION", "X.Y.Z"),
+        ("TARGET_VERSION", "", "TARGET_VERSION", "is required"),
+        ("TARGET_STORAGE", "etcd4", "etcd4", "etcd2 or etcd3"),
+        ("TARGET_STORAGE", "", "TARGET_STORAGE", "is required"),
+        (
+            "LISTEN_CLIENT_URLS",
+            "http://0.0.0.0:2379",
+            "LISTEN_CLIENT_URLS",
+            "127.0.0.1",
+        ),
+        (
+            "LISTEN_CLIENT_URLS",
+            "garbage",
+            "LISTEN_CLIENT_URLS",
+            "127.0.0.1",
+        ),
+        (
+            "INITIAL_CLUSTER",
+            "other=http://127.0.0.1:1",
+            "does not name this member",
+            "ETCD_NAME",
+        ),
+        ("INITIAL_CLUSTER", "garbage", "INITIAL_CLUSTER", "name=URL"),
+        (
+            "LISTEN_PEER_URLS",
+            "localhost:2380",
+            "LISTEN_PEER_URLS",
+            "http(s)://host:port",
+        ),
+        (
+            "INITIAL_ADVERTISE_PEER_URLS",
+            "ftp://x:1",
+            "INITIAL_ADVERTISE_PEER_URLS",
+            "http(s)://host:port",
+        ),
+        (
+            "ETCD_CREDS",
+            "--peer-key-file='/unterminated",
+            "ETCD_CREDS",
+            "shell-split",
+        ),
+        ("HEALTH_TIMEOUT", "soon", "HEALTH_TIMEOUT", "90s"),
+        ("STOP_GRACE", "0", "STOP_GRACE", "duration like"),
+        ("TTL_SCOPE", "some", "TTL_SCOPE", "all or directory"),
+        ("TTL_GRANULARITY", "0", "TTL_GRANULARITY", ">= 1"),
+        ("BACKUP_RETENTION", "0", "BACKUP_RETENTION", ">= 1"),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT", "text or json"),
+        ("CHILD_OUTPUT", "loud", "CHILD_OUTPUT", "all or quiet"),
+        (
+            "BUNDLED_VERSIONS",
+            "3.4.23 3.5",
+            "BUNDLED_VERSIONS",
+            "X.Y.Z",
+        ),
+        (
+            "ETCD_DATA_PREFIX",
+            "registry",
+            "ETCD_DATA_PREFIX",
+            "start with '/'",
+        ),
+        ("ETCD_NAME", "a,b", "ETCD_NAME", "cannot hold"),
+    ];
+    for (var, value, problem, remedy) in env_cases {
+        let mut e = base();
+        e.set(var, value);
+        tb.expect(
+            &format!("{var}={value:?}"),
+            || e.run(&["migrate"]),
+            2,
+            problem,
+            remedy,
+        );
+    }
+    let mut e = base();
+    e.vars.retain(|(k, _)| k != "TARGET_VERSION");
+    tb.expect(
+        "TARGET_VERSION unset",
+        || e.run(&["migrate"]),
+        2,
+        "TARGET_VERSION",
+        "is required",
+    );
+    let mut e = base();
+    e.vars.retain(|(k, _)| k != "DATA_DIRECTORY");
+    tb.expect(
+        "DATA_DIRECTORY unset",
+        || e.run(&["migrate"]),
+        2,
+        "DATA_DIRECTORY",
+        "is required",
+    );
+    tb.expect(
+        "unknown flag",
+        || base().run(&["migrate", "--frobnicate"]),
+        2,
+        "--frobnicate",
+        "--help",
+    );
+    tb.expect(
+        "non-numeric port",
+        || base().run(&["migrate", "--peer-port", "abc"]),
+        2,
+        "abc",
+        "--help",
+    );
+
+    // version.txt.
+    for (content, label) in [
+        ("garbage\n", "garbage"),
+        ("", "empty"),
+        ("3.4.23/etcd5\n", "etcd5"),
+        ("3.4.23/etcd3\n\n", "two newlines"),
+        ("3.4.23/etcd3 \n", "trailing space"),
+    ] {
+        fs::write(data.join("version.txt"), content).unwrap();
+        tb.expect(
+            &format!("version.txt {label}"),
+            || base().run(&["migrate"]),
+            2,
+            "version.txt",
+            "fix it by hand",
+        );
+    }
+    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    fs::rename(data.join("member/snap/db"), t.path().join("db.aside")).unwrap();
+    tb.expect(
+        "etcd3 recorded but no backend",
+        || base().run(&["migrate"]),
+        2,
+        "no v3 backend",
+        "fix version.txt",
+    );
+    fs::rename(t.path().join("db.aside"), data.join("member/snap/db")).unwrap();
+    fs::write(data.join("version.txt"), "2.2.1/etcd2\n").unwrap();
+    tb.expect(
+        "2.2.1 recorded but a v3 backend",
+        || base().run(&["migrate"]),
+        2,
+        "never writes a v3 backend",
+        "fix version.txt",
+    );
+    fs::rename(data.join("member/wal"), t.path().join("wal.aside")).unwrap();
+    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    tb.expect(
+        "member without a WAL",
+        || base().run(&["migrate"]),
+        2,
+        "member/wal is missing",
+        "fix version.txt",
+    );
+    fs::rename(t.path().join("wal.aside"), data.join("member/wal")).unwrap();
+    fs::remove_file(data.join("version.txt")).unwrap();
+    tb.expect(
+        "no version.txt, a v3 backend",
+        || base().run(&["migrate"]),
+        2,
+        "no version.txt",
+        "echo 3.0.17/etcd3",
+    );
+    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+
+    // Data dir shapes.
+    let file = t.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    let mut e = base();
+    e.set("DATA_DIRECTORY", file.to_str().unwrap());
+    tb.expect(
+        "data dir is a file",
+        || e.run(&["migrate"]),
+        2,
+        "not a directory",
+        "DATA_DIRECTORY",
+    );
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let mut e = base();
+    e.set("DATA_DIRECTORY", link.to_str().unwrap());
+    tb.expect(
+        "data dir is a symlink",
+        || e.run(&["migrate"]),
+        2,
+        "symbolic link",
+        "real path",
+    );
+    let foreign = t.path().join("foreign");
+    fs::create_dir_all(foreign.join("stuff")).unwrap();
+    let mut e = base();
+    e.set("DATA_DIRECTORY", foreign.to_str().unwrap());
+    tb.expect(
+        "foreign files",
+        || e.run(&["migrate"]),
+        2,
+        "found: stuff",
+        "version.txt",
+    );
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o000)).unwrap();
+    let e = base();
+    let o = {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_etcd-migrate"),
+            "--port",
+            &e.port.to_string(),
+            "migrate",
+        ]);
+        c.env_clear()
+            .envs(e.vars.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap()
+    };
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+    tb.expect(
+        "unreadable data dir",
+        || o,
+        2,
+        "cannot read data dir",
+        "permissions",
+    );
+
+    // The bundle.
+    let mut e = base();
+    e.set(
+        "ETCD_BIN_DIR",
+        t.path().join("no-such-bin").to_str().unwrap(),
+    );
+    tb.expect(
+        "bin dir missing",
+        || e.run(&["migrate"]),
+        2,
+        "cannot read the bin dir",
+        "ETCD_BIN_DIR",
+    );
+    let bin = t.path().join("bin");
+    fake_bin(&bin, "exit 1");
+    fs::remove_file(bin.join("etcd-3.5.1")).unwrap();
+    let mut e = base();
+    e.set("ETCD_BIN_DIR", bin.to_str().unwrap())
+        .set("BUNDLED_VERSIONS", "3.4.23 3.5.1");
+    tb.expect(
+        "target binary missing",
+        || e.run(&["migrate"]),
+        2,
+        "etcd-3.5.1 is needed",
+        "add it to the bin dir",
+    );
+    tb.expect(
+        "run's exec target missing",
+        || e.run(&["run", "--", "--name", "m1"]),
+        2,
+        "etcd-3.5.1 is needed",
+        "add it to the bin dir",
+    );
+    fake_bin(&bin, "exit 1");
+    fs::set_permissions(bin.join("etcd-3.5.1"), fs::Permissions::from_mode(0o644)).unwrap();
+    let mut e = base();
+    e.set("ETCD_BIN_DIR", bin.to_str().unwrap());
+    tb.expect(
+        "target binary not executable",
+        || e.run(&["migrate"]),
+        2,
+        "not executable",
+        "add it to the bin dir",
+    );
+    fake_bin(&bin, "echo 'fake etcd: cannot start' >&2; exit 1");
+    tb.expect(
+        "binary that exits at once",
+        || e.run(&["migrate"]),
+        1,
+        "cannot start",
+        "last lines",
+    );
+    fake_bin(&bin, "exec sleep 60");
+    e.set("HEALTH_TIMEOUT", "2s");
+    tb.expect(
+        "binary that never becomes healthy",
+        || e.run(&["migrate"]),
+        1,
+        "did not accept a write within 2s",
+        "HEALTH_TIMEOUT",
+    );
+    assert_eq!(version(&data), "3.4.23/etcd3");
+
+    // Unsupported targets.
+    let mut e = base();
+    e.set("TARGET_VERSION", "3.6.0");
+    tb.expect(
+        "target not bundled",
+        || e.run(&["migrate"]),
+        2,
+        "not bundled",
+        "set TARGET_VERSION",
+    );
+    e.set("TARGET_VERSION", "3.5.1")
+        .set("TARGET_STORAGE", "etcd2");
+    tb.expect(
+        "etcd3 to etcd2 upward",
+        || e.run(&["migrate"]),
+        2,
+        "not supported",
+        "supported paths",
+    );
+    e.set("TARGET_VERSION", "2.3.7");
+    tb.expect(
+        "rollback to 2.3.7",
+        || e.run(&["migrate"]),
+        2,
+        "not supported",
+        "supported paths",
+    );
+    e.set("TARGET_VERSION", "3.6.0")
+        .set("BUNDLED_VERSIONS", "3.4.23 3.5.1 3.6.0");
+    tb.expect(
+        "etcd2 on 3.6",
+        || e.run(&["migrate"]),
+        2,
+        "v2 store was removed",
+        "storage",
+    );
+    let mut e = base();
+    e.set("TARGET_VERSION", "3.3.27")
+        .set("BUNDLED_VERSIONS", "3.4.23 3.5.1");
+    tb.expect(
+        "rollback to an unbundled minor",
+        || e.run(&["migrate"]),
+        2,
+        "not bundled",
+        "bundled",
+    );
+
+    // Ports and locks.
+    let e = base();
+    let hold = std::net::TcpListener::bind(("127.0.0.1", e.port)).unwrap();
+    tb.expect(
+        "private port taken",
+        || e.run(&["migrate"]),
+        2,
+        &format!("port {}", e.port),
+        "--port",
+    );
+    drop(hold);
+    let work = t.path().join("data.etcd-migrate");
+    fs::create_dir_all(&work).unwrap();
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(work.join("lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    tb.expect(
+        "lock held by another run",
+        || base().run(&["migrate"]),
+        3,
+        "busy",
+        "wait for it to finish",
+    );
+    drop(lock);
+    let m = Member::start("3.4.23", &data, "m1");
+    let o = base().run(&["migrate"]);
+    m.stop();
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(3), "etcd running: {log}");
+    assert!(
+        log.contains("in use") && log.contains("stop that etcd"),
+        "{log}"
+    );
+    tb.checked.push("an etcd running on the dir".into());
+
+    // Restore of something that is not a backup.
+    tb.expect(
+        "restore of a non-backup",
+        || base().run(&["restore", "data.backup-nope"]),
+        2,
+        "is not a backup",
+        "backups:",
+    );
+
+    // Protobuf data on rollback to etcd2.
+    let pb = t.path().join("pb");
+    fs::create_dir(&pb).unwrap();
+    let pb_data = untar_fixture("etcd-3.0.17-v3-protobuf", &pb);
+    fs::write(pb_data.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    let mut pb_tb = Table {
+        data: pb_data.clone(),
+        checked: Vec::new(),
+    };
+    pb_tb.expect(
+        "protobuf on rollback",
+        || MigrateEnv::new(&pb_data, "etcd-test", "2.2.1", "etcd2").run(&["migrate"]),
+        2,
+        "protobuf",
+        "STORAGE_MEDIA_TYPE=application/json",
+    );
+    tb.checked.extend(pb_tb.checked);
+
+    println!(
+        "RESULT bad inputs {}/{} untouched",
+        tb.checked.len(),
+        tb.checked.len()
+    );
+    assert!(
+        tb.checked.len() >= 40,
+        "the table holds {} cases",
+        tb.checked.len()
+    );
+}
+
+#[tokio::test]
+async fn a_second_run_on_the_same_dir_exits_3_at_once_and_an_intruding_etcd_waits() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let before = seeded_34(&data, "m1", 200).await;
+    let env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
+    let first = env
+        .command(&["migrate"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let step_etcd = loop {
+        if let Some(p) = etcd_children(Some(first.id())).first() {
+            break *p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first run's etcd never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    // A second etcd-migrate: refused at once, naming the holder.
+    let t0 = Instant::now();
+    let second = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3").run(&["migrate"]);
+    assert_eq!(second.status.code(), Some(3), "{}", text(&second));
+    assert!(
+        text(&second).contains(&format!("pid={}", first.id())),
+        "names the holder: {}",
+        text(&second)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "refused at once, took {:?}",
+        t0.elapsed()
+    );
+    // An etcd started on the dir while the step runs: bbolt's flock makes it wait.
+    let mut intruder = MemberSpec::new("3.4.23", &data, "m1");
+    intruder.extra.push("--heartbeat-interval=10".into());
+    let intruder = Member::spawn(intruder);
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the migration completes despite the intruder: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{step_etcd}")).exists()
+            || fs::read_to_string(format!("/proc/{step_etcd}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+    );
+    drop(intruder);
+    assert_eq!(version(&data), "3.5.1/etcd3");
+    let m = Member::start("3.5.1", &data, "m1");
+    assert_eq!(dump(&mut m.client().await).await, before, "nothing lost");
+}
+
+/// A tmpfs of `size` bytes mounted for the test (root only), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: u64) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+            .arg("tmpfs")
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "mount tmpfs needs root (CI runs as root): {}",
+            text(&st)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+    fn free(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+    /// Fills the filesystem so that `left` bytes stay free.
+    fn leave_free(&self, left: u64) -> PathBuf {
+        let filler = self.0.join("filler");
+        let _ = fs::remove_file(&filler);
+        let free = self.free();
+        assert!(
+            free > left,
+            "tmpfs too small: {free} free, want {left} left"
+        );
+        let f = fs::File::create(&filler).unwrap();
+        let mut w = std::io::BufWriter::new(f);
+        let chunk = vec![0x5au8; 1 << 16];
+        let mut n = free - left;
+        while n > 0 {
+            let k = n.min(chunk.len() as u64) as usize;
+            std::io::Write::write_all(&mut w, &chunk[..k]).unwrap();
+            n -= k as u64;
+        }
+        drop(w);
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn tree_bytes(p: &Path) -> u64 {
+    let m = fs::symlink_metadata(p).unwrap();
+    if m.is_dir() {
+        fs::read_dir(p)
+            .unwrap()
+            .map(|e| tree_bytes(&e.unwrap().path()))
+            .sum()
+    } else {
+        m.len()
+    }
+}
+
+/// Keys a dir serves, read on a copy outside the tmpfs by the version it records.
+async fn serves(data: &Path, name: &str, scratch: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let _ = fs::remove_dir_all(scratch);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(data)
+        .arg(scratch)
+        .status()
+        .unwrap()
+        .success());
+    let v = version(scratch);
+    let (ver, storage) = v.split_once('/').unwrap();
+    // The "3.0.17" source here was written by 3.4.23 (no 3.0.17 binary to write or read it).
+    let ver = if bundle().join(format!("etcd-{ver}")).exists() {
+        ver
+    } else {
+        "3.4.23"
+    };
+    let mut spec = MemberSpec::new(ver, scratch, name);
+    if storage == "etcd2" {
+        spec.extra.push("--enable-v2=true".into());
+    }
+    let m = Member::spawn(spec);
+    m.wait_healthy(Duration::from_secs(30));
+    if storage == "etcd2" {
+        let body: serde_json::Value =
+            reqwest::get(format!("{}/v2/keys/?recursive=true", m.client_url))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        let mut out = BTreeMap::new();
+        fn walk(n: &serde_json::Value, out: &mut BTreeMap<Vec<u8>, Vec<u8>>) {
+            if n["dir"].as_bool().unwrap_or(false) {
+                n["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .for_each(|c| walk(c, out));
+            } else if let Some(k) = n["key"].as_str() {
+                out.insert(
+                    k.as_bytes().to_vec(),
+                    n["value"].as_str().unwrap_or_default().as_bytes().to_vec(),
+                );
+            }
+        }
+        walk(&body["node"], &mut out);
+        out
+    } else {
+        dump(&mut m.client().await)
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, v.value))
+            .collect()
+    }
+}
+
+struct DiskCase {
+    name: &'static str,
+    source: PathBuf,
+    member: &'static str,
+    target: (&'static str, &'static str),
+    /// Free bytes to leave, from the member dir's and the backend's sizes.
+    leave: fn(u64, u64) -> u64,
+    /// The step must be refused before it copies anything (vs fail midway).
+    early: bool,
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_step_cleanly_and_a_rerun_after_freeing_space_completes() {
+    let t = tempfile::tempdir().unwrap();
+    // Sources, written on the normal disk by real etcd.
+    let v2 = t.path().join("src-v2/data");
+    {
+        let mut spec = MemberSpec::new("3.4.23", &v2, "m1");
+        spec.extra.push("--enable-v2=true".into());
+        let m = Member::spawn(spec);
+        m.wait_healthy(Duration::from_secs(30));
+        seed_v2(&m.client_url, 3000, 500, 10, 0).await;
+        // Enough value bytes that `etcdctl migrate`'s new backend outgrows the early check's slack.
+        let http = reqwest::Client::new();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..4000 {
+            let (http, url) = (
+                http.clone(),
+                format!("{}/v2/keys/registry/secrets/default/s{i}", m.client_url),
+            );
+            set.spawn(async move {
+                http.put(url)
+                    .form(&[("value", "x".repeat(2048))])
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .is_success()
+            });
+            if set.len() >= 32 {
+                assert!(set.join_next().await.unwrap().unwrap());
+            }
+        }
+        while let Some(r) = set.join_next().await {
+            assert!(r.unwrap());
+        }
+        m.stop();
+        fs::write(v2.join("version.txt"), "3.4.23/etcd2\n").unwrap();
+    }
+    let v351 = t.path().join("src-351/data");
+    {
+        let m = Member::start("3.5.1", &v351, "m1");
+        seed(&mut m.client().await, 2000, 10).await;
+        m.stop();
+        fs::write(v351.join("version.txt"), "3.5.1/etcd3\n").unwrap();
+    }
+    // Values that grow sixfold as v2 JSON (control characters are escaped as \u00XX), labelled
+    // 3.0.17 for the native rollback (no 3.0.17 binary here; the backend format is the same).
+    let esc = t.path().join("src-esc/data");
+    {
+        let m = Member::start("3.4.23", &esc, "m1");
+        let mut c = m.client().await;
+        for i in 0..200 {
+            c.put(
+                format!("/registry/configmaps/default/c{i}"),
+                "\u{1}".repeat(20_000),
+                None,
+            )
+            .await
+            .unwrap();
+        }
+        m.stop();
+        fs::write(esc.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    }
+    let early_need = |member: u64| member + member / 20 + (1 << 20);
+    let cases = [
+        DiskCase {
+            name: "storage migration, refused before copying",
+            source: v2.clone(),
+            member: "m1",
+            target: ("3.4.23", "etcd3"),
+            leave: |m, _| m / 2,
+            early: true,
+        },
+        DiskCase {
+            name: "storage migration, full midway",
+            source: v2.clone(),
+            member: "m1",
+            target: ("3.4.23", "etcd3"),
+            leave: |m, _| m + m / 20 + (1 << 20) + (256 << 10),
+            early: false,
+        },
+        DiskCase {
+            name: "minor rollback, refused before the snapshot",
+            source: v351.clone(),
+            member: "m1",
+            target: ("3.4.23", "etcd3"),
+            leave: |_, _| 1 << 20,
+            early: true,
+        },
+        DiskCase {
+            name: "native rollback, full midway",
+            source: esc.clone(),
+            member: "m1",
+            target: ("2.2.1", "etcd2"),
+            leave: |_, db| 2 * db + db / 10 + (3 << 19),
+            early: false,
+        },
+        DiskCase {
+            name: "upgrade, disk full",
+            source: t.path().join("src-34"),
+            member: "m1",
+            target: ("3.5.1", "etcd3"),
+            leave: |_, _| 0,
+            early: false,
+        },
+    ];
+    seeded_34(&t.path().join("src-34"), "m1", 300).await;
+    let mut resumable = 0;
+    for (i, c) in cases.iter().enumerate() {
+        let member_size = tree_bytes(&c.source.join("member"));
+        let fsdir = t.path().join(format!("fs{i}"));
+        let tmpfs = Tmpfs::mount(&fsdir, 3 * member_size + (64 << 20));
+        let data = fsdir.join("data");
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(&c.source)
+            .arg(&data)
+            .status()
+            .unwrap()
+            .success());
+        let before_version = version(&data);
+        let want = serves(&c.source, c.member, &t.path().join("scratch")).await;
+        let db_size = fs::metadata(c.source.join("member/snap/db"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let filler = tmpfs.leave_free((c.leave)(member_size, db_size));
+        let env = MigrateEnv::new(&data, c.member, c.target.0, c.target.1);
+        let out = env.run(&["migrate"]);
+        let log = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{}: {log}", c.name);
+        if c.early {
+            assert!(
+                log.contains("not enough free space in") && log.contains("bytes needed"),
+                "{}: names the path and the space needed:\n{log}",
+                c.name
+            );
+            let _ = early_need;
+        } else {
+            assert!(
+                log.contains("bytes free")
+                    || log.contains("No space left")
+                    || log.contains("no space left"),
+                "{}: says the disk is full:\n{log}",
+                c.name
+            );
+        }
+        assert_eq!(
+            version(&data),
+            before_version,
+            "{}: version.txt intact",
+            c.name
+        );
+        assert_eq!(
+            serves(&data, c.member, &t.path().join("scratch")).await,
+            want,
+            "{}: usable by the recorded version",
+            c.name
+        );
+        fs::remove_file(&filler).unwrap();
+        let out = env.run(&["migrate"]);
+        assert!(
+            out.status.success(),
+            "{}: rerun after freeing space: {}",
+            c.name,
+            text(&out)
+        );
+        assert_eq!(version(&data), format!("{}/{}", c.target.0, c.target.1));
+        resumable += 1;
+        drop(tmpfs);
+    }
+    println!(
+        "RESULT disk-full cases {resumable}/{} resumable",
+        cases.len()
+    );
+    assert_eq!(resumable, cases.len());
+}
