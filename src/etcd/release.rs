@@ -10,6 +10,9 @@ pub struct Release {
     pub version: EtcdVersion,
 }
 
+/// Operations per transaction our private etcd allows for bulk rewrites, where the flag exists.
+pub const BULK_TXN_OPS: usize = 1024;
+
 /// The tool that restores a v3 snapshot into a data dir.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreTool {
@@ -59,9 +62,19 @@ impl Release {
         }
     }
 
-    /// Most operations one transaction may hold (`--max-txn-ops`, 128 by default in every 3.x).
-    pub fn max_txn_ops(&self) -> usize {
-        128
+    /// Most operations one transaction may hold: 128 by default in every 3.x; from 3.3 our
+    /// private etcd can be started with a larger `--max-txn-ops` (see [`Release::txn_ops_flag`]).
+    pub fn max_txn_ops(&self, raised: bool) -> usize {
+        if raised && self.txn_ops_flag(BULK_TXN_OPS).is_some() {
+            BULK_TXN_OPS
+        } else {
+            128
+        }
+    }
+
+    /// `--max-txn-ops=<n>` where the release has the flag (3.3 and later).
+    pub fn txn_ops_flag(&self, n: usize) -> Option<String> {
+        self.at_least(3, 3).then(|| format!("--max-txn-ops={n}"))
     }
 
     /// The server flags we pass, in order, for a member on a data dir. `extra` (ETCD_CREDS) last.
@@ -87,6 +100,9 @@ impl Release {
             a.push("--heartbeat-interval=10".to_string());
             a.push("--election-timeout=100".to_string());
         }
+        if spec.bulk_txns {
+            a.extend(self.txn_ops_flag(BULK_TXN_OPS));
+        }
         if let Some(n) = spec.snapshot_count {
             a.push(format!("--snapshot-count={n}"));
         }
@@ -111,6 +127,8 @@ pub struct ServerSpec<'a> {
     pub serve_v2: bool,
     /// Short heartbeat and election timeouts: single-member data only.
     pub fast_election: bool,
+    /// Larger transactions for bulk rewrites (TTL reattachment) on a private etcd.
+    pub bulk_txns: bool,
     pub snapshot_count: Option<u32>,
     pub extra_args: &'a [String],
 }
@@ -152,6 +170,7 @@ mod tests {
                     initial_cluster: "n=http://127.0.0.1:2",
                     serve_v2: storage == Storage::Etcd2,
                     fast_election: true,
+                    bulk_txns: true,
                     snapshot_count: Some(5),
                     extra_args: &[],
                 };

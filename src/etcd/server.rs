@@ -88,6 +88,8 @@ pub struct Launch<'a> {
     pub snapshot_count: Option<u32>,
     /// The data belongs to a single-member cluster: elect quickly.
     pub single_member: bool,
+    /// Allow large transactions (a private bulk rewrite).
+    pub bulk_txns: bool,
 }
 
 /// The environment for a child started with `args`: ours removed, `prefix` duplicates removed
@@ -124,6 +126,7 @@ impl EtcdServer {
             initial_cluster: &member.initial_cluster,
             serve_v2: l.serve_v2 || l.storage == Storage::Etcd2,
             fast_election: l.single_member,
+            bulk_txns: l.bulk_txns,
             snapshot_count: l.snapshot_count,
             extra_args: &l.config.extra_args,
         };
@@ -257,7 +260,8 @@ impl EtcdServer {
 
     /// Fingerprint of the keyspace.
     pub async fn fingerprint(&self, api: &mut Api) -> Result<Fingerprint, EtcdError> {
-        match api {
+        let t = Instant::now();
+        let fp = match api {
             Api::V2(c) => c.fingerprint().await.map_err(|source| EtcdError::V2 {
                 label: self.label(),
                 source,
@@ -266,7 +270,14 @@ impl EtcdServer {
                 label: self.label(),
                 source,
             }),
-        }
+        }?;
+        tracing::debug!(
+            keys = fp.keys,
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "read every key of {}",
+            self.label()
+        );
+        Ok(fp)
     }
 
     /// Peers of the initial cluster that do not accept a TCP connection, for the timeout message.

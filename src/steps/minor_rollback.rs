@@ -45,16 +45,15 @@ pub async fn run(
         serve_v2: false,
         snapshot_count: None,
         single_member: ctx.members == 1,
+        bulk_txns: false,
     })?;
     let mut api = srv.ready().await?;
-    let before = srv.fingerprint(&mut api).await?;
-    if ctx.members == 1 {
-        verify_against(
-            &format!("{from}/etcd3 on {}", ctx.data_dir.display()),
-            baseline,
-            &before,
-        )?;
-    }
+    // What the restored member must serve: the baseline read offline before the step, else
+    // what this etcd serves now.
+    let before = match baseline {
+        Some(b) => b.clone(),
+        None => srv.fingerprint(&mut api).await?,
+    };
     ctl::snapshot_save(ctx.bundle, cfg, from, &srv.client_url, &snapshot).await?;
     srv.stop();
     let save_ms = t.elapsed().as_millis() as u64;
@@ -81,6 +80,7 @@ pub async fn run(
         serve_v2: false,
         snapshot_count: None,
         single_member: ctx.members == 1,
+        bulk_txns: false,
     })?;
     let mut api = srv.ready().await?;
     let after = srv.fingerprint(&mut api).await?;

@@ -330,6 +330,7 @@ async fn prove_with_221(
         serve_v2: true,
         snapshot_count: None,
         single_member: ctx.members == 1,
+        bulk_txns: false,
     })?;
     let mut api = srv.ready().await?;
     let got = srv.fingerprint(&mut api).await?;

@@ -193,6 +193,7 @@ pub async fn run(
         serve_v2: true,
         snapshot_count: cut_snapshot.then_some(CUT_SNAPSHOT_COUNT),
         single_member: ctx.members == 1,
+        bulk_txns: true,
     })?;
     let mut api = srv.ready().await?;
     let mut v3 = api
@@ -247,7 +248,7 @@ pub async fn run(
         v3,
         &capture.keys,
         cfg.ttl_granularity_secs,
-        Release::new(at).max_txn_ops(),
+        Release::new(at).max_txn_ops(true),
     )
     .await
     .map_err(|e| StepError::Other(format!("{label}: reattaching TTLs: {e}")))?;
@@ -380,17 +381,33 @@ pub async fn reattach(
 ) -> Result<Attached, String> {
     let now = now_ns();
     let mut out = Attached::default();
-    let mut buckets: BTreeMap<i64, i64> = BTreeMap::new();
     let mut ttls = Vec::with_capacity(keys.len());
+    let mut wanted = std::collections::BTreeSet::new();
     for k in keys {
         let ttl = lease_ttl(k.expires_unix_ns, now, granularity);
         if k.expires_unix_ns <= now {
             out.past_expiry += 1;
         }
         ttls.push(ttl);
-        if let std::collections::btree_map::Entry::Vacant(e) = buckets.entry(ttl) {
-            e.insert(v3.lease_grant(ttl).await.map_err(|e| e.to_string())?);
+        wanted.insert(ttl);
+    }
+    // One lease per TTL bucket, granted concurrently (each grant is a raft round trip).
+    let mut buckets: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut grants = JoinSet::new();
+    let mut pending_ttls = wanted.into_iter();
+    loop {
+        while grants.len() < IN_FLIGHT {
+            let Some(ttl) = pending_ttls.next() else {
+                break;
+            };
+            let mut c = v3.clone();
+            grants.spawn(async move { (ttl, c.lease_grant(ttl).await) });
         }
+        let Some(joined) = grants.join_next().await else {
+            break;
+        };
+        let (ttl, id) = joined.map_err(|e| e.to_string())?;
+        buckets.insert(ttl, id.map_err(|e| e.to_string())?);
     }
     out.leases = buckets.len() as u64;
 

@@ -32,6 +32,7 @@ pub async fn run(
         serve_v2: false,
         snapshot_count: cut_snapshot.then_some(CUT_SNAPSHOT_COUNT),
         single_member: ctx.members == 1,
+        bulk_txns: false,
     })?;
     let mut api = srv.ready().await?;
     fail::fail_point!("upgrade-etcd-running");

@@ -156,7 +156,22 @@ pub struct Db {
     file_len: u64,
     meta: Meta,
     meta_page: u64,
+    /// Recently read single pages, direct-mapped by id: point lookups in key order revisit the
+    /// same branch and leaf pages. At most CACHE_SLOTS pages are held.
+    cache: PageCache,
 }
+
+/// The page cache of a [`Db`].
+struct PageCache(std::sync::Mutex<Vec<Option<Page>>>);
+
+impl fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PageCache({CACHE_SLOTS} slots)")
+    }
+}
+
+/// Pages the read cache holds (4 MiB at the usual 4 KiB page size).
+const CACHE_SLOTS: usize = 1024;
 
 impl Db {
     /// Opens `path`, validates both meta pages and picks the valid one with the highest txid.
@@ -192,6 +207,7 @@ impl Db {
             file_len,
             meta,
             meta_page,
+            cache: PageCache(std::sync::Mutex::new(vec![None; CACHE_SLOTS])),
         };
         db.check_meta()?;
         Ok(db)
@@ -277,8 +293,25 @@ impl Db {
         Ok(())
     }
 
-    /// Reads page `pgid` including its overflow pages; it must be a branch or leaf page.
+    /// Reads page `pgid` including its overflow pages (through the cache for single pages).
     fn read_page(&self, pgid: u64) -> Result<Page> {
+        let slot = (pgid % CACHE_SLOTS as u64) as usize;
+        if let Ok(cache) = self.cache.0.lock() {
+            if let Some(p) = cache[slot].as_ref().filter(|p| p.pgid == pgid) {
+                return Ok(p.clone());
+            }
+        }
+        let page = self.read_page_uncached(pgid)?;
+        if page.buf.len() == self.page_size() {
+            if let Ok(mut cache) = self.cache.0.lock() {
+                cache[slot] = Some(page.clone());
+            }
+        }
+        Ok(page)
+    }
+
+    /// Reads page `pgid` including its overflow pages; it must be a branch or leaf page.
+    fn read_page_uncached(&self, pgid: u64) -> Result<Page> {
         let high_water = self.meta.high_water;
         if pgid < 2 || pgid >= high_water {
             return Err(BboltError::PageOutOfRange {
@@ -481,7 +514,8 @@ impl PageHeader {
 /// A branch or leaf page whose element array is known to fit in `buf`.
 #[derive(Clone)]
 struct Page {
-    buf: Vec<u8>,
+    /// Shared: cached pages are handed out by cloning the handle, not the bytes.
+    buf: std::sync::Arc<Vec<u8>>,
     /// Page id for error messages (0 for inline pages).
     pgid: u64,
     branch: bool,
@@ -518,7 +552,7 @@ impl Page {
             return Err("branch page without elements".into());
         }
         Ok(Page {
-            buf,
+            buf: std::sync::Arc::new(buf),
             pgid,
             branch,
             count,

@@ -243,16 +243,15 @@ pub struct Kv {
     pub lease: i64,
 }
 
-/// Every key of a v3 store.
+/// Every key of a v3 store (paged: gRPC caps a response at 4 MiB).
 pub async fn dump(c: &mut Client) -> BTreeMap<Vec<u8>, Kv> {
-    let r = c
-        .get(vec![0u8], Some(GetOptions::new().with_range(vec![0u8])))
-        .await
-        .expect("range");
-    r.kvs()
-        .iter()
-        .map(|kv| {
-            (
+    let mut out = BTreeMap::new();
+    let mut start = vec![0u8];
+    loop {
+        let opts = GetOptions::new().with_range(vec![0u8]).with_limit(500);
+        let r = c.get(start.clone(), Some(opts)).await.expect("range");
+        for kv in r.kvs() {
+            out.insert(
                 kv.key().to_vec(),
                 Kv {
                     value: kv.value().to_vec(),
@@ -261,9 +260,16 @@ pub async fn dump(c: &mut Client) -> BTreeMap<Vec<u8>, Kv> {
                     version: kv.version(),
                     lease: kv.lease(),
                 },
-            )
-        })
-        .collect()
+            );
+        }
+        match r.kvs().last() {
+            Some(last) if r.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return out,
+        }
+    }
 }
 
 /// Writes `n` keys under `/registry/pods/default/p<i>`; every `lease_every`-th gets one of two leases.

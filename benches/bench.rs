@@ -1,0 +1,684 @@
+//! Benchmarks with real etcd: `make bench` (or `cargo bench --bench bench -- [p1 p2 p3 p3step p4 p6 ha]`).
+//! Each prints its figures and BENCHMARKS.md is rewritten with them and the command that made them.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use etcd_migrate::steps::to_etcd3::{reattach, reattach_naive, Captured};
+
+/// One measured figure.
+struct Row {
+    id: &'static str,
+    what: String,
+    figure: String,
+    goal: &'static str,
+    met: Option<bool>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn cp(from: &Path, to: &Path) {
+    let _ = fs::remove_dir_all(to);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Puts `n` keys in batched transactions, many in flight.
+async fn bulk_put(
+    url: &str,
+    n: usize,
+    key: impl Fn(usize) -> String + Send + Sync + 'static,
+    value: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+    lease: Option<i64>,
+) {
+    let key = Arc::new(key);
+    let value = Arc::new(value);
+    let c = Client::connect([url], None).await.unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    let mut i = 0;
+    while i < n || !set.is_empty() {
+        while set.len() < 16 && i < n {
+            let end = (i + 100).min(n);
+            let (mut c, key, value) = (c.clone(), key.clone(), value.clone());
+            set.spawn(async move {
+                let ops: Vec<TxnOp> = (i..end)
+                    .map(|j| {
+                        TxnOp::put(
+                            key(j),
+                            value(j),
+                            lease.map(|l| PutOptions::new().with_lease(l)),
+                        )
+                    })
+                    .collect();
+                c.txn(Txn::new().and_then(ops)).await.unwrap();
+            });
+            i = end;
+        }
+        set.join_next().await.unwrap().unwrap();
+    }
+}
+
+/// Runs the release etcd-migrate with Kubernetes-style env; returns wall time and peak RSS (KiB).
+fn run_migrate(env: &MigrateEnv, args: &[&str]) -> (Duration, i64, String) {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let t = Instant::now();
+    let mut child = env
+        .command(args)
+        .stdout(Stdio::null())
+        .stderr(out.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let took = t.elapsed();
+    let _ = child.try_wait();
+    let log = fs::read_to_string(out.path()).unwrap_or_default();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "etcd-migrate {args:?} failed:\n{}",
+        log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+    );
+    (took, ru.ru_maxrss, log)
+}
+
+/// Start, first successful write, stop: what an operator's bare restart costs.
+async fn bare_cycle(version: &str, dir: &Path, name: &str, extra: &[&str]) -> Duration {
+    let mut spec = MemberSpec::new(version, dir, name);
+    spec.extra = extra.iter().map(|s| s.to_string()).collect();
+    let t = Instant::now();
+    let m = Member::spawn(spec);
+    loop {
+        if let Ok(mut c) = Client::connect(
+            [m.client_url.as_str()],
+            Some(
+                etcd_client::ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_millis(100))
+                    .with_timeout(Duration::from_secs(5)),
+            ),
+        )
+        .await
+        {
+            if c.put("/bench/probe", "1", None).await.is_ok() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    m.stop();
+    t.elapsed()
+}
+
+async fn seeded(version: &str, dir: &Path, name: &str, n: usize, value_len: usize) {
+    let m = Member::start(version, dir, name);
+    let lease = m.client().await.lease_grant(3600, None).await.unwrap().id();
+    bulk_put(
+        &m.client_url,
+        n,
+        |i| format!("/registry/pods/ns-{}/p{i:07}", i % 100),
+        move |i| {
+            format!("{{\"n\":{i}}}")
+                .into_bytes()
+                .into_iter()
+                .chain(std::iter::repeat_n(b'x', value_len))
+                .collect()
+        },
+        None,
+    )
+    .await;
+    let mut c = m.client().await;
+    for i in 0..n.min(1000) {
+        c.put(
+            format!("/registry/events/default/e{i}"),
+            "e",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    }
+    m.stop();
+    fs::write(dir.join("version.txt"), format!("{version}/etcd3\n")).unwrap();
+}
+
+async fn p1(root: &Path) -> Vec<Row> {
+    let seed = root.join("p1-seed");
+    seeded("3.4.23", &seed, "m1", 10_000, 200).await;
+    let (mut ours, mut bare, mut bare_fast) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..5 {
+        let (a, b, c) = (
+            root.join(format!("p1-a{r}")),
+            root.join(format!("p1-b{r}")),
+            root.join(format!("p1-c{r}")),
+        );
+        cp(&seed, &a);
+        cp(&seed, &b);
+        cp(&seed, &c);
+        let env = MigrateEnv::new(&a, "m1", "3.5.1", "etcd3");
+        ours.push(secs(run_migrate(&env, &["migrate"]).0));
+        bare.push(secs(bare_cycle("3.5.1", &b, "m1", &[]).await));
+        bare_fast.push(secs(
+            bare_cycle(
+                "3.5.1",
+                &c,
+                "m1",
+                &["--heartbeat-interval=10", "--election-timeout=100"],
+            )
+            .await,
+        ));
+    }
+    let ratios: Vec<f64> = ours.iter().zip(&bare).map(|(o, b)| o / b).collect();
+    let ratios_fast: Vec<f64> = ours.iter().zip(&bare_fast).map(|(o, b)| o / b).collect();
+    let r = median(ratios.clone());
+    let rf = median(ratios_fast.clone());
+    println!("P1 step {:.3}s, bare {:.3}s, bare with the same election flags {:.3}s; ratios {ratios:.3?} / {ratios_fast:.3?}", median(ours.clone()), median(bare.clone()), median(bare_fast.clone()));
+    vec![
+        Row { id: "P1", what: "upgrade step 3.4.23 -> 3.5.1, 10,000 keys, / bare start-write-stop of etcd-3.5.1 (median of 5)".into(), figure: format!("{r:.3} (step {:.2} s, bare {:.2} s)", median(ours.clone()), median(bare)), goal: "<= 1.05", met: Some(r <= 1.05) },
+        Row { id: "P1'", what: "the same, bare etcd given our single-member election flags (our own overhead)".into(), figure: format!("{rf:.3} (bare {:.2} s)", median(bare_fast)), goal: "(report)", met: None },
+    ]
+}
+
+async fn p2(root: &Path) -> Vec<Row> {
+    let d = root.join("p2");
+    seeded("3.5.1", &d, "m1", 1000, 50).await;
+    let env = MigrateEnv::new(&d, "m1", "3.5.1", "etcd3");
+    let runs: Vec<f64> = (0..21)
+        .map(|_| secs(run_migrate(&env, &["migrate"]).0) * 1000.0)
+        .collect();
+    let m = median(runs);
+    println!("P2 no-op run at target: median {m:.2} ms of 21");
+    vec![Row {
+        id: "P2",
+        what: "no-op run at the target (median of 21, process start to exit)".into(),
+        figure: format!("{m:.2} ms"),
+        goal: "<= 10 ms",
+        met: Some(m <= 10.0),
+    }]
+}
+
+async fn p3(root: &Path) -> Vec<Row> {
+    let n = 100_000;
+    let naive_n = 10_000;
+    let d = root.join("p3");
+    // The flags the storage migration gives its private etcd (single member, bulk rewrite).
+    let release = etcd_migrate::etcd::release::Release::new("3.4.23".parse().unwrap());
+    let ops = release.max_txn_ops(true);
+    let mut spec = MemberSpec::new("3.4.23", &d, "m1");
+    spec.extra = vec![
+        "--heartbeat-interval=10".into(),
+        "--election-timeout=100".into(),
+    ];
+    spec.extra.extend(release.txn_ops_flag(ops));
+    let m = Member::spawn(spec);
+    m.wait_healthy(Duration::from_secs(30));
+    bulk_put(
+        &m.client_url,
+        n,
+        |i| format!("/registry/events/ns-{}/e{i:07}", i % 50),
+        |i| format!("{{\"kind\":\"Event\",\"reason\":\"Started\",\"count\":{i}}}").into_bytes(),
+        None,
+    )
+    .await;
+    let mut c = m.client().await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    let mut keys = Vec::with_capacity(n);
+    let kvs = dump(&mut c).await;
+    for (i, (k, kv)) in kvs.into_iter().enumerate() {
+        keys.push(Captured {
+            key: String::from_utf8(k).unwrap(),
+            value: String::from_utf8(kv.value).unwrap(),
+            created_index: kv.create_revision,
+            modified_index: kv.mod_revision,
+            expires_unix_ns: now + (3000 + (i % 600) as i128) * 1_000_000_000,
+        });
+    }
+    let v3 = etcd_migrate::etcd::v3::V3::connect(&m.client_url, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let cpu = |pid: u32| -> f64 {
+        let st = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = st.rsplit_once(") ").unwrap().1.split(' ').collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let self_cpu = || {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        ru.ru_utime.tv_sec as f64
+            + ru.ru_utime.tv_usec as f64 / 1e6
+            + ru.ru_stime.tv_sec as f64
+            + ru.ru_stime.tv_usec as f64 / 1e6
+    };
+    let (e0, s0) = (cpu(m.pid()), self_cpu());
+    let t = Instant::now();
+    let att = reattach(v3.clone(), &keys, 1, ops).await.unwrap();
+    let batched = t.elapsed();
+    println!(
+        "P3 cpu: etcd {:.2}s, client {:.2}s over {:.2}s",
+        cpu(m.pid()) - e0,
+        self_cpu() - s0,
+        secs(batched)
+    );
+    assert_eq!(att.attached, n as u64);
+    let naive = reattach_naive(v3, &keys[..naive_n], 1).await.unwrap();
+    let rate = n as f64 / secs(batched);
+    let naive_rate = naive_n as f64 / secs(naive);
+    println!("P3 reattach {n} keys in {:.2}s = {rate:.0} keys/s ({} leases); naive {naive_n} keys in {:.2}s = {naive_rate:.0} keys/s; ratio {:.1}", secs(batched), att.leases, secs(naive), rate / naive_rate);
+    m.stop();
+    vec![
+        Row { id: "P3", what: format!("reattach {n} TTL keys (600 TTL buckets), etcd 3.4.23, {ops} puts per guarded txn"), figure: format!("{rate:.0} keys/s ({:.2} s)", secs(batched)), goal: ">= 50,000 keys/s", met: Some(rate >= 50_000.0) },
+        Row { id: "P3 ratio", what: format!("the same / a naive client putting keys one by one (measured on {naive_n} keys, same run)"), figure: format!("{:.1}x (naive {naive_rate:.0} keys/s)", rate / naive_rate), goal: ">= 10x", met: Some(rate / naive_rate >= 10.0) },
+    ]
+}
+
+async fn p3_step(root: &Path) -> Vec<Row> {
+    let d = root.join("p3step");
+    let mut spec = MemberSpec::new("3.4.23", &d, "m1");
+    spec.extra = vec!["--enable-v2=true".into()];
+    let m = Member::spawn(spec);
+    m.wait_healthy(Duration::from_secs(30));
+    seed_v2(&m.client_url, 50_000, 50_000, 0, 0).await;
+    m.stop();
+    fs::write(d.join("version.txt"), "3.4.23/etcd2\n").unwrap();
+    let env = MigrateEnv::new(&d, "m1", "3.4.23", "etcd3");
+    let (took, rss, _) = run_migrate(&env, &["migrate"]);
+    let j = fs::read_to_string(d.join("etcd-migrate.journal")).unwrap();
+    let e: serde_json::Value = j
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["kind"] == "migrate-storage")
+        .unwrap();
+    let det = &e["detail"];
+    let mig = det["etcdctl_migrate_ms"].as_f64().unwrap() / 1000.0;
+    let share = mig / secs(took) * 100.0;
+    println!("P3 step: 100,000 keys etcd2 -> etcd3 in {:.2}s (etcdctl migrate {mig:.2}s = {share:.0}%, capture {} ms, reattach {} ms), peak RSS {} MiB", secs(took), det["capture_ms"], det["reattach_ms"], rss / 1024);
+    vec![Row {
+        id: "P3 step",
+        what: "whole storage migration, 100,000 keys (50,000 with TTL), 3.4.23/etcd2 -> 3.4.23/etcd3".into(),
+        figure: format!("{:.2} s, {share:.0}% in etcdctl migrate (capture {:.2} s, reattach {:.2} s), peak RSS {} MiB", secs(took), det["capture_ms"].as_f64().unwrap() / 1000.0, det["reattach_ms"].as_f64().unwrap() / 1000.0, rss / 1024),
+        goal: "(report)",
+        met: None,
+    }]
+}
+
+async fn p4(root: &Path) -> Vec<Row> {
+    let n = 1_000_000;
+    let d = root.join("p4/data");
+    let m = Member::start("3.4.23", &d, "m1");
+    let lease = m.client().await.lease_grant(3600, None).await.unwrap().id();
+    bulk_put(
+        &m.client_url,
+        n,
+        |i| format!("/registry/configmaps/ns-{}/cm-{i:07}", i % 1000),
+        |i| {
+            let mut v = format!("{{\"kind\":\"ConfigMap\",\"n\":{i},\"data\":\"").into_bytes();
+            v.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, 1000));
+            v.extend_from_slice(b"\"}");
+            v
+        },
+        None,
+    )
+    .await;
+    bulk_put(
+        &m.client_url,
+        10_000,
+        |i| format!("/registry/events/default/e{i}"),
+        |_| b"{}".to_vec(),
+        Some(lease),
+    )
+    .await;
+    m.stop();
+    // Written by 3.4.23, labelled 3.0.17: no 3.0.17 binary here, and the native rollback reads
+    // the backend offline, whose format is the same.
+    fs::write(d.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    let db = d.join("member/snap/db");
+    let db_bytes = fs::metadata(&db).unwrap().len();
+    let t = Instant::now();
+    assert!(Command::new("cp")
+        .arg(&db)
+        .arg(root.join("p4/db.copy"))
+        .status()
+        .unwrap()
+        .success());
+    let cp_time = t.elapsed();
+    fs::remove_file(root.join("p4/db.copy")).unwrap();
+    let env = MigrateEnv::new(&d, "m1", "2.2.1", "etcd2");
+    let (took, rss, log) = run_migrate(&env, &["migrate"]);
+    let ratio = secs(cp_time) / secs(took);
+    let rss_mib = rss / 1024;
+    println!("P4 rollback of {n} keys ({:.0} MB db) in {:.1}s; cp {:.1}s; throughput ratio {ratio:.2}; peak RSS {rss_mib} MiB", db_bytes as f64 / 1e6, secs(took), secs(cp_time));
+    let _ = log;
+    vec![
+        Row { id: "P4", what: format!("native rollback of 1,010,000 keys ({:.2} GB db) to 2.2.1: throughput / cp of the db file", db_bytes as f64 / 1e9), figure: format!("{ratio:.2} ({:.1} s vs cp {:.1} s)", secs(took), secs(cp_time)), goal: ">= 0.5", met: Some(ratio >= 0.5) },
+        Row { id: "P4 RSS", what: "the same: peak RSS of etcd-migrate".into(), figure: format!("{rss_mib} MiB"), goal: "<= 256 MB", met: Some(rss_mib <= 244) },
+    ]
+}
+
+async fn p6(root: &Path) -> Vec<Row> {
+    let seed = root.join("p6-seed");
+    seeded("3.5.1", &seed, "m1", 100_000, 200).await;
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for r in 0..3 {
+        let a = root.join(format!("p6-a{r}/data"));
+        fs::create_dir_all(a.parent().unwrap()).unwrap();
+        cp(&seed, &a);
+        let mut env = MigrateEnv::new(&a, "m1", "3.4.23", "etcd3");
+        env.set("CHILD_OUTPUT", "quiet");
+        let (took, _, log) = run_migrate(&env, &["migrate"]);
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            println!("{log}");
+        }
+        ours.push(secs(took));
+        // Bare: start 3.5.1, snapshot save when it serves, stop, restore with 3.4.23's etcdctl.
+        let b = root.join(format!("p6-b{r}/data"));
+        fs::create_dir_all(b.parent().unwrap()).unwrap();
+        cp(&seed, &b);
+        let spec = MemberSpec::new("3.5.1", &b, "m1");
+        let (url, peer) = (spec.client_url(), spec.peer_url());
+        let t = Instant::now();
+        let m = Member::spawn(spec);
+        let snap = b.with_file_name("snap.db");
+        loop {
+            let st = Command::new(bundle().join("etcdctl-3.5.1"))
+                .args(["--endpoints", &url, "snapshot", "save"])
+                .arg(&snap)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            if st.success() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        m.stop();
+        let st = Command::new(bundle().join("etcdctl-3.4.23"))
+            .args(["snapshot", "restore"])
+            .arg(&snap)
+            .arg("--data-dir")
+            .arg(b.with_file_name("restored"))
+            .args([
+                "--name",
+                "m1",
+                "--initial-cluster",
+                &format!("m1={peer}"),
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .env("ETCDCTL_API", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        bare.push(secs(t.elapsed()));
+    }
+    let ratios: Vec<f64> = ours.iter().zip(&bare).map(|(o, b)| o / b).collect();
+    let r = median(ratios.clone());
+    println!(
+        "P6 minor rollback {:.2}s, bare save+restore {:.2}s, ratios {ratios:.3?}",
+        median(ours.clone()),
+        median(bare.clone())
+    );
+    vec![Row { id: "P6", what: "minor rollback 3.5.1 -> 3.4.23 of 100,000 keys / bare start + snapshot save + stop + restore (median of 3)".into(), figure: format!("{r:.3} ({:.2} s vs {:.2} s)", median(ours), median(bare)), goal: "<= 1.15", met: Some(r <= 1.15) }]
+}
+
+/// Rolls a three-member 3.4.23 cluster to 3.5.1, by etcd-migrate `run` or by a bare restart;
+/// returns per-member times and the longest window of failed client writes.
+async fn roll(root: &Path, with_migrate: bool) -> (Vec<f64>, f64) {
+    let mut specs: Vec<MemberSpec> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|n| MemberSpec::new("3.4.23", &root.join(n), n))
+        .collect();
+    let ic = specs
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.peer_url()))
+        .collect::<Vec<_>>()
+        .join(",");
+    for s in &mut specs {
+        s.initial_cluster = Some(ic.clone());
+    }
+    let mut members: Vec<Option<Member>> = specs
+        .iter()
+        .map(|s| Some(Member::spawn(s.clone())))
+        .collect();
+    let eps: Vec<String> = specs.iter().map(|s| s.client_url()).collect();
+    let mut c = Client::connect(eps.clone(), None).await.unwrap();
+    while c.put("/warm", "1", None).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for s in &specs {
+        fs::write(s.data_dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gap = Arc::new(Mutex::new(0f64));
+    let writer = {
+        let (stop, gap, eps) = (stop.clone(), gap.clone(), eps.clone());
+        tokio::spawn(async move {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_timeout(Duration::from_secs(1))
+                .with_connect_timeout(Duration::from_millis(200));
+            let mut c = Client::connect(eps, Some(opts)).await.unwrap();
+            let mut last_ok = Instant::now();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                if c.put(format!("/w/{i}"), "x", None).await.is_ok() {
+                    let g = secs(last_ok.elapsed());
+                    let mut m = gap.lock().unwrap();
+                    *m = m.max(g);
+                    last_ok = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut kids = Vec::new();
+    let mut per = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let t = Instant::now();
+        members[i].take().unwrap().stop();
+        let flags: Vec<String> = s
+            .flags()
+            .into_iter()
+            .map(|f| if f == "new" { "existing".into() } else { f })
+            .collect();
+        let child = if with_migrate {
+            let mut env = MigrateEnv::new(&s.data_dir, &s.name, "3.5.1", "etcd3");
+            env.set("INITIAL_CLUSTER", &ic)
+                .set("LISTEN_PEER_URLS", &s.peer_url())
+                .set("INITIAL_ADVERTISE_PEER_URLS", &s.peer_url());
+            let mut args = vec!["run", "--"];
+            args.extend(flags.iter().map(|f| f.as_str()));
+            env.command(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        } else {
+            let mut cmd = Command::new(bundle().join("etcd-3.5.1"));
+            cmd.args(&flags)
+                .env_clear()
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            cmd.spawn().unwrap()
+        };
+        kids.push(child);
+        let mut one = loop {
+            if let Ok(c) = Client::connect(
+                [s.client_url()],
+                Some(
+                    etcd_client::ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_millis(100))
+                        .with_timeout(Duration::from_secs(2)),
+                ),
+            )
+            .await
+            {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        loop {
+            if http_get(&s.client_url(), "/version")
+                .is_some_and(|v| v.contains("\"etcdserver\":\"3.5.1\""))
+                && one.put("/roll", s.name.as_str(), None).await.is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        per.push(secs(t.elapsed()));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    for mut k in kids {
+        unsafe { libc::kill(k.id() as i32, libc::SIGTERM) };
+        let _ = k.wait();
+    }
+    let g = *gap.lock().unwrap();
+    (per, g)
+}
+
+async fn ha(root: &Path) -> Vec<Row> {
+    let (ours, gap) = roll(&root.join("ha-ours"), true).await;
+    let (bare, bare_gap) = roll(&root.join("ha-bare"), false).await;
+    let (to, tb): (f64, f64) = (ours.iter().sum(), bare.iter().sum());
+    let r = to / tb;
+    println!("HA roll: etcd-migrate {ours:.2?} = {to:.2}s, bare {bare:.2?} = {tb:.2}s, ratio {r:.2}; longest write gap {gap:.2}s (bare {bare_gap:.2}s)");
+    vec![
+        Row { id: "HA", what: "rolling upgrade 3.4.23 -> 3.5.1 of three members: total time / bare restart of each member with the new binary".into(), figure: format!("{r:.2} ({to:.2} s vs {tb:.2} s; per member {:.2?} s vs {:.2?} s)", ours, bare), goal: "<= 1.10", met: Some(r <= 1.10) },
+        Row { id: "HA gap", what: "the same: longest window in which the client's writes failed".into(), figure: format!("{gap:.2} s (bare restart: {bare_gap:.2} s)"), goal: "(report)", met: None },
+    ]
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let mem = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total = mem
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+        / 1024;
+    format!(
+        "{} cores ({model}), {total} GiB RAM",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}
+
+fn main() {
+    let mut which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if which.is_empty() || which.iter().any(|w| w == "all") {
+        which = ["p1", "p2", "p3", "p3step", "p4", "p6", "ha"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("etcd-migrate-bench")
+        .tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
+        .unwrap();
+    let mut rows = Vec::new();
+    for w in &which {
+        let dir = root.path().join(w);
+        fs::create_dir_all(&dir).unwrap();
+        let r = rt.block_on(async {
+            match w.as_str() {
+                "p1" => p1(&dir).await,
+                "p2" => p2(&dir).await,
+                "p3" => p3(&dir).await,
+                "p3step" => p3_step(&dir).await,
+                "p4" => p4(&dir).await,
+                "p6" => p6(&dir).await,
+                "ha" => ha(&dir).await,
+                other => panic!("unknown benchmark {other}"),
+            }
+        });
+        let _ = fs::remove_dir_all(&dir);
+        rows.extend(r);
+    }
+    let mut md = String::from("# Benchmarks\n\n");
+    md.push_str(&format!(
+        "Made by `make bench` (`cargo bench --bench bench -- {}`) on {}, {}. Real etcd from `.bundle/` (3.4.23, 3.5.1), on loopback. Figures are from one run; rerun the command to reproduce them.\n\n",
+        which.join(" "),
+        time::OffsetDateTime::now_utc().date(),
+        machine()
+    ));
+    md.push_str("| id | what | figure | goal | met |\n|---|---|---|---|---|\n");
+    for r in &rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {met} |\n",
+            r.id, r.what, r.figure, r.goal
+        ));
+        println!("{:<8} {:<10} {}  ({})", r.id, met, r.figure, r.goal);
+    }
+    let notes = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.notes.md");
+    if let Ok(n) = fs::read_to_string(&notes) {
+        md.push('\n');
+        md.push_str(&n);
+    }
+    if std::env::var("BENCH_WRITE")
+        .map(|v| v != "0")
+        .unwrap_or(true)
+    {
+        fs::write(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md"),
+            md,
+        )
+        .unwrap();
+    }
+}
