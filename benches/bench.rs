@@ -2,7 +2,6 @@
 //! Each prints its figures and BENCHMARKS.md is rewritten with them and the command that made them.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::fs;
