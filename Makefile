@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FEATURES := --features failpoints
 
-.PHONY: all deps bundle build release test unit acceptance demo bench lint fmt reliability fuzz rootfs image clean
+.PHONY: all deps bundle build release test unit acceptance demo bench lint fmt reliability fuzz fuzz-deps rootfs image clean
 
 all: build
 
@@ -27,11 +27,23 @@ build: deps
 
 release: build
 
-# Every test: unit, property, and integration tests against real etcd processes.
-test: deps bundle
+# Every test: unit, property, and integration tests against real etcd processes, then a short
+# fuzzing smoke run of every fuzz target.
+test: deps bundle fuzz-deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets $(FEATURES) -- -D warnings
 	$(CARGO) test $(FEATURES) -- --test-threads=2
+	scripts/fuzz.sh smoke
+
+# cargo-fuzz for the targets in fuzz/ (runs on stable: scripts/fuzz.sh sets RUSTC_BOOTSTRAP=1).
+fuzz-deps:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+# Long fuzzing: FUZZ_SECONDS per target (default 600); results in testdata/fuzz/results.tsv,
+# summarized in testdata/fuzz/RESULTS.md for RELIABILITY.md.
+fuzz: deps fuzz-deps
+	FUZZ_REPORT=$${FUZZ_REPORT:-testdata/fuzz/results.tsv} scripts/fuzz.sh long
+	scripts/fuzz-summary.sh testdata/fuzz/results.tsv > testdata/fuzz/RESULTS.md
 
 unit: deps
 	$(CARGO) test $(FEATURES) --lib
@@ -45,6 +57,10 @@ demo: build bundle
 
 bench: build bundle
 	scripts/bench.sh
+
+# Crash, kill -9, bad-input and disk-full figures (and the last fuzz run) into RELIABILITY.md.
+reliability: deps bundle
+	scripts/reliability.sh
 
 lint:
 	$(CARGO) fmt --check

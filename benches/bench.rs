@@ -322,7 +322,10 @@ async fn p3_step(root: &Path) -> Vec<Row> {
 }
 
 async fn p4(root: &Path) -> Vec<Row> {
-    let n = 1_000_000;
+    let n: usize = std::env::var("BENCH_P4_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let d = root.join("p4/data");
     let m = Member::start("3.4.23", &d, "m1");
     let lease = m.client().await.lease_grant(3600, None).await.unwrap().id();
@@ -362,12 +365,15 @@ async fn p4(root: &Path) -> Vec<Row> {
         .success());
     let cp_time = t.elapsed();
     fs::remove_file(root.join("p4/db.copy")).unwrap();
-    let env = MigrateEnv::new(&d, "m1", "2.2.1", "etcd2");
+    let mut env = MigrateEnv::new(&d, "m1", "2.2.1", "etcd2");
+    env.set("CHILD_OUTPUT", "quiet");
     let (took, rss, log) = run_migrate(&env, &["migrate"]);
     let ratio = secs(cp_time) / secs(took);
     let rss_mib = rss / 1024;
     println!("P4 rollback of {n} keys ({:.0} MB db) in {:.1}s; cp {:.1}s; throughput ratio {ratio:.2}; peak RSS {rss_mib} MiB", db_bytes as f64 / 1e6, secs(took), secs(cp_time));
-    let _ = log;
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        println!("{log}");
+    }
     vec![
         Row { id: "P4", what: format!("native rollback of 1,010,000 keys ({:.2} GB db) to 2.2.1: throughput / cp of the db file", db_bytes as f64 / 1e9), figure: format!("{ratio:.2} ({:.1} s vs cp {:.1} s)", secs(took), secs(cp_time)), goal: ">= 0.5", met: Some(ratio >= 0.5) },
         Row { id: "P4 RSS", what: "the same: peak RSS of etcd-migrate".into(), figure: format!("{rss_mib} MiB"), goal: "<= 256 MB", met: Some(rss_mib <= 244) },
@@ -626,9 +632,17 @@ fn main() {
         .prefix("etcd-migrate-bench")
         .tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
         .unwrap();
+    // BENCH_KEEP=1 leaves the data behind for a look (its path is printed).
+    let (root_path, _guard) = if std::env::var_os("BENCH_KEEP").is_some() {
+        let p = root.keep();
+        println!("keeping {}", p.display());
+        (p, None)
+    } else {
+        (root.path().to_path_buf(), Some(root))
+    };
     let mut rows = Vec::new();
     for w in &which {
-        let dir = root.path().join(w);
+        let dir = root_path.join(w);
         fs::create_dir_all(&dir).unwrap();
         let r = rt.block_on(async {
             match w.as_str() {
@@ -642,7 +656,9 @@ fn main() {
                 other => panic!("unknown benchmark {other}"),
             }
         });
-        let _ = fs::remove_dir_all(&dir);
+        if std::env::var_os("BENCH_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&dir);
+        }
         rows.extend(r);
     }
     let mut md = String::from("# Benchmarks\n\n");

@@ -11,6 +11,7 @@ use crate::etcd::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::fsutil::{self, FsError};
 use crate::plan::DataFacts;
 use crate::progress::{self, ProgressError, JOURNAL_FILE, VERSION_FILE};
+use crate::storage::walinfo::MemberSummary;
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
 /// The legacy default for a data dir with a v2 WAL and no version.txt.
@@ -206,12 +207,59 @@ fn check_consistent(path: &Path, v: VersionFile, has_member: bool) -> Result<(),
     }
 }
 
-/// Member count and cluster-version history from the WAL and snapshots.
-pub fn member_facts(member: &Path) -> Result<DataFacts, DataDirError> {
+/// What identifies the state of a member dir's WAL and snapshots: every file's name, length
+/// and modification time. etcd cannot change them without changing this.
+fn member_signature(member: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut sig = Vec::new();
+    for sub in ["wal", "snap"] {
+        if let Ok(rd) = fs::read_dir(member.join(sub)) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let m = e.metadata().ok();
+                sig.push((
+                    e.path(),
+                    m.as_ref().map(|m| m.len()).unwrap_or(0),
+                    m.and_then(|m| m.modified().ok()),
+                ));
+            }
+        }
+    }
+    sig.sort();
+    sig
+}
+
+type SummaryMemo = Option<(
+    PathBuf,
+    Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
+    MemberSummary,
+)>;
+
+/// The last summary read, with the state it was read from: reading a WAL of gigabytes once per
+/// run is enough.
+static SUMMARY_MEMO: std::sync::Mutex<SummaryMemo> = std::sync::Mutex::new(None);
+
+/// The member dir's WAL and snapshot summary (read once while the files stay unchanged).
+pub fn member_summary(member: &Path) -> Result<MemberSummary, DataDirError> {
+    let sig = member_signature(member);
+    if let Ok(memo) = SUMMARY_MEMO.lock() {
+        if let Some((p, s, summary)) = memo.as_ref() {
+            if p == member && *s == sig {
+                return Ok(summary.clone());
+            }
+        }
+    }
     let summary = crate::storage::walinfo::summarize(member).map_err(|e| DataDirError::Member {
         path: member.to_path_buf(),
         why: e.to_string(),
     })?;
+    if let Ok(mut memo) = SUMMARY_MEMO.lock() {
+        *memo = Some((member.to_path_buf(), sig, summary.clone()));
+    }
+    Ok(summary)
+}
+
+/// Member count and cluster-version history from the WAL and snapshots.
+pub fn member_facts(member: &Path) -> Result<DataFacts, DataDirError> {
+    let summary = member_summary(member)?;
     let boot_v2 = summary
         .boot_cluster_version
         .as_deref()
@@ -229,7 +277,7 @@ pub fn member_facts(member: &Path) -> Result<DataFacts, DataDirError> {
 /// unclean one, etcd replays WAL entries the backend lacks, so an offline read would be stale.
 pub fn offline_fingerprint(member: &Path) -> Result<Fingerprint, String> {
     use crate::storage::{bbolt::Db, mvcc};
-    let summary = crate::storage::walinfo::summarize(member).map_err(|e| e.to_string())?;
+    let summary = member_summary(member).map_err(|e| e.to_string())?;
     let commit = summary.hard_state.as_ref().map(|h| h.commit).unwrap_or(0);
     let db = Db::open(member.join("snap/db")).map_err(|e| e.to_string())?;
     let applied = mvcc::store_meta(&db)

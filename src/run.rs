@@ -342,11 +342,15 @@ fn record_fresh(
 /// all) before touching anything. Minor rollbacks before it keep every value, so the current
 /// data is what is checked.
 fn refuse_unrepresentable(config: &Config, plan: &Plan) -> Result<(), RunError> {
-    if !plan
+    // As the first step the native rollback checks while it writes, into staging, and refuses
+    // (exit 2, data dir untouched) on the first problem; only after other steps must it be
+    // checked before anything runs.
+    let later = plan
         .steps
         .iter()
-        .any(|s| matches!(s, Step::RollbackToEtcd2 { .. }))
-    {
+        .skip(1)
+        .any(|s| matches!(s, Step::RollbackToEtcd2 { .. }));
+    if !later {
         return Ok(());
     }
     steps::to_etcd2::refuse_unrepresentable(&config.data_dir.join("member"), &config.data_prefix)
@@ -367,7 +371,11 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
         source: e,
     })?;
     let mut at = plan.current;
-    let mut baseline = initial_baseline(ctx, at);
+    let mut baseline = match plan.steps.first() {
+        // It reads the backend offline itself: the same read twice would prove nothing.
+        Some(Step::RollbackToEtcd2 { .. }) => None,
+        _ => initial_baseline(ctx, at),
+    };
     let n = plan.steps.len();
     for (i, step) in plan.steps.iter().enumerate() {
         let label = step.to_string();
@@ -386,6 +394,9 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
             _ = term.recv() => return Err(RunError::Interrupted { signal: "SIGTERM", step: label, recorded: at }),
             _ = int.recv() => return Err(RunError::Interrupted { signal: "SIGINT", step: label, recorded: at }),
         };
+        if let Err(StepError::Refused(why)) = result {
+            return Err(RunError::Refused(why));
+        }
         let report = result.map_err(|source| RunError::Step {
             n: i + 1,
             of: n,

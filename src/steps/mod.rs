@@ -55,6 +55,9 @@ pub enum StepError {
     Verify { step: String, what: String },
     #[error("{0}")]
     Other(String),
+    /// The step found, before touching the data dir, that it must not run (exit 2).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What a step did, for the log and the journal.

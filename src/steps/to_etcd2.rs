@@ -17,9 +17,8 @@ use crate::fsutil;
 use crate::plan::ROLLBACK_ETCD2_VERSION;
 use crate::storage::bbolt::Db;
 use crate::storage::mvcc::{self, KeyValue, LiveIndex};
-use crate::storage::v2member::{write_v2_member, V2MemberParams};
-use crate::storage::v2store::{validate_key_path, ExpireTime, V2Key};
-use crate::storage::walinfo;
+use crate::storage::v2member::{write_v2_member, V2MemberError, V2MemberParams};
+use crate::storage::v2store::{validate_key_path, ExpireTime, V2Key, V2StoreError};
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
 use super::swap::Stage;
@@ -140,8 +139,8 @@ pub async fn run(
     let err = |what: &str, e: String| StepError::Other(format!("{what} {}: {e}", member.display()));
 
     // Identity and raft position from the old WAL/snapshot.
-    let summary =
-        walinfo::summarize(&member).map_err(|e| err("reading the WAL of", e.to_string()))?;
+    let summary = crate::datadir::member_summary(&member)
+        .map_err(|e| err("reading the WAL of", e.to_string()))?;
     if summary.member_count > 1 {
         return Err(StepError::Other(format!(
             "{} holds a cluster of {} members",
@@ -209,8 +208,20 @@ pub async fn run(
     let values = index
         .values(&db)
         .map_err(|e| err("reading keys of", e.to_string()))?;
+    let prefix = ctx.config.data_prefix.as_bytes();
+    let mut unrepresentable = false;
     let keys = values.map(|kv| -> Result<V2Key, mvcc::MvccError> {
         let kv: KeyValue = kv?;
+        let protobuf = kv.key.starts_with(prefix) && kv.value.starts_with(PROTOBUF_MAGIC);
+        if protobuf
+            || std::str::from_utf8(&kv.value).is_err()
+            || validate_key_path(&kv.key).is_err()
+        {
+            unrepresentable = true;
+            return Err(mvcc::MvccError::MissingBucket(
+                "a key a v2 store cannot hold".into(),
+            ));
+        }
         fail::fail_point!("to-etcd2-mid-write", |_| Err(
             mvcc::MvccError::MissingBucket("failpoint".into())
         ));
@@ -238,8 +249,29 @@ pub async fn run(
         })
     });
     fail::fail_point!("to-etcd2-before-write");
-    let written = write_v2_member(&stage.member(), &params, keys)
-        .map_err(|e| err("writing the v2 member for", e.to_string()))?;
+    let written = match write_v2_member(&stage.member(), &params, keys) {
+        Ok(w) => w,
+        Err(e)
+            if unrepresentable
+                || matches!(
+                    e,
+                    V2MemberError::Store(
+                        V2StoreError::InvalidKey { .. } | V2StoreError::Conflict { .. }
+                    )
+                ) =>
+        {
+            // Name everything that is wrong (a second scan, on the refusal path only).
+            fsutil::remove_tree(&stage.path)?;
+            let u = check_representable(&member, &ctx.config.data_prefix)
+                .map_err(|e| err("reading", e))?;
+            return Err(StepError::Refused(if u.is_empty() {
+                format!("rollback to etcd2 refused, nothing was changed: {e}")
+            } else {
+                u.message(&ctx.config.data_prefix)
+            }));
+        }
+        Err(e) => return Err(err("writing the v2 member for", e.to_string())),
+    };
     fsutil::fsync_tree(&stage.path)?;
     let source = fp.finish();
     if ctx.members == 1 {
@@ -254,20 +286,27 @@ pub async fn run(
     let write_ms = t.elapsed().as_millis() as u64;
 
     // Check what we wrote with our readers; prove it with etcd 2.2.1 when the image has one.
-    let check = walinfo::summarize(&stage.member())
-        .map_err(|e| err("reading back the v2 member written for", e.to_string()))?;
-    if check.node_id != summary.node_id
-        || check.cluster_id != summary.cluster_id
-        || check.member_count != 1
+    // Read back what we wrote: the snapshot file's CRC and metadata from disk (streamed), and
+    // the WAL's ids and snapshot marker. The store's /0 part came from our own parameters.
+    let (md, _) = crate::storage::snap::stream_snap_file(&written.snap_path, |_| ())
+        .map_err(|e| err("reading back the snapshot written for", e.to_string()))?;
+    let wal = crate::storage::wal::read_wal(
+        &stage.member().join("wal"),
+        &crate::storage::raftpb::WalSnapshot {
+            index: md.index,
+            term: md.term,
+            conf_state: None,
+        },
+    )
+    .map_err(|e| err("reading back the WAL written for", e.to_string()))?;
+    let ids = wal.metadata.as_ref().map(|m| (m.node_id, m.cluster_id));
+    if (md.index, md.term) != (written.index, written.term)
+        || !wal.start_matched
+        || ids != Some((summary.node_id, summary.cluster_id))
     {
-        return Err(StepError::Other(
-            "the v2 member written does not keep the member and cluster ids".into(),
-        ));
-    }
-    if check.boot_cluster_version.as_deref() != Some("2.2.0") {
         return Err(StepError::Other(format!(
-            "the v2 member written boots as {:?}, not 2.2.0",
-            check.boot_cluster_version
+            "the v2 member written does not read back as written (snapshot {}/{}, marker found: {}, ids {ids:?})",
+            md.term, md.index, wal.start_matched
         )));
     }
     let proved = prove_with_221(ctx, &stage.path, &source).await?;

@@ -198,6 +198,181 @@ pub fn load_newest(
     Ok(None)
 }
 
+/// Feeds what it reads into a running CRC-32C.
+struct CrcRead<R> {
+    r: R,
+    crc: u32,
+}
+
+impl<R: Read> Read for CrcRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+}
+
+fn read_varint(r: &mut impl Read) -> io::Result<Option<u64>> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let mut b = [0u8; 1];
+        if r.read(&mut b)? == 0 {
+            return if i == 0 {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        v |= u64::from(b[0] & 0x7f) << (7 * i);
+        if b[0] < 0x80 {
+            return Ok(Some(v));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "varint longer than 10 bytes",
+    ))
+}
+
+fn skip_field(r: &mut impl Read, wire: u64, limit: u64) -> io::Result<()> {
+    let n = match wire {
+        0 => {
+            return read_varint(r)
+                .and_then(|v| v.map(|_| ()).ok_or(io::ErrorKind::UnexpectedEof.into()))
+        }
+        1 => 8,
+        5 => 4,
+        2 => read_varint(r)?.ok_or(io::ErrorKind::UnexpectedEof)?,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("wire type {wire}"),
+            ))
+        }
+    };
+    if n > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "field longer than the file",
+        ));
+    }
+    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
+    if copied != n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Reads a `.snap` file in one pass without holding it: checks its CRC, decodes its metadata,
+/// and hands a reader over the snapshot data (the v2 store JSON) to `on_data`. Memory stays
+/// small whatever the snapshot's size.
+pub fn stream_snap_file<T>(
+    path: &Path,
+    on_data: impl FnOnce(&mut dyn Read) -> T,
+) -> Result<(SnapshotMetadata, Option<T>)> {
+    let io_err = |source| SnapError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = fs::File::open(path).map_err(io_err)?;
+    let file_len = f.metadata().map_err(io_err)?.len();
+    let mut r = io::BufReader::with_capacity(1 << 16, f);
+    let mut stored_crc = None;
+    let mut inner_crc = None;
+    let mut metadata = None;
+    let mut data_out = None;
+    let mut inner_len = 0;
+    let mut on_data = Some(on_data);
+    let bad = |what: &str| SnapError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidData, what.to_string()),
+    };
+    while let Some(tag) = read_varint(&mut r).map_err(io_err)? {
+        match (tag >> 3, tag & 7) {
+            (1, 0) => {
+                stored_crc = Some(
+                    read_varint(&mut r)
+                        .map_err(io_err)?
+                        .ok_or_else(|| bad("truncated crc"))? as u32,
+                )
+            }
+            (2, 2) => {
+                let n = read_varint(&mut r)
+                    .map_err(io_err)?
+                    .ok_or_else(|| bad("truncated data"))?;
+                if n > file_len {
+                    return Err(bad("data longer than the file"));
+                }
+                inner_len = n;
+                let mut inner = CrcRead {
+                    r: (&mut r).take(n),
+                    crc: 0,
+                };
+                while let Some(tag) = read_varint(&mut inner).map_err(io_err)? {
+                    match (tag >> 3, tag & 7) {
+                        (1, 2) => {
+                            let m = read_varint(&mut inner)
+                                .map_err(io_err)?
+                                .ok_or_else(|| bad("truncated store"))?;
+                            if m > n {
+                                return Err(bad("store longer than the snapshot"));
+                            }
+                            let mut data = (&mut inner).take(m);
+                            if let Some(f) = on_data.take() {
+                                data_out = Some(f(&mut data));
+                            }
+                            io::copy(&mut data, &mut io::sink()).map_err(io_err)?;
+                        }
+                        (2, 2) => {
+                            let m = read_varint(&mut inner)
+                                .map_err(io_err)?
+                                .ok_or_else(|| bad("truncated metadata"))?;
+                            if m > n {
+                                return Err(bad("metadata longer than the snapshot"));
+                            }
+                            let mut buf = Vec::new();
+                            (&mut inner).take(m).read_to_end(&mut buf).map_err(io_err)?;
+                            metadata =
+                                Some(SnapshotMetadata::decode(&buf[..]).map_err(|source| {
+                                    SnapError::BadProtobuf {
+                                        path: path.to_path_buf(),
+                                        what: "raftpb.SnapshotMetadata",
+                                        source,
+                                    }
+                                })?);
+                        }
+                        (_, wire) => skip_field(&mut inner, wire, n).map_err(io_err)?,
+                    }
+                }
+                if inner.r.limit() != 0 {
+                    return Err(bad("snapshot cut short"));
+                }
+                inner_crc = Some(inner.crc);
+            }
+            (_, wire) => skip_field(&mut r, wire, file_len).map_err(io_err)?,
+        }
+    }
+    let (Some(stored), Some(computed)) = (stored_crc, inner_crc) else {
+        return Err(SnapError::Empty {
+            path: path.to_path_buf(),
+        });
+    };
+    // etcd's rule: an empty data field or a zero CRC is an empty snapshot.
+    if stored == 0 || inner_len == 0 {
+        return Err(SnapError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    if stored != computed {
+        return Err(SnapError::CrcMismatch {
+            path: path.to_path_buf(),
+            stored,
+            computed,
+        });
+    }
+    Ok((metadata.unwrap_or_default(), data_out))
+}
+
 /// Writes `snap_dir/<term>-<index>.snap` (refusing to overwrite), named
 /// from the metadata. No fsync: the caller decides about durability.
 pub fn write_snap_file(snap_dir: &Path, snap: &RaftSnapshot) -> Result<PathBuf> {
@@ -375,5 +550,59 @@ mod tests {
         let got = load_newest(dir.path(), |_, _| true).unwrap().unwrap();
         assert_eq!(got.snapshot, a);
         assert!(load_newest(dir.path(), |_, i| i > 100).unwrap().is_none());
+    }
+
+    #[test]
+    fn streaming_read_agrees_with_the_whole_file_decoder_and_checks_the_crc() {
+        let snap = RaftSnapshot {
+            data: Some(br#"{"Root":{"Children":{"0":{},"1":{"x":{}}}},"CurrentIndex":7}"#.to_vec()),
+            metadata: SnapshotMetadata {
+                index: 42,
+                term: 3,
+                ..Default::default()
+            },
+        };
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        fs::write(&path, encode_snap_file(&snap)).unwrap();
+        let whole = read_snap_file(&path).unwrap();
+        let (md, data) = stream_snap_file(&path, |r| {
+            let mut v = Vec::new();
+            r.read_to_end(&mut v).unwrap();
+            v
+        })
+        .unwrap();
+        assert_eq!(md, whole.metadata);
+        assert_eq!(data, whole.data);
+        let mut bytes = fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x20;
+        fs::write(&path, &bytes).unwrap();
+        assert!(
+            stream_snap_file(&path, |_| ()).is_err(),
+            "a flipped byte is caught"
+        );
+        fs::write(&path, &bytes[..mid]).unwrap();
+        assert!(
+            stream_snap_file(&path, |_| ()).is_err(),
+            "a cut file is caught"
+        );
+    }
+
+    #[test]
+    fn streaming_accepts_what_etcd_accepts_a_snapshot_of_unknown_fields_only() {
+        // Found by fuzzing: data holding only unknown fields is not "empty" to etcd.
+        let data = [0x30u8, 0xff, 0x51, 0xb0, 0x44, 0xa4, 0xff, 0x3b];
+        let f = SnapFile {
+            crc: crc32c::crc32c(&data),
+            data: Some(data.to_vec()),
+        }
+        .encode_to_vec();
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.snap");
+        fs::write(&p, &f).unwrap();
+        let whole = decode_snap_file(&f, &p).unwrap();
+        let (md, data) = stream_snap_file(&p, |_| ()).unwrap();
+        assert_eq!((md, data), (whole.metadata, None));
     }
 }

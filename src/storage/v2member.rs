@@ -235,7 +235,7 @@ where
     let store = {
         let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
         let mut cc = CrcCount {
-            w: f,
+            w: BufWriter::with_capacity(1 << 20, f),
             crc: 0,
             len: 0,
         };

@@ -768,8 +768,14 @@ pub struct V2ClusterInfo {
 /// Reads `/0/version` and the members from a v2 store JSON (the `/1` tree
 /// is skipped without being kept in memory).
 pub fn read_cluster_info(json: &[u8]) -> Result<V2ClusterInfo> {
-    let head: StoreHeadJson =
-        serde_json::from_slice(json).map_err(|e| V2StoreError::BadStore(e.to_string()))?;
+    read_cluster_info_from(json)
+}
+
+/// [`read_cluster_info`] from a reader: streams past the user keys (`/1`) without holding them,
+/// so memory is bounded by the cluster part (`/0`), not by the store.
+pub fn read_cluster_info_from(json: impl io::Read) -> Result<V2ClusterInfo> {
+    let head: StoreHeadJson = serde_json::from_reader(io::BufReader::with_capacity(1 << 16, json))
+        .map_err(|e| V2StoreError::BadStore(e.to_string()))?;
     let mut info = V2ClusterInfo {
         current_index: head.current_index,
         ..Default::default()

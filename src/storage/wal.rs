@@ -604,31 +604,44 @@ pub struct WalContents {
     pub segments: Vec<PathBuf>,
     /// Set when the last record was cut short (etcd tolerates it in read mode).
     pub torn_tail: Option<TornTail>,
+    /// Index and term of the last entry (the start snapshot's when there is none).
+    pub last: (u64, u64),
+    /// Entries after the start snapshot (all of them, whether kept in `entries` or not).
+    pub entry_count: u64,
 }
 
 impl WalContents {
     /// Index and term of the last entry, or of the start snapshot.
     pub fn last_index_term(&self) -> (u64, u64) {
-        match self.entries.last() {
-            Some(e) => (e.index, e.term),
-            None => (self.start.index, self.start.term),
-        }
+        self.last
     }
 }
 
 /// Reads a WAL directory the way etcd does when it opens the WAL at `start`:
 /// segments from the one covering `start.index`, entries after it.
 pub fn read_wal(dir: &Path, start: &WalSnapshot) -> Result<WalContents> {
+    scan_wal(dir, start, |_| true)
+}
+
+/// Like [`read_wal`], but keeps in `entries` only those `keep` wants: memory is bounded by
+/// them, not by the WAL (a busy member's WAL holds gigabytes of entries). Counts, the last
+/// index and term, and the overwrite rule still cover every entry.
+pub fn scan_wal(
+    dir: &Path,
+    start: &WalSnapshot,
+    mut keep: impl FnMut(&Entry) -> bool,
+) -> Result<WalContents> {
     let mut reader = WalReader::open_at(dir, start.index)?;
     let mut out = WalContents {
         start: start.clone(),
         segments: reader.segments().iter().map(|s| s.path.clone()).collect(),
+        last: (start.index, start.term),
         ..Default::default()
     };
     for rec in reader.by_ref() {
         let rec = rec?;
         out.record_count += 1;
-        apply_record(&mut out, &rec)?;
+        apply_record(&mut out, &rec, &mut keep)?;
     }
     out.torn_tail = reader.torn_tail().cloned();
     Ok(out)
@@ -643,22 +656,31 @@ fn decode_payload<M: Message + Default>(rec: &RecordAt, what: &'static str) -> R
     })
 }
 
-fn apply_record(out: &mut WalContents, rec: &RecordAt) -> Result<()> {
+fn apply_record(
+    out: &mut WalContents,
+    rec: &RecordAt,
+    keep: &mut impl FnMut(&Entry) -> bool,
+) -> Result<()> {
     match rec.record.r#type {
         RECORD_ENTRY => {
             let e: Entry = decode_payload(rec, "raftpb.Entry")?;
             if e.index > out.start.index {
-                let up = e.index - out.start.index - 1;
-                if up > out.entries.len() as u64 {
+                // An entry rewrites the log from its index on (a new leader's entries).
+                if e.index > out.last.0 + 1 {
                     return Err(WalError::EntryGap {
                         path: rec.path.clone(),
                         offset: rec.offset,
                         index: e.index,
-                        max: out.start.index + out.entries.len() as u64 + 1,
+                        max: out.last.0 + 1,
                     });
                 }
-                out.entries.truncate(up as usize);
-                out.entries.push(e);
+                let cut = out.entries.partition_point(|k| k.index < e.index);
+                out.entries.truncate(cut);
+                out.entry_count = e.index - out.start.index;
+                out.last = (e.index, e.term);
+                if keep(&e) {
+                    out.entries.push(e);
+                }
             }
         }
         RECORD_STATE => out.hard_state = Some(decode_payload(rec, "raftpb.HardState")?),

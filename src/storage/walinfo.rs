@@ -189,6 +189,19 @@ impl Membership {
         }
     }
 
+    /// Whether an entry can change membership or set the cluster version.
+    fn relevant(e: &Entry) -> bool {
+        let data = e.data.as_deref().unwrap_or(&[]);
+        match e.r#type {
+            entry_type::CONF_CHANGE | entry_type::CONF_CHANGE_V2 => true,
+            _ => match decode_entry_payload(data) {
+                EntryPayload::V2(r) => r.method == "PUT" && r.path.starts_with("/0/"),
+                EntryPayload::ClusterVersionSet(_) | EntryPayload::MemberAttrSet { .. } => true,
+                _ => false,
+            },
+        }
+    }
+
     fn apply(&mut self, e: &Entry, version: &mut Option<String>) {
         let data = e.data.as_deref().unwrap_or(&[]);
         match e.r#type {
@@ -269,9 +282,10 @@ pub fn summarize(member_dir: &Path) -> Result<MemberSummary, SummaryError> {
     let wal_dir = member_dir.join("wal");
     let snap_dir = member_dir.join("snap");
 
-    // Pass 1: the snapshot markers of every segment.
+    // Pass 1: the snapshot markers of every segment (not needed when there is no snapshot).
     let mut markers = BTreeSet::new();
-    for rec in WalReader::open(&wal_dir)? {
+    let has_snaps = snap_dir.exists() && !snap::list_snap_files(&snap_dir)?.is_empty();
+    for rec in WalReader::open(&wal_dir)?.take_while(|_| has_snaps) {
         let rec = rec?;
         if rec.record.r#type == RECORD_SNAPSHOT {
             let s = WalSnapshot::decode(rec.record.data.as_deref().unwrap_or(&[])).map_err(
@@ -284,39 +298,52 @@ pub fn summarize(member_dir: &Path) -> Result<MemberSummary, SummaryError> {
             markers.insert((s.term, s.index));
         }
     }
-    let loaded = match snap::load_newest(&snap_dir, |t, i| markers.contains(&(t, i)))? {
-        Some(l) => Some(l),
-        None => snap::load_newest(&snap_dir, |_, _| true)?,
-    };
+    // The newest intact snapshot the WAL has a marker for, else the newest intact one; read in
+    // one streaming pass (a v2 snapshot can hold gigabytes of keys).
+    let mut loaded = None;
+    if snap_dir.exists() {
+        for with_marker in [true, false] {
+            for (term, index, path) in snap::list_snap_files(&snap_dir)? {
+                if with_marker && !markers.contains(&(term, index)) {
+                    continue;
+                }
+                let read =
+                    snap::stream_snap_file(&path, |json| v2store::read_cluster_info_from(json));
+                if let Ok((md, store)) = read {
+                    let store = store.transpose().map_err(|source| SummaryError::Store {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    loaded = Some((path, md, store));
+                    break;
+                }
+            }
+            if loaded.is_some() {
+                break;
+            }
+        }
+    }
 
     let mut ms = Membership::default();
     let mut version = None;
     let mut snapshot = None;
     let mut start = WalSnapshot::default();
-    if let Some(l) = &loaded {
-        let md = &l.snapshot.metadata;
+    if let Some((path, md, store)) = &loaded {
         start.index = md.index;
         start.term = md.term;
-        let data = l.snapshot.data.as_deref().unwrap_or(&[]);
-        let store = if data.is_empty() {
-            None
-        } else {
-            Some(
-                v2store::read_cluster_info(data).map_err(|source| SummaryError::Store {
-                    path: l.path.clone(),
-                    source,
-                })?,
-            )
-        };
         ms.voters.extend(md.conf_state.nodes.iter().copied());
         ms.learners.extend(md.conf_state.learners.iter().copied());
         let store_version = store.as_ref().and_then(|s| s.version.clone());
-        for m in store.map(|s| s.members).unwrap_or_default() {
+        for m in store
+            .as_ref()
+            .map(|s| s.members.clone())
+            .unwrap_or_default()
+        {
             ms.info.insert(m.id, m);
         }
         version.clone_from(&store_version);
         snapshot = Some(SnapshotInfo {
-            path: l.path.clone(),
+            path: path.clone(),
             term: md.term,
             index: md.index,
             nodes: md.conf_state.nodes.clone(),
@@ -327,7 +354,8 @@ pub fn summarize(member_dir: &Path) -> Result<MemberSummary, SummaryError> {
     }
 
     // Pass 2: what etcd replays on restart.
-    let contents = wal::read_wal(&wal_dir, &start)?;
+    // Only membership and cluster-version entries matter here: keep just those.
+    let contents = wal::scan_wal(&wal_dir, &start, Membership::relevant)?;
     let md = contents.metadata.ok_or_else(|| SummaryError::NoMetadata {
         dir: wal_dir.clone(),
     })?;
@@ -358,7 +386,7 @@ pub fn summarize(member_dir: &Path) -> Result<MemberSummary, SummaryError> {
         last_term,
         hard_state: contents.hard_state,
         boot_cluster_version: version,
-        entry_count: contents.entries.len(),
+        entry_count: contents.entry_count as usize,
         wal_segments: contents.segments,
         torn_tail: contents.torn_tail.is_some(),
     })

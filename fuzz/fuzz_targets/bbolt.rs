@@ -1,0 +1,165 @@
+//! The bbolt reader and the mvcc layer on arbitrary files: `Db::open`, a recursive walk of
+//! every bucket, `LiveIndex::build`, `values()`, `for_each`, `leases`, `store_meta`.
+//! Nothing may panic or loop. Oracles: a bucket whose walk succeeds agrees with point
+//! lookups (`get`/`bucket`), and `values()` and `for_each` see the same live keys.
+//!
+//! bbolt meta pages carry an FNV-1a checksum that random mutation almost never keeps
+//! valid, so every input whose meta checksums are wrong is run twice: as it is, and with
+//! both checksums recomputed, so that mutated meta fields reach the rest of the reader.
+#![no_main]
+
+mod common;
+
+use libfuzzer_sys::fuzz_target;
+
+use etcd_migrate::storage::bbolt::{Bucket, Db, Value};
+use etcd_migrate::storage::mvcc::{self, LiveIndex, MvccError};
+
+/// Nested buckets deeper than this are not walked (a bucket can name its own parent's
+/// root page; the reader does not forbid that, so a recursive walk must bound itself).
+const MAX_NESTING: usize = 8;
+/// Total keys visited by one walk, over all buckets.
+const MAX_ITEMS: usize = 50_000;
+
+fuzz_target!(|data: &[u8]| {
+    let path = common::scratch_dir("bbolt").join("db");
+    check(&path, data);
+    if let Some(fixed) = fix_meta_checksums(data) {
+        check(&path, &fixed);
+    }
+});
+
+fn check(path: &std::path::Path, data: &[u8]) {
+    std::fs::write(path, data).expect("write the scratch db");
+    let db = match Db::open(path) {
+        Ok(db) => db,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    let _ = (db.meta(), db.page_size(), db.meta_page(), db.path());
+    let mut budget = MAX_ITEMS;
+    walk(&db.root(), 0, &mut budget);
+    let _ = mvcc::bucket_names(&db);
+    match LiveIndex::build(&db) {
+        Ok(index) => {
+            let _ = (index.len(), index.is_empty(), index.newest_revision());
+            let _ = index.revisions_scanned();
+            for (key, rev) in index.iter() {
+                assert_eq!(index.revision(key), Some(rev));
+            }
+            let mut by_values = Vec::new();
+            let values_ok = match index.values(&db) {
+                Ok(it) => it
+                    .map(|kv| kv.map(|kv| by_values.push((kv.key, kv.mod_revision))))
+                    .collect::<Result<Vec<()>, MvccError>>()
+                    .is_ok(),
+                Err(_) => false,
+            };
+            let mut by_for_each = Vec::new();
+            let for_each_ok = index
+                .for_each(&db, |kv| {
+                    by_for_each.push((kv.key, kv.mod_revision));
+                    Ok::<(), MvccError>(())
+                })
+                .is_ok();
+            assert_eq!(values_ok, for_each_ok, "values() and for_each disagree");
+            if values_ok {
+                assert_eq!(by_values, by_for_each);
+                assert_eq!(by_values.len(), index.len());
+            }
+            let _ = mvcc::live_key_values(&db);
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+    if let Err(e) = mvcc::leases(&db) {
+        let _ = e.to_string();
+    }
+    if let Err(e) = mvcc::store_meta(&db) {
+        let _ = e.to_string();
+    }
+}
+
+/// Walks `bucket` and its nested buckets; when a bucket's whole walk succeeds, checks
+/// every key against point lookups.
+fn walk(bucket: &Bucket<'_>, depth: usize, budget: &mut usize) {
+    let _ = format!("{bucket:?}");
+    let mut items = Vec::new();
+    for item in bucket.iter() {
+        match item {
+            Ok(kv) => items.push(kv),
+            Err(e) => {
+                let _ = e.to_string();
+                return;
+            }
+        }
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+    }
+    let _ = bucket.buckets();
+    for (key, value) in items {
+        match value {
+            Value::Data(v) => {
+                let got = bucket.get(&key).expect("get of a key the walk returned");
+                assert_eq!(got.as_ref(), Some(&v), "get disagrees with the walk");
+                assert!(bucket.bucket(&key).expect("bucket() of a value").is_none());
+            }
+            Value::Bucket(child) => {
+                assert_eq!(bucket.get(&key).expect("get of a nested bucket"), None);
+                let again = bucket.bucket(&key).expect("bucket() of a nested bucket");
+                assert!(again.is_some(), "bucket() misses a nested bucket");
+                if depth < MAX_NESTING && *budget > 0 {
+                    walk(&child, depth + 1, budget);
+                }
+            }
+        }
+    }
+}
+
+/// FNV-1a 64, bbolt's meta checksum.
+fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The input with the checksums of meta page 0 (offset 0) and meta page 1 (one page in,
+/// page size taken from meta 0) recomputed; `None` when nothing changes.
+fn fix_meta_checksums(data: &[u8]) -> Option<Vec<u8>> {
+    const HEADER: usize = 16;
+    const SUMMED: usize = 56;
+    let mut out = data.to_vec();
+    let fix = |buf: &mut [u8], page_off: usize| {
+        let start = page_off + HEADER;
+        if buf.len() >= start + SUMMED + 8 {
+            let sum = fnv1a64(&buf[start..start + SUMMED]);
+            buf[start + SUMMED..start + SUMMED + 8].copy_from_slice(&sum.to_le_bytes());
+        }
+    };
+    fix(&mut out, 0);
+    let page_size = if out.len() >= HEADER + 12 {
+        u32::from_le_bytes([
+            out[HEADER + 8],
+            out[HEADER + 9],
+            out[HEADER + 10],
+            out[HEADER + 11],
+        ])
+    } else {
+        0
+    };
+    let page_size = if page_size.is_power_of_two() && (512..=65536).contains(&page_size) {
+        page_size as usize
+    } else {
+        4096
+    };
+    fix(&mut out, page_size);
+    (out != data).then_some(out)
+}
