@@ -37,6 +37,7 @@ fn main() -> ExitCode {
     };
     init_logging(config.log_format);
     etcd_migrate::etcd::process::quiet_children(!config.child_output_logged);
+    etcd_migrate::etcd::process::redact_values_of(&config.extra_args);
     etcd_migrate::failpoints::setup();
     let result: Result<(), RunError> = match &command {
         Command::Plan { output } => run::print_plan(&config, *output),

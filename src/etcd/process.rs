@@ -107,6 +107,44 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Values never to appear in our log (secret-looking ETCD_CREDS values; etcd prints its
+/// command line).
+static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers values to redact from child output: the values of `args` that are not file paths
+/// and long enough to be a secret (tokens, passwords), e.g. `--auth-token=...`.
+pub fn redact_values_of(args: &[String]) {
+    let mut secrets: Vec<String> = Vec::new();
+    let mut prev_is_flag = false;
+    for a in args {
+        let value = match a.split_once('=') {
+            Some((flag, v)) if flag.starts_with('-') => Some(v),
+            _ if prev_is_flag && !a.starts_with('-') => Some(a.as_str()),
+            _ => None,
+        };
+        prev_is_flag = a.starts_with('-') && !a.contains('=');
+        if let Some(v) = value {
+            let path_like = v.starts_with('/') || v.starts_with("./") || v.contains("://");
+            if !path_like && v.len() >= 6 && !matches!(v, "true" | "false") {
+                secrets.push(v.to_string());
+            }
+        }
+    }
+    if let Ok(mut s) = SECRETS.lock() {
+        *s = secrets;
+    }
+}
+
+/// The line with registered secrets replaced.
+pub fn redact(line: &str) -> String {
+    let Ok(secrets) = SECRETS.lock() else {
+        return line.to_string();
+    };
+    secrets
+        .iter()
+        .fold(line.to_string(), |l, s| l.replace(s.as_str(), "<redacted>"))
+}
+
 /// Child output goes to our log at info, or at debug when quiet.
 static QUIET_CHILDREN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -118,6 +156,7 @@ pub fn quiet_children(quiet: bool) {
 fn pump<R: Read + Send + 'static>(r: R, label: String, tail: Tail) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let line = redact(&line);
             if QUIET_CHILDREN.load(std::sync::atomic::Ordering::Relaxed) {
                 tracing::debug!(target: "child", "[{label}] {line}");
             } else {
@@ -246,9 +285,17 @@ impl ChildGuard {
         status
     }
 
+    /// Waits briefly for the output to drain; a grandchild holding the pipe must not make a
+    /// stop hang, so pumps still running after that are left to end on their own.
     fn join_pumps(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(2));
+        }
         for p in self.pumps.drain(..) {
-            let _ = p.join();
+            if p.is_finished() {
+                let _ = p.join();
+            }
         }
     }
 }
@@ -345,12 +392,35 @@ mod tests {
         assert_eq!(names, ["ETCD_SNAPSHOT_COUNT", "PATH"]);
     }
 
+    #[test]
+    fn secret_looking_creds_values_are_redacted_paths_are_not() {
+        let args: Vec<String> = [
+            "--auth-token",
+            "simple-s3cr3t-token",
+            "--peer-key-file=/etc/k.pem",
+            "--password=hunter22",
+            "--peer-client-cert-auth",
+            "--x=true",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        redact_values_of(&args);
+        let line = redact("Running: --auth-token simple-s3cr3t-token --peer-key-file=/etc/k.pem --password=hunter22");
+        assert!(
+            !line.contains("s3cr3t") && !line.contains("hunter22"),
+            "{line}"
+        );
+        assert!(line.contains("/etc/k.pem"), "{line}");
+        redact_values_of(&[]);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn stop_escalates_to_sigkill_and_reaps() {
         // A child that ignores SIGTERM.
         let args = vec![
             "-c".to_string(),
-            "trap '' TERM; echo ready; sleep 30".to_string(),
+            "trap '' TERM; echo ready; exec sleep 30".to_string(),
         ];
         let g = ChildGuard::spawn(
             Path::new("/bin/sh"),
