@@ -664,6 +664,19 @@ pub fn print_status(config: &Config, output: Output) -> Result<(), RunError> {
                     "  {} {kind:<15} {} -> {} ({} ms{keys})",
                     e.at, e.from, e.to, e.elapsed_ms
                 );
+                // What the step counted and how long its parts took (TTLs, leases, sub-steps).
+                let detail: Vec<String> = e
+                    .detail
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "backup")
+                    .map(|(k, v)| match v {
+                        serde_json::Value::String(s) => format!("{k}={s}"),
+                        other => format!("{k}={other}"),
+                    })
+                    .collect();
+                if !detail.is_empty() {
+                    println!("      {}", detail.join(" "));
+                }
             }
             println!("backups:");
             if out.backups.is_empty() {

@@ -367,7 +367,7 @@ async fn storage_scenario(root: &Path) -> Scenario {
     spec.extra.push("--enable-v2=true".into());
     let m = Member::spawn(spec);
     m.wait_healthy(Duration::from_secs(30));
-    seed_v2(&m.client_url, 200, 600, 20, 5).await;
+    seed_v2(&m.client_url, 200, 2600, 20, 5).await;
     m.stop();
     fs::write(data.join("version.txt"), "3.4.23/etcd2\n").unwrap();
     let fps = vec![

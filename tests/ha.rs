@@ -302,6 +302,30 @@ async fn rolling_upgrade(scheme: &str) {
         "the writer got writes through: {}",
         acked.len()
     );
+    // A fresh client: every member has restarted since `c` connected.
+    drop(c);
+    let mut c = etcd_client::Client::connect(endpoints.clone(), None)
+        .await
+        .unwrap();
+    let mut settled = false;
+    for _ in 0..50 {
+        if c.get(
+            "/registry/w/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .is_ok()
+        {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "the rolled cluster serves reads");
     let present: BTreeSet<String> = dump(&mut c)
         .await
         .into_keys()

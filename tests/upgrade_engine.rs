@@ -420,3 +420,29 @@ async fn bad_input_exits_with_its_code_and_leaves_the_dir_untouched() {
     assert!(checked >= 10);
     let _ = h0;
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    seeded_34(&data, 10).await;
+    let mut env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
+    env.set("LOG_FORMAT", "json");
+    let out = env.run(&["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let mut steps = 0;
+    for line in stderr.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+        if v["message"].as_str().unwrap().starts_with("step 1/1 done") {
+            assert_eq!(
+                v["version"], "3.5.1/etcd3",
+                "fields are JSON fields: {line}"
+            );
+            steps += 1;
+        }
+    }
+    assert_eq!(steps, 1, "{stderr}");
+}
