@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 kills=${KILLS:-50}
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
-run() { cargo test --features failpoints "$@" -- --nocapture --test-threads=1 2>&1 | tee -a "$out" | grep -E "^RESULT|test result|panicked" || true; }
+trap 'rm -f "$out" "$out.raw"' EXIT
+# With --nocapture a test's output can start on the line of its name: keep "RESULT ..." wherever it is.
+run() { cargo test --features failpoints "$@" -- --nocapture --test-threads=1 2>&1 | tee -a "$out.raw" | grep -oE "RESULT .*|test result.*|panicked.*" || true; grep -oE "RESULT .*" "$out.raw" > "$out" || true; }
 CRASH_RANDOM_KILLS=$kills run --test crash
 run --test reliability
 grep -q "^RESULT failpoints" "$out" && grep -q "^RESULT random kills" "$out" && grep -q "^RESULT bad inputs" "$out" \
