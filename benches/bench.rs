@@ -33,17 +33,6 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn cp(from: &Path, to: &Path) {
-    let _ = fs::remove_dir_all(to);
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success());
-}
-
 /// Puts `n` keys in batched transactions, many in flight.
 async fn bulk_put(
     url: &str,
@@ -172,9 +161,9 @@ async fn p1(root: &Path) -> Vec<Row> {
             root.join(format!("p1-b{r}")),
             root.join(format!("p1-c{r}")),
         );
-        cp(&seed, &a);
-        cp(&seed, &b);
-        cp(&seed, &c);
+        cp_dir(&seed, &a);
+        cp_dir(&seed, &b);
+        cp_dir(&seed, &c);
         let env = MigrateEnv::new(&a, "m1", "3.5.1", "etcd3");
         ours.push(secs(run_migrate(&env, &["migrate"]).0));
         bare.push(secs(bare_cycle("3.5.1", &b, "m1", &[]).await));
@@ -402,7 +391,7 @@ async fn p6(root: &Path) -> Vec<Row> {
     for r in 0..3 {
         let a = root.join(format!("p6-a{r}/data"));
         fs::create_dir_all(a.parent().unwrap()).unwrap();
-        cp(&seed, &a);
+        cp_dir(&seed, &a);
         let mut env = MigrateEnv::new(&a, "m1", "3.4.23", "etcd3");
         env.set("CHILD_OUTPUT", "quiet");
         let (took, _, log) = run_migrate(&env, &["migrate"]);
@@ -413,7 +402,7 @@ async fn p6(root: &Path) -> Vec<Row> {
         // Bare: start 3.5.1, snapshot save when it serves, stop, restore with 3.4.23's etcdctl.
         let b = root.join(format!("p6-b{r}/data"));
         fs::create_dir_all(b.parent().unwrap()).unwrap();
-        cp(&seed, &b);
+        cp_dir(&seed, &b);
         let spec = MemberSpec::new("3.5.1", &b, "m1");
         let (url, peer) = (spec.client_url(), spec.peer_url());
         let t = Instant::now();

@@ -14,21 +14,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
 /// key -> (value, has a TTL or lease).
 type Content = BTreeMap<String, (String, bool)>;
-
-fn cp(from: &Path, to: &Path) {
-    let _ = fs::remove_dir_all(to);
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success());
-}
 
 fn recorded(dir: &Path) -> String {
     fs::read_to_string(dir.join("version.txt"))
@@ -39,7 +27,7 @@ fn recorded(dir: &Path) -> String {
 
 /// What a data dir serves, read by the version it records, on a throwaway copy.
 async fn content(dir: &Path, name: &str, scratch: &Path) -> Content {
-    cp(dir, scratch);
+    cp_dir(dir, scratch);
     let vf = recorded(scratch);
     let (version, storage) = vf.split_once('/').unwrap();
     let v3 = |m: BTreeMap<Vec<u8>, Kv>| -> Content {
@@ -79,32 +67,7 @@ async fn content(dir: &Path, name: &str, scratch: &Path) -> Content {
             ]);
             let m = Member::spawn(spec);
             m.wait_healthy(Duration::from_secs(30));
-            let body: Value = reqwest::get(format!("{}/v2/keys/?recursive=true", m.client_url))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let mut out = Content::new();
-            fn walk(n: &Value, out: &mut Content) {
-                if n["dir"].as_bool().unwrap_or(false) {
-                    n["nodes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .for_each(|c| walk(c, out));
-                } else if let Some(k) = n["key"].as_str() {
-                    out.insert(
-                        k.into(),
-                        (
-                            n["value"].as_str().unwrap_or_default().into(),
-                            n["ttl"].is_number(),
-                        ),
-                    );
-                }
-            }
-            walk(&body["node"], &mut out);
-            out
+            v2_leaves(&m.client_url).await
         }
         (v, _) if !bundle().join(format!("etcd-{v}")).exists() => {
             // No binary of that release here (3.0.17): read its backend with our own reader.
@@ -239,7 +202,7 @@ async fn crash_at_failpoints(s: &Scenario, root: &Path) -> (usize, usize) {
     for (i, (fp, action)) in s.failpoints.iter().enumerate() {
         let data = root.join(format!("{}-fp{i}", s.name)).join("data");
         fs::create_dir_all(data.parent().unwrap()).unwrap();
-        cp(&s.source, &data);
+        cp_dir(&s.source, &data);
         let env = env_for(s, &data);
         let out = env
             .command(&["migrate"])
@@ -288,7 +251,7 @@ async fn random_kills(s: &Scenario, root: &Path, n: usize, seed: u64) -> (usize,
         let at = Duration::from_millis(rng % (s.duration.as_millis() as u64).max(1));
         let data = root.join(format!("{}-kill{i}", s.name)).join("data");
         fs::create_dir_all(data.parent().unwrap()).unwrap();
-        cp(&s.source, &data);
+        cp_dir(&s.source, &data);
         let env = env_for(s, &data);
         let mut child = env
             .command(&["migrate"])
@@ -338,7 +301,7 @@ async fn reference(
 ) -> Scenario {
     let data = root.join(format!("{name}-ref")).join("data");
     fs::create_dir_all(data.parent().unwrap()).unwrap();
-    cp(&source, &data);
+    cp_dir(&source, &data);
     let original = content(&source, member, &root.join("scratch")).await;
     let mut s = Scenario {
         name,

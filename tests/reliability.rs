@@ -549,7 +549,16 @@ async fn a_second_run_on_the_same_dir_exits_3_at_once_and_an_intruding_etcd_wait
         "refused at once, took {:?}",
         t0.elapsed()
     );
-    // An etcd started on the dir while the step runs: bbolt's flock makes it wait.
+    // An etcd started on the dir while the step's etcd holds it (bbolt's flock on the backend,
+    // taken before the WAL): the flock makes the intruder wait. Started earlier, the intruder
+    // could take the flock first and the step would time out instead.
+    while etcd_migrate::datadir::in_use_by(&data).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the first run's etcd never locked the data dir"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let mut intruder = MemberSpec::new("3.4.23", &data, "m1");
     intruder.extra.push("--heartbeat-interval=10".into());
     let intruder = Member::spawn(intruder);
@@ -670,30 +679,11 @@ async fn serves(data: &Path, name: &str, scratch: &Path) -> BTreeMap<Vec<u8>, Ve
     let m = Member::spawn(spec);
     m.wait_healthy(Duration::from_secs(30));
     if storage == "etcd2" {
-        let body: serde_json::Value =
-            reqwest::get(format!("{}/v2/keys/?recursive=true", m.client_url))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-        let mut out = BTreeMap::new();
-        fn walk(n: &serde_json::Value, out: &mut BTreeMap<Vec<u8>, Vec<u8>>) {
-            if n["dir"].as_bool().unwrap_or(false) {
-                n["nodes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .for_each(|c| walk(c, out));
-            } else if let Some(k) = n["key"].as_str() {
-                out.insert(
-                    k.as_bytes().to_vec(),
-                    n["value"].as_str().unwrap_or_default().as_bytes().to_vec(),
-                );
-            }
-        }
-        walk(&body["node"], &mut out);
-        out
+        v2_leaves(&m.client_url)
+            .await
+            .into_iter()
+            .map(|(k, (v, _))| (k.into_bytes(), v.into_bytes()))
+            .collect()
     } else {
         dump(&mut m.client().await)
             .await

@@ -19,21 +19,10 @@ fn version(dir: &Path) -> String {
 }
 
 /// key -> (value, lease TTL) from a 3.0.17 fixture's keys.json.
-fn fixture_keys(name: &str) -> BTreeMap<String, (String, Option<i64>)> {
-    let j: Vec<Value> = serde_json::from_str(
-        &fs::read_to_string(fixtures().join(format!("{name}.keys.json"))).unwrap(),
-    )
-    .unwrap();
-    j.iter()
-        .map(|e| {
-            (
-                e["key"].as_str().unwrap().to_string(),
-                (
-                    e["value"].as_str().unwrap_or_default().to_string(),
-                    e["lease_ttl"].as_i64(),
-                ),
-            )
-        })
+fn fixture_values(name: &str) -> BTreeMap<String, (String, Option<i64>)> {
+    fixture_keys(name)
+        .into_iter()
+        .map(|k| (k.key, (k.value.unwrap_or_default(), k.ttl)))
         .collect()
 }
 
@@ -83,7 +72,7 @@ async fn native_rollback_of_the_3017_fixtures_is_read_back_by_etcds_own_v2_reade
             !data.join("member/snap/db").exists(),
             "no v3 backend in a 2.2.1 dir"
         );
-        let want = fixture_keys(fixture);
+        let want = fixture_values(fixture);
 
         // The v2 snapshot: /0/version, TTLs on leased keys, the real 2.2.1 fields.
         let ours = newest_snap_json(&data.join("member"));

@@ -14,19 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use etcd_migrate::storage::raftpb::{RECORD_CRC, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
 use etcd_migrate::storage::v2member::{write_v2_member, V2MemberParams};
-use etcd_migrate::storage::v2store::{ExpireTime, V2Key, V2MemberInfo};
+use etcd_migrate::storage::v2store::{V2Key, V2MemberInfo};
 use etcd_migrate::storage::wal::WalReader;
 use etcd_migrate::storage::walinfo::summarize;
 
-use common::{bundle, fixtures, untar_fixture, Member, MemberSpec};
-
-/// Unpacks fixture `name` (without `.tar.gz`) into a fresh temp dir; returns the dir guard
-/// and the path of its `data/`.
-fn unpack(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let data = untar_fixture(name, t.path());
-    (t, data)
-}
+use common::{as_v2_keys, bundle, fixture_keys, unpack, Member, MemberSpec};
 
 /// SIGKILL and reap (the harness's drop): the data dir as a crash leaves it.
 fn kill(m: Member) {
@@ -129,64 +121,6 @@ fn with_fresh_etcd(version: &str, f: impl FnOnce(&Member)) -> (tempfile::TempDir
     f(&m);
     kill(m);
     (t, data)
-}
-
-/// One logical key of a fixture's keys.json: the last write of each key.
-#[derive(Clone, Debug)]
-struct FixtureKey {
-    key: String,
-    value: Option<String>,
-    dir: bool,
-    ttl: Option<i64>,
-}
-
-fn fixture_keys(name: &str) -> Vec<FixtureKey> {
-    let text = std::fs::read_to_string(fixtures().join(format!("{name}.keys.json"))).unwrap();
-    let v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let mut m: BTreeMap<String, FixtureKey> = BTreeMap::new();
-    for x in v {
-        let key = x["key"].as_str().unwrap().to_string();
-        let value = match (x.get("value"), x.get("value_b64")) {
-            (Some(s), _) if s.is_string() => s.as_str().map(str::to_string),
-            (_, Some(b)) if b.is_string() => {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b.as_str().unwrap())
-                    .unwrap();
-                Some(String::from_utf8_lossy(&bytes).into_owned())
-            }
-            _ => None,
-        };
-        let ttl = x
-            .get("ttl")
-            .and_then(|t| t.as_i64())
-            .or_else(|| x.get("lease_ttl").and_then(|t| t.as_i64()));
-        let dir = x.get("dir").and_then(|d| d.as_bool()).unwrap_or(false);
-        m.insert(
-            key.clone(),
-            FixtureKey {
-                key,
-                value,
-                dir,
-                ttl,
-            },
-        );
-    }
-    m.into_values().collect()
-}
-
-/// The fixture keys as a sorted v2 key stream with indexes 2.. in key order.
-fn as_v2_keys(keys: &[FixtureKey], now: SystemTime) -> Vec<V2Key> {
-    keys.iter()
-        .enumerate()
-        .map(|(i, k)| V2Key {
-            key: k.key.clone().into_bytes(),
-            value: k.value.clone().unwrap_or_default().into_bytes(),
-            dir: k.dir,
-            expire: k.ttl.map(|t| ExpireTime::after_ttl(now, t)),
-            created_index: 2 + i as u64,
-            modified_index: 2 + i as u64,
-        })
-        .collect()
 }
 
 #[test]

@@ -4,10 +4,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
-use base64::Engine as _;
 use etcd_migrate::storage::raftpb::{
     HardState, Metadata, WalSnapshot, RECORD_CRC, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT,
     RECORD_STATE,
@@ -15,79 +14,13 @@ use etcd_migrate::storage::raftpb::{
 use etcd_migrate::storage::snap::{self, decode_snap_file, list_snap_files, read_snap_file};
 use etcd_migrate::storage::v2member::{write_v2_member, V2MemberParams};
 use etcd_migrate::storage::v2store::{
-    read_all_nodes, read_cluster_info, write_store, ExpireTime, StoreParams, V2Key, V2MemberInfo,
+    read_all_nodes, read_cluster_info, write_store, StoreParams, V2MemberInfo,
 };
 use etcd_migrate::storage::wal::{self, encode_v2_wal, WalError, WalReader};
 use etcd_migrate::storage::walinfo::summarize;
 use prost::Message;
 
-use common::{fixtures, untar_fixture};
-
-/// Unpacks fixture `name` (without `.tar.gz`) into a fresh temp dir; returns the dir guard
-/// and the path of its `data/`.
-fn unpack(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let data = untar_fixture(name, t.path());
-    (t, data)
-}
-
-/// One logical key of a fixture's keys.json: the last write of each key.
-#[derive(Clone, Debug)]
-struct FixtureKey {
-    key: String,
-    value: Option<String>,
-    dir: bool,
-    ttl: Option<i64>,
-}
-
-fn fixture_keys(name: &str) -> Vec<FixtureKey> {
-    let text = std::fs::read_to_string(fixtures().join(format!("{name}.keys.json"))).unwrap();
-    let v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let mut m: BTreeMap<String, FixtureKey> = BTreeMap::new();
-    for x in v {
-        let key = x["key"].as_str().unwrap().to_string();
-        let value = match (x.get("value"), x.get("value_b64")) {
-            (Some(s), _) if s.is_string() => s.as_str().map(str::to_string),
-            (_, Some(b)) if b.is_string() => {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b.as_str().unwrap())
-                    .unwrap();
-                Some(String::from_utf8_lossy(&bytes).into_owned())
-            }
-            _ => None,
-        };
-        let ttl = x
-            .get("ttl")
-            .and_then(|t| t.as_i64())
-            .or_else(|| x.get("lease_ttl").and_then(|t| t.as_i64()));
-        let dir = x.get("dir").and_then(|d| d.as_bool()).unwrap_or(false);
-        m.insert(
-            key.clone(),
-            FixtureKey {
-                key,
-                value,
-                dir,
-                ttl,
-            },
-        );
-    }
-    m.into_values().collect()
-}
-
-/// The fixture keys as a sorted v2 key stream with indexes 2.. in key order.
-fn as_v2_keys(keys: &[FixtureKey], now: SystemTime) -> Vec<V2Key> {
-    keys.iter()
-        .enumerate()
-        .map(|(i, k)| V2Key {
-            key: k.key.clone().into_bytes(),
-            value: k.value.clone().unwrap_or_default().into_bytes(),
-            dir: k.dir,
-            expire: k.ttl.map(|t| ExpireTime::after_ttl(now, t)),
-            created_index: 2 + i as u64,
-            modified_index: 2 + i as u64,
-        })
-        .collect()
-}
+use common::{as_v2_keys, fixture_keys, unpack};
 
 fn records(dir: &Path) -> Vec<wal::RecordAt> {
     WalReader::open(dir)

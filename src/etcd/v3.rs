@@ -145,16 +145,6 @@ impl V3 {
         Ok(r.id())
     }
 
-    /// Remaining TTL of a lease (seconds), -1 when it is gone.
-    pub async fn lease_ttl(&mut self, id: i64) -> Result<i64, V3Error> {
-        let r = self
-            .client
-            .lease_time_to_live(id, None)
-            .await
-            .map_err(err("lease timetolive"))?;
-        Ok(r.ttl())
-    }
-
     /// Re-puts keys with their leases in one transaction, guarded by each key's mod revision: if
     /// any key changed since it was read, nothing is written. Items: (key, value, mod revision,
     /// lease). Returns whether the guard held.
@@ -196,31 +186,5 @@ impl V3 {
             .await
             .map_err(err("put"))?;
         Ok(())
-    }
-
-    /// The current key of one key (None when absent).
-    pub async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>, V3Error> {
-        let r = self.client.get(key, None).await.map_err(err("get"))?;
-        Ok(r.kvs().first().map(|kv| KeyValue {
-            key: kv.key().to_vec(),
-            value: kv.value().to_vec(),
-            create_revision: kv.create_revision(),
-            mod_revision: kv.mod_revision(),
-            version: kv.version(),
-            lease: kv.lease(),
-        }))
-    }
-
-    /// The cluster's members: (name, peer URLs).
-    pub async fn member_list(&mut self) -> Result<Vec<(String, Vec<String>)>, V3Error> {
-        let r = self
-            .client
-            .member_list()
-            .await
-            .map_err(err("member list"))?;
-        Ok(r.members()
-            .iter()
-            .map(|m| (m.name().to_string(), m.peer_urls().to_vec()))
-            .collect())
     }
 }

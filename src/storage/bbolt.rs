@@ -971,22 +971,7 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
-
-    /// Unpacks fixture `name` (a tarball holding `data/`) and returns the path of its bbolt db.
-    fn fixture_db(name: &str) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let status = std::process::Command::new("tar")
-            .arg("-xzf")
-            .arg(format!("{FIXTURES}/{name}.tar.gz"))
-            .arg("-C")
-            .arg(dir.path())
-            .status()
-            .expect("run tar");
-        assert!(status.success(), "tar failed for {name}");
-        let db = dir.path().join("data/member/snap/db");
-        (dir, db)
-    }
+    use crate::storage::testutil::fixture_db;
 
     #[test]
     fn fixture_3_0_17_buckets_and_point_reads_agree_with_iteration() {

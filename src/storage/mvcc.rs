@@ -447,25 +447,10 @@ mod tests {
     use super::*;
     use crate::storage::bbolt::{BboltError, Bucket};
     use std::collections::BTreeMap;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::time::{Duration, Instant};
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
-
-    /// Unpacks fixture `name` (a tarball holding `data/`) and returns the path of its bbolt db.
-    fn fixture_db(name: &str) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let status = std::process::Command::new("tar")
-            .arg("-xzf")
-            .arg(format!("{FIXTURES}/{name}.tar.gz"))
-            .arg("-C")
-            .arg(dir.path())
-            .status()
-            .expect("run tar");
-        assert!(status.success(), "tar failed for {name}");
-        let db = dir.path().join("data/member/snap/db");
-        (dir, db)
-    }
+    use crate::storage::testutil::{fixture_db, FIXTURES};
 
     /// Expected live set of a fixture: key -> (value, lease TTL).
     fn expected(name: &str) -> BTreeMap<Vec<u8>, (Vec<u8>, Option<i64>)> {

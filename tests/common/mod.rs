@@ -548,3 +548,117 @@ pub async fn seed_v2(
         assert!(r.status().is_success());
     }
 }
+
+/// A fixture unpacked into a fresh temp dir: (the dir, its `data/`).
+pub fn unpack(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let data = untar_fixture(name, t.path());
+    (t, data)
+}
+
+/// One logical key of a fixture's keys.json: the last write of each key.
+#[derive(Clone, Debug)]
+pub struct FixtureKey {
+    pub key: String,
+    pub value: Option<String>,
+    pub dir: bool,
+    pub ttl: Option<i64>,
+}
+
+pub fn fixture_keys(name: &str) -> Vec<FixtureKey> {
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}.keys.json"))).unwrap();
+    let v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let mut m: BTreeMap<String, FixtureKey> = BTreeMap::new();
+    for x in v {
+        let key = x["key"].as_str().unwrap().to_string();
+        let value = match (x.get("value"), x.get("value_b64")) {
+            (Some(s), _) if s.is_string() => s.as_str().map(str::to_string),
+            (_, Some(b)) if b.is_string() => {
+                let bytes = base64::Engine::decode(
+                    &base64::engine::general_purpose::STANDARD,
+                    b.as_str().unwrap(),
+                )
+                .unwrap();
+                Some(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            _ => None,
+        };
+        let ttl = x
+            .get("ttl")
+            .and_then(|t| t.as_i64())
+            .or_else(|| x.get("lease_ttl").and_then(|t| t.as_i64()));
+        let dir = x.get("dir").and_then(|d| d.as_bool()).unwrap_or(false);
+        m.insert(
+            key.clone(),
+            FixtureKey {
+                key,
+                value,
+                dir,
+                ttl,
+            },
+        );
+    }
+    m.into_values().collect()
+}
+
+/// The fixture keys as a sorted v2 key stream with indexes 2.. in key order.
+pub fn as_v2_keys(
+    keys: &[FixtureKey],
+    now: std::time::SystemTime,
+) -> Vec<etcd_migrate::storage::v2store::V2Key> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| etcd_migrate::storage::v2store::V2Key {
+            key: k.key.clone().into_bytes(),
+            value: k.value.clone().unwrap_or_default().into_bytes(),
+            dir: k.dir,
+            expire: k
+                .ttl
+                .map(|t| etcd_migrate::storage::v2store::ExpireTime::after_ttl(now, t)),
+            created_index: 2 + i as u64,
+            modified_index: 2 + i as u64,
+        })
+        .collect()
+}
+
+/// Copies a directory tree (cp -a), replacing `to`.
+pub fn cp_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The leaf keys of a v2 store over its HTTP API: key -> (value, has a TTL).
+pub async fn v2_leaves(client_url: &str) -> BTreeMap<String, (String, bool)> {
+    let body: serde_json::Value = reqwest::get(format!("{client_url}/v2/keys/?recursive=true"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    fn walk(n: &serde_json::Value, out: &mut BTreeMap<String, (String, bool)>) {
+        if n["dir"].as_bool().unwrap_or(false) {
+            n["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .for_each(|c| walk(c, out));
+        } else if let Some(k) = n["key"].as_str() {
+            out.insert(
+                k.into(),
+                (
+                    n["value"].as_str().unwrap_or_default().into(),
+                    n["ttl"].is_number(),
+                ),
+            );
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(&body["node"], &mut out);
+    out
+}
