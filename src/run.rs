@@ -410,7 +410,11 @@ pub async fn execute<O: EtcdOps>(ops: &mut O, ctx: &Ctx<'_>, plan: &Plan) -> Res
             progress::end_in_place(&ctx.work_dir())?;
         }
         let elapsed_ms = t.elapsed().as_millis() as u64;
-        let keys = report.fingerprint.as_ref().map(|f| f.keys);
+        let keys = report
+            .fingerprint
+            .as_ref()
+            .map(|f| f.keys)
+            .or_else(|| report.detail.get("keys").and_then(|k| k.as_u64()));
         progress::append_journal(
             ctx.data_dir,
             &JournalEntry {

@@ -84,13 +84,14 @@ fn check(path: &std::path::Path, data: &[u8]) {
 }
 
 /// Walks `bucket` and its nested buckets; when a bucket's whole walk succeeds, checks
-/// every key against point lookups.
+/// every key against point lookups, by descent and by location.
 fn walk(bucket: &Bucket<'_>, depth: usize, budget: &mut usize) {
     let _ = format!("{bucket:?}");
     let mut items = Vec::new();
-    for item in bucket.iter() {
+    let mut it = bucket.iter();
+    while let Some(item) = it.next() {
         match item {
-            Ok(kv) => items.push(kv),
+            Ok((key, value)) => items.push((key, value, it.location())),
             Err(e) => {
                 let _ = e.to_string();
                 return;
@@ -102,11 +103,13 @@ fn walk(bucket: &Bucket<'_>, depth: usize, budget: &mut usize) {
         *budget -= 1;
     }
     let _ = bucket.buckets();
-    for (key, value) in items {
+    for (key, value, loc) in items {
         match value {
             Value::Data(v) => {
                 let got = bucket.get(&key).expect("get of a key the walk returned");
                 assert_eq!(got.as_ref(), Some(&v), "get disagrees with the walk");
+                let at = bucket.get_at(loc, &key).expect("get_at where the walk found it");
+                assert_eq!(at.as_ref(), Some(&v), "get_at disagrees with the walk");
                 assert!(bucket.bucket(&key).expect("bucket() of a value").is_none());
             }
             Value::Bucket(child) => {

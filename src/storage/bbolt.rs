@@ -666,6 +666,23 @@ impl fmt::Debug for Bucket<'_> {
     }
 }
 
+/// Where a leaf element sits in the file: its page and its index on that page. Handed out by
+/// [`Iter::location`]; [`Bucket::get_at`] reads the element again without descending the tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Location {
+    /// The leaf page; 0 (a meta page, never a leaf) for elements of inline buckets.
+    pgid: u64,
+    /// The element's index on the page.
+    index: u16,
+}
+
+impl Location {
+    /// Whether the element can be read back by location (inline buckets' elements cannot).
+    pub fn is_known(&self) -> bool {
+        self.pgid != 0
+    }
+}
+
 /// What a key in a bucket holds.
 #[derive(Debug)]
 pub enum Value<'db> {
@@ -687,6 +704,28 @@ impl<'db> Bucket<'db> {
             Some((flags, value)) if flags & BUCKET_LEAF_FLAG == 0 => Some(value),
             _ => None,
         })
+    }
+
+    /// The value of `key` read at `loc` (from [`Iter::location`] on this bucket), without a
+    /// descent: the element there must hold `key` and a plain value, else it is an error.
+    /// An unknown location falls back to [`Bucket::get`].
+    pub fn get_at(&self, loc: Location, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if !loc.is_known() {
+            return self.get(key);
+        }
+        let page = self.db.read_page(loc.pgid)?;
+        let at = |e: String| self.db.tree_error(&self.name, loc.pgid, e);
+        let i = usize::from(loc.index);
+        if page.branch || i >= page.count {
+            return Err(at(format!("no leaf element {i} for a located read")));
+        }
+        let e = page.leaf_element(i).map_err(at)?;
+        if e.key != key || e.flags & BUCKET_LEAF_FLAG != 0 {
+            return Err(at(format!(
+                "leaf element {i} does not hold the value it held when the bucket was walked"
+            )));
+        }
+        Ok(Some(e.value.to_vec()))
     }
 
     /// The nested bucket `name`, if it exists (a plain value of that name is not a bucket).
@@ -723,6 +762,7 @@ impl<'db> Bucket<'db> {
             stack: Vec::new(),
             pages_read: 0,
             last_key: None,
+            location: Location::default(),
             done: false,
         }
     }
@@ -816,6 +856,8 @@ pub struct Iter<'db> {
     pages_read: u64,
     /// Keys must come out strictly increasing; anything else is a corrupt tree.
     last_key: Option<Vec<u8>>,
+    /// Where the element returned last sits.
+    location: Location,
     done: bool,
 }
 
@@ -842,6 +884,12 @@ impl fmt::Debug for Iter<'_> {
 }
 
 impl<'db> Iter<'db> {
+    /// Where the element returned last by `next` sits (unknown before the first, and for
+    /// elements of inline buckets).
+    pub fn location(&self) -> Location {
+        self.location
+    }
+
     fn error(&self, pgid: u64, reason: impl Into<String>) -> BboltError {
         self.db.tree_error(&self.name, pgid, reason)
     }
@@ -946,6 +994,11 @@ impl<'db> Iter<'db> {
                 Value::Data(e.value.to_vec())
             };
             self.last_key = Some(key.clone());
+            // Page counts are u16, so the index fits.
+            self.location = Location {
+                pgid,
+                index: i as u16,
+            };
             return Ok(Some((key, value)));
         }
     }
@@ -1217,6 +1270,48 @@ mod tests {
         }
         // Everything reachable: 1 root value + a:1 + nested:1 + b:2 + c:3.
         assert_eq!(walk(&handmade()).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn located_reads_agree_with_descents_and_refuse_a_wrong_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(write_db(&dir, &handmade())).unwrap();
+        // c has a branch root, leaves and an overflow value; b is inline (no location).
+        for (name, located) in [(&b"c"[..], true), (b"b", false)] {
+            let bucket = db.bucket(name).unwrap().unwrap();
+            let mut items = bucket.iter();
+            let mut seen = Vec::new();
+            while let Some(item) = items.next() {
+                let (key, value) = item.unwrap();
+                let Value::Data(value) = value else {
+                    panic!("no buckets in {name:?}")
+                };
+                let loc = items.location();
+                assert_eq!(loc.is_known(), located, "{key:?}");
+                assert_eq!(bucket.get_at(loc, &key).unwrap(), Some(value));
+                seen.push((key, loc));
+            }
+            assert!(seen.len() >= 2);
+            if located {
+                // The location of one key read as another: an error, never the wrong value.
+                let (k0, _) = &seen[0];
+                let (_, l1) = seen[1];
+                let err = bucket.get_at(l1, k0).unwrap_err().to_string();
+                assert!(err.contains("does not hold"), "{err}");
+                let far = Location {
+                    pgid: l1.pgid,
+                    index: 500,
+                };
+                assert!(bucket.get_at(far, k0).is_err());
+            }
+        }
+        // Beyond the file: the page-range check of every read.
+        let c = db.bucket(b"c").unwrap().unwrap();
+        let outside = Location {
+            pgid: 1 << 40,
+            index: 0,
+        };
+        assert!(c.get_at(outside, b"m1").is_err());
     }
 
     #[test]

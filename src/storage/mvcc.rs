@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::storage::bbolt::{BboltError, Db, Value};
+use crate::storage::bbolt::{BboltError, Db, Location, Value};
 
 /// Bucket of revision → KeyValue.
 pub const KEY_BUCKET: &[u8] = b"key";
@@ -181,10 +181,11 @@ pub struct Lease {
 
 /// The newest revision of every live key, built by one scan of bucket `key`.
 ///
-/// Holds keys and revisions only (no values): memory is O(keys × key length).
+/// Holds keys, revisions and where each newest revision sits in the file (no values): memory
+/// is O(keys × key length). Fetching a value by its location needs no tree descent.
 #[derive(Clone, Debug, Default)]
 pub struct LiveIndex {
-    keys: BTreeMap<Vec<u8>, Revision>,
+    keys: BTreeMap<Vec<u8>, (Revision, Location)>,
     newest: Option<Revision>,
     revisions: u64,
 }
@@ -197,7 +198,8 @@ impl LiveIndex {
             .bucket(KEY_BUCKET)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
         let mut index = LiveIndex::default();
-        for item in bucket.iter() {
+        let mut items = bucket.iter();
+        while let Some(item) = items.next() {
             let (rev_key, value) = item?;
             let rk = parse_revision_key(&rev_key)?;
             let Value::Data(value) = value else {
@@ -217,7 +219,7 @@ impl LiveIndex {
             if rk.tombstone {
                 index.keys.remove(&key);
             } else {
-                index.keys.insert(key, rk.rev);
+                index.keys.insert(key, (rk.rev, items.location()));
             }
             index.newest = Some(rk.rev);
             index.revisions += 1;
@@ -248,12 +250,12 @@ impl LiveIndex {
 
     /// The newest revision of live `key`.
     pub fn revision(&self, key: &[u8]) -> Option<Revision> {
-        self.keys.get(key).copied()
+        self.keys.get(key).map(|(r, _)| *r)
     }
 
     /// Live keys and their newest revisions, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], Revision)> + '_ {
-        self.keys.iter().map(|(k, r)| (k.as_slice(), *r))
+        self.keys.iter().map(|(k, (r, _))| (k.as_slice(), *r))
     }
 
     /// Every live key in key order with its full KeyValue, fetched lazily by point lookups
@@ -265,7 +267,7 @@ impl LiveIndex {
         Ok(self
             .keys
             .iter()
-            .map(move |(key, rev)| fetch(&bucket, key, *rev)))
+            .map(move |(key, (rev, loc))| fetch(&bucket, key, *rev, *loc)))
     }
 
     /// Visits every live key in key order with its full KeyValue, fetched by a point
@@ -279,22 +281,23 @@ impl LiveIndex {
             .bucket(KEY_BUCKET)
             .map_err(MvccError::from)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
-        for (key, rev) in &self.keys {
-            let kv = fetch(&bucket, key, *rev)?;
+        for (key, (rev, loc)) in &self.keys {
+            let kv = fetch(&bucket, key, *rev, *loc)?;
             f(kv)?;
         }
         Ok(())
     }
 }
 
-/// The KeyValue of live `key` at revision `rev`, checked against the index.
+/// The KeyValue of live `key` at revision `rev` (read at `loc`), checked against the index.
 fn fetch(
     bucket: &crate::storage::bbolt::Bucket<'_>,
     key: &[u8],
     rev: Revision,
+    loc: Location,
 ) -> Result<KeyValue> {
     let value = bucket
-        .get(&rev.to_key(false))?
+        .get_at(loc, &rev.to_key(false))?
         .ok_or_else(|| key_inconsistent(rev, "indexed revision is gone"))?;
     let kv: KeyValue =
         prost::Message::decode(value.as_slice()).map_err(|source| MvccError::Decode {

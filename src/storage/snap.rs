@@ -414,18 +414,15 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
     out.push(v as u8);
 }
 
-/// Writes a `.snap` file whose store data (`json_len` bytes with CRC-32C
-/// `json_crc`, as computed while it was produced) is copied from `json`,
-/// without holding the data in memory. The bytes equal
-/// [`encode_snap_file`]'s for the same snapshot: the CRC of the
-/// `raftpb.Snapshot` is obtained by combining the CRCs of its parts.
-pub fn write_snap_streamed(
-    out: &mut impl Write,
+/// The bytes of a `.snap` file around its store data: what comes before the `json_len` bytes
+/// of data whose CRC-32C is `json_crc`, and what comes after. With the data between them they
+/// equal [`encode_snap_file`]'s bytes; the CRC of the `raftpb.Snapshot` is obtained by
+/// combining the CRCs of its parts, so the data need not be in memory.
+pub fn snap_framing(
     metadata: &SnapshotMetadata,
     json_len: u64,
     json_crc: u32,
-    json: &mut impl Read,
-) -> io::Result<()> {
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
     // raftpb.Snapshot = [0x0a len(json) json] [0x12 len(md) md]
     let mut head = vec![0x0a];
     varint(json_len, &mut head);
@@ -439,12 +436,37 @@ pub fn write_snap_streamed(
     let crc = crc32c::crc32c_append(crc, &tail);
     let inner_len = head.len() as u64 + json_len + tail.len() as u64;
     // snappb.Snapshot = [0x08 crc] [0x12 len(inner) inner]
-    let mut outer = vec![0x08];
-    varint(u64::from(crc), &mut outer);
-    outer.push(0x12);
-    varint(inner_len, &mut outer);
-    out.write_all(&outer)?;
-    out.write_all(&head)?;
+    let mut prefix = vec![0x08];
+    varint(u64::from(crc), &mut prefix);
+    prefix.push(0x12);
+    varint(inner_len, &mut prefix);
+    prefix.extend_from_slice(&head);
+    Ok((prefix, tail))
+}
+
+/// How long [`snap_framing`]'s prefix most likely is for about `json_len` bytes of data: it
+/// assumes a CRC of 2^28 or more (a 5-byte varint), as 15 in 16 CRCs are.
+pub fn likely_prefix_len(json_len: u64) -> u64 {
+    let vlen = |v: u64| {
+        let mut out = Vec::new();
+        varint(v, &mut out);
+        out.len() as u64
+    };
+    // 0x08 crc 0x12 len(inner) 0x0a len(json); inner is json plus a few dozen bytes.
+    1 + 5 + 1 + vlen(json_len + 64) + 1 + vlen(json_len)
+}
+
+/// Writes a `.snap` file whose store data (`json_len` bytes with CRC-32C `json_crc`, as
+/// computed while it was produced) is copied from `json`, without holding the data in memory.
+pub fn write_snap_streamed(
+    out: &mut impl Write,
+    metadata: &SnapshotMetadata,
+    json_len: u64,
+    json_crc: u32,
+    json: &mut impl Read,
+) -> io::Result<()> {
+    let (prefix, tail) = snap_framing(metadata, json_len, json_crc)?;
+    out.write_all(&prefix)?;
     let copied = io::copy(&mut json.take(json_len), out)?;
     if copied != json_len {
         return Err(io::Error::new(

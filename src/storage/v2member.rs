@@ -38,7 +38,8 @@
 //! unique unless one transaction wrote several keys).
 
 use std::fs;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::storage::raftpb::{ConfState, HardState, Metadata, SnapshotMetadata, WalSnapshot};
@@ -93,6 +94,10 @@ pub struct V2MemberParams {
     pub min_store_index: u64,
     /// `/0/version`; [`CLUSTER_VERSION_2_2`] for etcd 2.2.1.
     pub cluster_version: String,
+    /// About how many bytes the store JSON will take (e.g. the v3 backend's size), 0 if
+    /// unknown. When it gives the snapshot header's length right, the JSON is written once,
+    /// in place; otherwise it is copied once more behind the header.
+    pub store_size_hint: u64,
 }
 
 impl V2MemberParams {
@@ -112,6 +117,7 @@ impl V2MemberParams {
             index,
             min_store_index: 0,
             cluster_version: CLUSTER_VERSION_2_2.to_string(),
+            store_size_hint: 0,
         }
     }
 
@@ -155,6 +161,8 @@ pub struct V2MemberWritten {
     pub index: u64,
     /// What went into the store.
     pub store: StoreWritten,
+    /// Whether the store JSON was written in place (else copied behind the header).
+    pub in_place: bool,
 }
 
 /// Counts and checksums what passes through.
@@ -210,9 +218,12 @@ fn ensure_no(dir: &Path, suffix: &str) -> Result<(), V2MemberError> {
 /// Writes `member_dir/snap/<term>-<index>.snap` and
 /// `member_dir/wal/0000000000000000-<index>.wal` for etcd 2.2.1 (see the
 /// module documentation for the format and the index scheme). `keys` must
-/// be in strictly increasing byte order. The store JSON is staged in
-/// `member_dir/snap/.v2store.json.tmp` (removed afterwards) so that memory
-/// stays bounded. Nothing is fsynced: the caller owns durability.
+/// be in strictly increasing byte order. The store JSON streams into
+/// `member_dir/snap/.v2store.snap.tmp` after room for the snapshot header, whose
+/// length depends on the JSON's length and CRC, so that memory stays bounded; the
+/// header is then written in front (or, when it came out another length, the JSON is
+/// copied behind it into a new file) and the file renamed into place. Nothing is
+/// fsynced: the caller owns durability.
 pub fn write_v2_member<I, E>(
     member_dir: &Path,
     params: &V2MemberParams,
@@ -230,10 +241,18 @@ where
     ensure_no(&snap_dir, ".snap")?;
     ensure_no(&wal_dir, ".wal")?;
 
-    // 1. The store JSON, staged with its length and CRC.
-    let tmp = snap_dir.join(".v2store.json.tmp");
-    let store = {
-        let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+    // 1. The store JSON, where it will sit in the snapshot file, with its length and CRC.
+    let tmp = snap_dir.join(".v2store.snap.tmp");
+    let room = snap::likely_prefix_len(params.store_size_hint);
+    let store = (|| {
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        f.seek(SeekFrom::Start(room)).map_err(io_at(&tmp))?;
         let mut cc = CrcCount {
             w: BufWriter::with_capacity(1 << 20, f),
             crc: 0,
@@ -245,22 +264,24 @@ where
             internal_index: 1,
             min_current_index: params.min_store_index,
         };
-        let written = v2store::write_store(&mut cc, &sp, keys);
-        let written = match written {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e.into());
-            }
-        };
-        cc.flush().map_err(io_at(&tmp))?;
-        (written, cc.len, cc.crc)
+        let written = v2store::write_store(&mut cc, &sp, keys)?;
+        let f = cc.w.into_inner().map_err(|e| V2MemberError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        Ok::<_, V2MemberError>((written, cc.len, cc.crc, f))
+    })();
+    let (written, json_len, json_crc, staged) = match store {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
     };
-    let (written, json_len, json_crc) = store;
     let index = params.index.max(written.current_index);
     let term = params.term;
 
-    // 2. The snapshot file, copied from the staged JSON.
+    // 2. The header in front of the JSON and the metadata after it.
     let mut nodes: Vec<u64> = params.members.iter().map(|m| m.id).collect();
     nodes.sort_unstable();
     let md = SnapshotMetadata {
@@ -273,19 +294,31 @@ where
     };
     let snap_path = snap_dir.join(snap_file_name(term, index));
     let res = (|| {
+        let (prefix, tail) = snap::snap_framing(&md, json_len, json_crc).map_err(io_at(&tmp))?;
+        if prefix.len() as u64 == room {
+            staged.write_all_at(&prefix, 0).map_err(io_at(&tmp))?;
+            staged
+                .write_all_at(&tail, room + json_len)
+                .map_err(io_at(&tmp))?;
+            drop(staged);
+            fs::rename(&tmp, &snap_path).map_err(io_at(&snap_path))?;
+            return Ok(true);
+        }
         let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&snap_path)
             .map_err(io_at(&snap_path))?;
         let mut out = BufWriter::new(out);
-        let mut src = io::BufReader::new(fs::File::open(&tmp).map_err(io_at(&tmp))?);
+        let mut src = staged;
+        src.seek(SeekFrom::Start(room)).map_err(io_at(&tmp))?;
         snap::write_snap_streamed(&mut out, &md, json_len, json_crc, &mut src)
             .map_err(io_at(&snap_path))?;
-        out.flush().map_err(io_at(&snap_path))
+        out.flush().map_err(io_at(&snap_path))?;
+        Ok::<_, V2MemberError>(false)
     })();
     let _ = fs::remove_file(&tmp);
-    res?;
+    let in_place = res?;
 
     // 3. The WAL.
     let wal_path = wal::write_v2_wal(
@@ -311,6 +344,7 @@ where
         term,
         index,
         store: written,
+        in_place,
     })
 }
 
@@ -346,7 +380,7 @@ mod tests {
         let w = write_v2_member(dir.path(), &p, keys).unwrap();
         assert_eq!(w.index, 54);
         assert_eq!(w.store.keys, 50);
-        assert!(!dir.path().join("snap/.v2store.json.tmp").exists());
+        assert!(!dir.path().join("snap/.v2store.snap.tmp").exists());
         let s = summarize(dir.path()).unwrap();
         assert_eq!((s.node_id, s.cluster_id), (2, 77));
         assert_eq!(s.members, vec![1, 2, 3]);
@@ -371,6 +405,53 @@ mod tests {
             std::iter::empty::<Result<V2Key, Infallible>>(),
         );
         assert!(matches!(again, Err(V2MemberError::NotEmpty { .. })));
+    }
+
+    /// The snapshot file as etcd's encoder lays it out, from what the file itself holds.
+    fn reencoded(path: &Path) -> Vec<u8> {
+        let bytes = fs::read(path).unwrap();
+        let decoded = snap::decode_snap_file(&bytes, path).unwrap();
+        snap::encode_snap_file(&decoded)
+    }
+
+    #[test]
+    fn snapshot_bytes_are_the_same_written_in_place_or_copied_behind_the_header() {
+        let keys = |n: u64| {
+            (0..n).map(|i| {
+                Ok::<_, Infallible>(V2Key {
+                    key: format!("/registry/pods/p{i:05}").into_bytes(),
+                    value: format!("{{\"n\":{i},\"s\":\"{}\"}}", "x".repeat(i as usize % 300))
+                        .into_bytes(),
+                    dir: false,
+                    expire: None,
+                    created_index: 2 + i,
+                    modified_index: 2 + i,
+                })
+            })
+        };
+        let mut seen = (false, false);
+        // Hints from far off to about right: the header's length is guessed wrong, then right.
+        for (n, hint) in [(40, 0), (400, 0), (40, 1 << 20), (400, 70_000), (40, 3_000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut p = V2MemberParams::new(1, 77, vec![member(1)], 3, 10);
+            p.store_size_hint = hint;
+            let w = write_v2_member(dir.path(), &p, keys(n)).unwrap();
+            assert_eq!(
+                fs::read(&w.snap_path).unwrap(),
+                reencoded(&w.snap_path),
+                "{n} keys, hint {hint}"
+            );
+            assert!(!dir.path().join("snap/.v2store.snap.tmp").exists());
+            assert_eq!(fs::read_dir(dir.path().join("snap")).unwrap().count(), 1);
+            let s = summarize(dir.path()).unwrap();
+            assert_eq!(s.snapshot.map(|x| x.index), Some(w.index));
+            if w.in_place {
+                seen.0 = true;
+            } else {
+                seen.1 = true;
+            }
+        }
+        assert_eq!(seen, (true, true), "both ways were taken");
     }
 
     #[test]
