@@ -373,12 +373,23 @@ async fn p4(root: &Path) -> Vec<Row> {
     let (took, rss, log) = run_migrate(&env, &["migrate"]);
     let ratio = secs(cp_time) / secs(took);
     let rss_mib = rss / 1024;
-    println!("P4 rollback of {n} keys ({:.0} MB db) in {:.1}s; cp {:.1}s; throughput ratio {ratio:.2}; peak RSS {rss_mib} MiB", db_bytes as f64 / 1e6, secs(took), secs(cp_time));
+    // Where the time went: the step's own sub-step figures from the journal; the rest of the
+    // run is before the step (reading the WAL to inspect and plan) and after it.
+    let journal = fs::read_to_string(d.join("etcd-migrate.journal")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(journal.lines().last().unwrap()).unwrap();
+    let ms = |k: &str| step["detail"][k].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    let outside = secs(took) - step["elapsed_ms"].as_f64().unwrap() / 1000.0;
+    let split = format!(
+        "index scan {:.1} s, values + JSON + fsync {:.1} s, before and after the step {outside:.1} s",
+        ms("read_ms"),
+        ms("write_ms")
+    );
+    println!("P4 rollback of {n} keys ({:.0} MB db) in {:.1}s ({split}); cp {:.1}s; throughput ratio {ratio:.2}; peak RSS {rss_mib} MiB", db_bytes as f64 / 1e6, secs(took), secs(cp_time));
     if std::env::var_os("BENCH_VERBOSE").is_some() {
         println!("{log}");
     }
     vec![
-        Row { id: "P4", what: format!("native rollback of 1,010,000 keys ({:.2} GB db) to 2.2.1: throughput / cp of the db file", db_bytes as f64 / 1e9), figure: format!("{ratio:.2} ({:.1} s vs cp {:.1} s)", secs(took), secs(cp_time)), goal: ">= 0.5", met: Some(ratio >= 0.5) },
+        Row { id: "P4", what: format!("native rollback of 1,010,000 keys ({:.2} GB db) to 2.2.1: throughput / cp of the db file", db_bytes as f64 / 1e9), figure: format!("{ratio:.2} ({:.1} s: {split}; cp {:.1} s)", secs(took), secs(cp_time)), goal: ">= 0.5", met: Some(ratio >= 0.5) },
         Row { id: "P4'", what: "the same against a durable copy (cp, then fsync of the copy; our output is fsynced)".into(), figure: format!("{:.2} (cp + fsync {:.1} s)", secs(cp_sync) / secs(took), secs(cp_sync)), goal: "(report)", met: None },
         Row { id: "P4 RSS", what: "the same: peak RSS of etcd-migrate".into(), figure: format!("{rss_mib} MiB"), goal: "<= 256 MB", met: Some(rss_mib <= 244) },
     ]
