@@ -165,23 +165,95 @@ pub struct V2MemberWritten {
     pub in_place: bool,
 }
 
-/// Counts and checksums what passes through.
-struct CrcCount<W: Write> {
-    w: W,
-    crc: u32,
-    len: u64,
+/// Bytes handed to the writer thread at a time.
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight: memory stays at a few megabytes however large the store.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// What the writer thread ends with: the file, and the length and CRC-32C of what it wrote.
+type Written = io::Result<(fs::File, u64, u32)>;
+
+/// Writes to a file on a thread of its own, counting and checksumming what passes through, so
+/// that the store JSON is produced while the previous chunk is written.
+struct ChunkWriter {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<Written>>,
 }
 
-impl<W: Write> Write for CrcCount<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.w.write(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.len += n as u64;
-        Ok(n)
+impl ChunkWriter {
+    /// Writes from `file`'s current position on.
+    fn new(file: fs::File) -> ChunkWriter {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+        let thread = std::thread::spawn(move || {
+            let mut file = file;
+            let (mut len, mut crc) = (0u64, 0u32);
+            for chunk in rx {
+                file.write_all(&chunk)?;
+                crc = crc32c::crc32c_append(crc, &chunk);
+                len += chunk.len() as u64;
+            }
+            Ok((file, len, crc))
+        });
+        ChunkWriter {
+            buf: Vec::with_capacity(CHUNK),
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let sent = self.tx.as_ref().map(|tx| tx.send(chunk).is_ok());
+        if sent == Some(true) {
+            return Ok(());
+        }
+        // The thread stopped: its error says why.
+        match self.join() {
+            Err(e) => Err(e),
+            Ok(_) => Err(io::Error::other("the writer thread stopped")),
+        }
+    }
+
+    fn join(&mut self) -> Written {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(written)) => written,
+            Some(Err(_)) => Err(io::Error::other("the writer thread panicked")),
+            None => Err(io::Error::other("the writer thread already ended")),
+        }
+    }
+
+    /// Writes what is buffered and waits for the thread: the file, bytes written, their CRC.
+    fn finish(mut self) -> Written {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        self.join()
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.w.flush()
+        Ok(())
+    }
+}
+
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        // On an error path: let the thread finish (and close the file) before the caller
+        // removes it.
+        if self.thread.is_some() {
+            let _ = self.join();
+        }
     }
 }
 
@@ -253,23 +325,16 @@ where
             .open(&tmp)
             .map_err(io_at(&tmp))?;
         f.seek(SeekFrom::Start(room)).map_err(io_at(&tmp))?;
-        let mut cc = CrcCount {
-            w: BufWriter::with_capacity(1 << 20, f),
-            crc: 0,
-            len: 0,
-        };
+        let mut out = ChunkWriter::new(f);
         let sp = StoreParams {
             cluster_version: params.cluster_version.clone(),
             members: params.members.clone(),
             internal_index: 1,
             min_current_index: params.min_store_index,
         };
-        let written = v2store::write_store(&mut cc, &sp, keys)?;
-        let f = cc.w.into_inner().map_err(|e| V2MemberError::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        Ok::<_, V2MemberError>((written, cc.len, cc.crc, f))
+        let written = v2store::write_store(&mut out, &sp, keys)?;
+        let (f, len, crc) = out.finish().map_err(io_at(&tmp))?;
+        Ok::<_, V2MemberError>((written, len, crc, f))
     })();
     let (written, json_len, json_crc, staged) = match store {
         Ok(s) => s,
