@@ -293,7 +293,13 @@ async fn rolling_upgrade(scheme: &str) {
         );
         assert!(!log.contains("--force-new-cluster"));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the writer go on through the rolled cluster until it has a fair number of writes (a
+    // busy machine rolls three members in under a second and writes slowly).
+    let until = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() <= 50 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     stop_writer.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     let acked = acked.lock().unwrap().clone();

@@ -385,6 +385,40 @@ async fn bad_inputs_are_refused_with_their_code_a_remedy_and_the_dir_untouched()
         "did not accept a write within 2s",
         "HEALTH_TIMEOUT",
     );
+    // An etcd that takes the backend in the instant before the step's etcd opens it (here a
+    // process holding its flock, started by the fake etcd): the step fails at once, naming the
+    // holder, instead of waiting out the health timeout.
+    let holder_pid = data.with_extension("holder.pid");
+    fake_bin(
+        &bin,
+        &format!(
+            "d=; while [ $# -gt 0 ]; do [ \"$1\" = --data-dir ] && d=$2; shift; done\n\
+             python3 -c 'import fcntl,sys,time; f=open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); time.sleep(60)' \
+             \"$d/member/snap/db\" & echo $! > {}\nexec sleep 60",
+            holder_pid.display()
+        ),
+    );
+    e.set("HEALTH_TIMEOUT", "60s");
+    let t0 = Instant::now();
+    tb.expect(
+        "backend locked by another process",
+        || e.run(&["migrate"]),
+        1,
+        "is locked by pid",
+        "stop it and run again",
+    );
+    let took = t0.elapsed();
+    let pid: i32 = fs::read_to_string(&holder_pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    fs::remove_file(&holder_pid).unwrap();
+    assert!(
+        took < Duration::from_secs(20),
+        "failed at once, not after the 60 s health timeout: {took:?}"
+    );
     assert_eq!(version(&data), "3.4.23/etcd3");
 
     // Unsupported targets.

@@ -17,6 +17,10 @@ use super::release::{Release, ServerSpec};
 use super::v2::{V2Error, V2};
 use super::v3::{V3Error, V3};
 
+/// A step's etcd that has not served for this long gets its backend's lock checked (a healthy
+/// start takes about 100 ms alone, a few hundred with peers).
+const BACKEND_CHECK_AFTER: Duration = Duration::from_secs(1);
+
 /// Per-request timeout of our clients; a quorum write in a healthy cluster takes milliseconds.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -41,6 +45,15 @@ pub enum EtcdError {
         last_error: String,
         peers: String,
         tail: String,
+    },
+    #[error(
+        "{label} cannot open {backend}: it is locked by {holder}, not by the step's etcd. Another etcd \
+         runs on this data dir; stop it and run again (nothing was recorded)"
+    )]
+    BackendTaken {
+        label: String,
+        backend: String,
+        holder: String,
     },
     #[error("{label}: {source}")]
     V3 { label: String, source: V3Error },
@@ -73,6 +86,8 @@ pub struct EtcdServer {
     probe_key: String,
     health_timeout: Duration,
     peers: Vec<(String, String)>,
+    /// The v3 backend the child opens: someone else holding its lock means it never will.
+    backend: std::path::PathBuf,
 }
 
 /// How to start one.
@@ -144,6 +159,7 @@ impl EtcdServer {
             probe_key: format!("{PROBE_PREFIX}-{}", member.name),
             health_timeout: l.config.health_timeout,
             peers: member.peers(),
+            backend: l.data_dir.join("member/snap/db"),
         })
     }
 
@@ -198,6 +214,9 @@ impl EtcdServer {
                 }
                 Err(e) => last_error = e,
             }
+            if start.elapsed() >= BACKEND_CHECK_AFTER {
+                self.check_backend_lock()?;
+            }
             if Instant::now() >= deadline {
                 return Err(EtcdError::HealthTimeout {
                     label: self.label(),
@@ -209,6 +228,34 @@ impl EtcdServer {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Fails at once when a process other than the step's etcd holds the backend's lock: one
+    /// started on the data dir in the instant before ours opened it. Ours would wait for it
+    /// until the health timeout.
+    fn check_backend_lock(&self) -> Result<(), EtcdError> {
+        let ours = self.guard.pid();
+        let other = crate::datadir::lock_holders(&self.backend)
+            .into_iter()
+            .find(|pid| Some(*pid) != ours);
+        match other {
+            None => Ok(()),
+            Some(pid) => {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .trim()
+                            .to_string()
+                    })
+                    .unwrap_or_default();
+                Err(EtcdError::BackendTaken {
+                    label: self.label(),
+                    backend: self.backend.display().to_string(),
+                    holder: format!("pid {pid} ({cmd})"),
+                })
+            }
         }
     }
 
