@@ -243,6 +243,7 @@ impl Write for ChunkWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        // Chunks go out when full, and the rest at `finish`, which also waits for the file.
         Ok(())
     }
 }
