@@ -258,8 +258,8 @@ impl LiveIndex {
         self.keys.iter().map(|(k, (r, _))| (k.as_slice(), *r))
     }
 
-    /// Every live key in key order with its full KeyValue, fetched lazily by point lookups
-    /// (one value in memory at a time).
+    /// Every live key in key order with its full KeyValue, read lazily where the index scan
+    /// found it (one value in memory at a time).
     pub fn values<'a>(&'a self, db: &'a Db) -> Result<impl Iterator<Item = Result<KeyValue>> + 'a> {
         let bucket = db
             .bucket(KEY_BUCKET)?
@@ -270,8 +270,8 @@ impl LiveIndex {
             .map(move |(key, (rev, loc))| fetch(&bucket, key, *rev, *loc)))
     }
 
-    /// Visits every live key in key order with its full KeyValue, fetched by a point
-    /// lookup of its revision, so only one value is in memory at a time.
+    /// Visits every live key in key order with its full KeyValue, read where the index scan
+    /// found its revision, so only one value is in memory at a time.
     pub fn for_each<E, F>(&self, db: &Db, mut f: F) -> std::result::Result<(), E>
     where
         F: FnMut(KeyValue) -> std::result::Result<(), E>,
