@@ -272,20 +272,55 @@ pub fn member_facts(member: &Path) -> Result<DataFacts, DataDirError> {
     })
 }
 
+/// Writes the WAL holds that an etcd3 member's backend has not applied yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnappliedWrites {
+    /// The backend's consistent index: the last entry applied to it.
+    pub applied: u64,
+    /// The last WAL entry that can change keys.
+    pub last_write: u64,
+}
+
+impl std::fmt::Display for UnappliedWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the v3 backend (member/snap/db) has applied the log up to index {}, but the WAL holds writes up to index {}: \
+             etcd was stopped without committing its backend (killed, or the machine lost power) and applies them on its next start",
+            self.applied, self.last_write
+        )
+    }
+}
+
+/// Whether the backend lacks WAL entries that can change keys. etcd commits its backend in
+/// batches (every 100 ms) and on a clean stop; after a kill it replays the WAL tail on its next
+/// start, so an offline read of the backend alone would miss those writes.
+pub fn unapplied_writes(
+    summary: &MemberSummary,
+    db: &crate::storage::bbolt::Db,
+) -> Result<Option<UnappliedWrites>, String> {
+    let applied = crate::storage::mvcc::store_meta(db)
+        .map_err(|e| e.to_string())?
+        .consistent_index
+        .unwrap_or(0);
+    Ok(summary
+        .last_key_write
+        .filter(|&w| w > applied)
+        .map(|last_write| UnappliedWrites {
+            applied,
+            last_write,
+        }))
+}
+
 /// Fingerprint of an etcd3 member's keys read offline from its backend, when the backend is
-/// complete: its consistent index has reached the WAL's commit index (a clean shutdown). After an
+/// complete: it has applied every WAL entry that can change keys (a clean shutdown). After an
 /// unclean one, etcd replays WAL entries the backend lacks, so an offline read would be stale.
 pub fn offline_fingerprint(member: &Path) -> Result<Fingerprint, String> {
     use crate::storage::{bbolt::Db, mvcc};
     let summary = member_summary(member).map_err(|e| e.to_string())?;
-    let commit = summary.hard_state.as_ref().map(|h| h.commit).unwrap_or(0);
     let db = Db::open(member.join("snap/db")).map_err(|e| e.to_string())?;
-    let applied = mvcc::store_meta(&db)
-        .map_err(|e| e.to_string())?
-        .consistent_index
-        .unwrap_or(0);
-    if applied < commit {
-        return Err(format!("the backend has applied index {applied}, the WAL has committed {commit} (unclean shutdown)"));
+    if let Some(lag) = unapplied_writes(&summary, &db)? {
+        return Err(lag.to_string());
     }
     let index = mvcc::LiveIndex::build(&db).map_err(|e| e.to_string())?;
     let mut b = FingerprintBuilder::default();

@@ -139,8 +139,26 @@ pub async fn run(
     let err = |what: &str, e: String| StepError::Other(format!("{what} {}: {e}", member.display()));
 
     // Identity and raft position from the old WAL/snapshot.
-    let summary = crate::datadir::member_summary(&member)
+    let mut summary = crate::datadir::member_summary(&member)
         .map_err(|e| err("reading the WAL of", e.to_string()))?;
+    // The backend must hold every write of the WAL: after an unclean stop etcd applies the WAL's
+    // tail on its next start, and an offline read would lose those keys.
+    let unapplied = |summary: &crate::storage::walinfo::MemberSummary| {
+        let db = Db::open(member.join("snap/db"))
+            .map_err(|e| err("opening the backend of", e.to_string()))?;
+        crate::datadir::unapplied_writes(summary, &db).map_err(|e| err("reading the backend of", e))
+    };
+    if let Some(lag) = unapplied(&summary)? {
+        apply_wal_tail(ctx, from, lag).await?;
+        summary = crate::datadir::member_summary(&member)
+            .map_err(|e| err("reading the WAL of", e.to_string()))?;
+        if let Some(still) = unapplied(&summary)? {
+            return Err(StepError::Other(format!(
+                "etcd {from} ran on {} but did not commit its backend: {still}",
+                ctx.data_dir.display()
+            )));
+        }
+    }
     if summary.member_count > 1 {
         return Err(StepError::Other(format!(
             "{} holds a cluster of {} members",
@@ -355,6 +373,43 @@ pub async fn run(
     d.insert("swap_ms".into(), swap_ms.into());
     d.insert("backup".into(), backup.display().to_string().into());
     Ok(report)
+}
+
+/// Lets etcd `from` apply the WAL writes its backend lacks: one start on the private port and a
+/// clean stop, as its own next start would do. Without `etcd-<from>` in the bundle the rollback
+/// is refused, nothing changed.
+async fn apply_wal_tail(
+    ctx: &Ctx<'_>,
+    from: EtcdVersion,
+    lag: crate::datadir::UnappliedWrites,
+) -> Result<(), StepError> {
+    if ctx.bundle.optional(Tool::Etcd, from).is_none() {
+        return Err(StepError::Refused(format!(
+            "rollback to etcd2 refused, nothing was changed: {lag}. Put etcd-{from} in {} so that etcd-migrate lets it \
+             apply them first, or start etcd {from} on {} once and stop it with SIGTERM; then roll back again",
+            ctx.bundle.dir.display(),
+            ctx.data_dir.display()
+        )));
+    }
+    tracing::warn!(
+        applied = lag.applied,
+        last_write = lag.last_write,
+        "{lag}; starting etcd-{from} once to apply them"
+    );
+    let mut srv = EtcdServer::start(Launch {
+        bundle: ctx.bundle,
+        config: ctx.config,
+        data_dir: ctx.data_dir,
+        version: from,
+        storage: Storage::Etcd3,
+        serve_v2: false,
+        snapshot_count: None,
+        single_member: ctx.members == 1,
+        bulk_txns: false,
+    })?;
+    srv.ready().await?;
+    srv.stop();
+    Ok(())
 }
 
 /// Starts etcd-2.2.1 on the staged dir when it is bundled, and compares its keys with the source.

@@ -351,8 +351,12 @@ pub enum EntryPayload {
         /// Its client URLs.
         client_urls: Vec<String>,
     },
-    /// Any other v3 request.
-    OtherV3,
+    /// Any other v3 request: `writes_keys` when applying it can change keys (see
+    /// [`v3_request_may_write_keys`]).
+    OtherV3 {
+        /// A put, delete, lease revoke or txn with writes.
+        writes_keys: bool,
+    },
     /// Data that parses as neither message.
     Unknown,
 }
@@ -381,12 +385,84 @@ pub fn decode_entry_payload(data: &[u8]) -> EntryPayload {
         }
         // A bare Request always has a non-empty Method in field 2, which never
         // parses as a message, so reaching here means a genuine v3 request.
-        return EntryPayload::OtherV3;
+        return EntryPayload::OtherV3 {
+            writes_keys: v3_request_may_write_keys(data),
+        };
     }
     match Request::decode(data) {
         Ok(r) => EntryPayload::V2(r),
         Err(_) => EntryPayload::Unknown,
     }
+}
+
+/// `InternalRaftRequest` fields whose requests change keys when applied: `put`, `delete_range`,
+/// `lease_revoke` (the lease's keys go). `txn` (6) changes keys when a branch does.
+const IRR_PUT: u64 = 4;
+const IRR_DELETE_RANGE: u64 = 5;
+const IRR_TXN: u64 = 6;
+const IRR_LEASE_REVOKE: u64 = 9;
+
+/// Whether applying a v3 `InternalRaftRequest` (not a v2 one) can change keys: a put, a delete
+/// range, a lease revoke, or a txn with a put, a delete or a nested txn in either branch (which
+/// branch runs is not known offline). Read straight off the wire, without copying values; bytes
+/// that are not a well-formed message count as a write.
+pub fn v3_request_may_write_keys(data: &[u8]) -> bool {
+    any_len_field(data, &mut |field, body| match field {
+        IRR_PUT | IRR_DELETE_RANGE | IRR_LEASE_REVOKE => true,
+        IRR_TXN => txn_may_write_keys(body),
+        _ => false,
+    })
+    .unwrap_or(true)
+}
+
+/// `TxnRequest { compare = 1; success = 2; failure = 3 }` of `RequestOp { request_range = 1;
+/// request_put = 2; request_delete_range = 3; request_txn = 4 }`.
+fn txn_may_write_keys(txn: &[u8]) -> bool {
+    any_len_field(txn, &mut |field, op| {
+        (field == 2 || field == 3)
+            && any_len_field(op, &mut |f, _| (2..=4).contains(&f)).unwrap_or(true)
+    })
+    .unwrap_or(true)
+}
+
+/// Calls `f(field number, body)` for each length-delimited field of a protobuf message until `f`
+/// says true. `Some(found)`, or `None` when the bytes are not a well-formed message (groups,
+/// which etcd never writes, count as malformed).
+fn any_len_field(mut b: &[u8], f: &mut impl FnMut(u64, &[u8]) -> bool) -> Option<bool> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut b)?;
+                0
+            }
+            1 => 8,
+            5 => 4,
+            2 => {
+                let n = usize::try_from(varint(&mut b)?).ok()?;
+                let body = b.get(..n)?;
+                if f(key >> 3, body) {
+                    return Some(true);
+                }
+                n
+            }
+            _ => return None,
+        };
+        b = b.get(skip..)?;
+    }
+    Some(false)
 }
 
 #[cfg(test)]
@@ -479,5 +555,83 @@ mod tests {
             decode_entry_payload(&irr.encode_to_vec()),
             EntryPayload::ClusterVersionSet("3.5.0".into())
         );
+    }
+
+    /// Length-delimited field `field` holding `body`.
+    fn ld(field: u64, body: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        prost::encoding::encode_key(
+            field as u32,
+            prost::encoding::WireType::LengthDelimited,
+            &mut b,
+        );
+        prost::encoding::encode_varint(body.len() as u64, &mut b);
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn v3_requests_that_change_keys_are_told_apart() {
+        let header = ld(100, &[0x08, 0x07]);
+        let kv = [ld(1, b"/registry/pods/a"), ld(2, b"{}")].concat();
+        let range = ld(1, &ld(1, b"/registry/pods/a"));
+        let put = ld(2, &kv);
+        let del = ld(3, &ld(1, b"/k"));
+        let cmp = ld(1, &[0x08, 0x01]);
+        let txn = |ops: &[Vec<u8>]| [cmp.clone(), ops.concat()].concat();
+        let irr = |field: u64, body: &[u8]| [header.clone(), ld(field, body)].concat();
+        let cases: &[(&str, Vec<u8>, bool)] = &[
+            ("put", irr(IRR_PUT, &kv), true),
+            ("range", irr(3, &ld(1, b"/k")), false),
+            ("delete range", irr(IRR_DELETE_RANGE, &ld(1, b"/k")), true),
+            ("compaction", irr(7, &[0x08, 0x05]), false),
+            ("lease grant", irr(8, &[0x08, 0x0a]), false),
+            ("lease revoke", irr(IRR_LEASE_REVOKE, &[0x08, 0x0a]), true),
+            ("alarm", irr(10, &[0x08, 0x01]), false),
+            ("auth enable", irr(1000, &[]), false),
+            ("txn of compares only", irr(IRR_TXN, &cmp), false),
+            (
+                "txn reading both ways",
+                irr(IRR_TXN, &txn(&[ld(2, &range), ld(3, &range)])),
+                false,
+            ),
+            (
+                "txn putting on success",
+                irr(IRR_TXN, &txn(&[ld(2, &put), ld(3, &range)])),
+                true,
+            ),
+            (
+                "txn deleting on failure",
+                irr(IRR_TXN, &txn(&[ld(2, &range), ld(3, &del)])),
+                true,
+            ),
+            (
+                "nested txn",
+                irr(IRR_TXN, &txn(&[ld(2, &ld(4, &cmp))])),
+                true,
+            ),
+            ("cut short", irr(IRR_PUT, &kv)[..9].to_vec(), true),
+        ];
+        for (name, data, want) in cases {
+            assert_eq!(v3_request_may_write_keys(data), *want, "{name}");
+            if name != &"cut short" {
+                assert_eq!(
+                    decode_entry_payload(data),
+                    EntryPayload::OtherV3 { writes_keys: *want },
+                    "{name}"
+                );
+            }
+        }
+        // A bare v2 request has a string in field 4 (Val): still a v2 request, not a put.
+        let v2 = Request {
+            method: "PUT".into(),
+            path: "/registry/pods/a".into(),
+            val: "{}".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode_entry_payload(&v2.encode_to_vec()),
+            EntryPayload::V2(_)
+        ));
     }
 }

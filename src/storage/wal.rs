@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use crate::storage::raftpb::{
-    Entry, HardState, Metadata, Record, WalSnapshot, RECORD_CRC, RECORD_ENTRY, RECORD_METADATA,
-    RECORD_SNAPSHOT, RECORD_STATE,
+    decode_entry_payload, entry_type, Entry, EntryPayload, HardState, Metadata, Record,
+    WalSnapshot, RECORD_CRC, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE,
 };
 
 /// Size of the frame's length word.
@@ -608,12 +608,37 @@ pub struct WalContents {
     pub last: (u64, u64),
     /// Entries after the start snapshot (all of them, whether kept in `entries` or not).
     pub entry_count: u64,
+    /// Indexes of the entries after the start snapshot whose v3 requests can change keys, as
+    /// ascending inclusive runs (a busy WAL is mostly such runs).
+    pub key_writes: Vec<(u64, u64)>,
 }
 
 impl WalContents {
     /// Index and term of the last entry, or of the start snapshot.
     pub fn last_index_term(&self) -> (u64, u64) {
         self.last
+    }
+
+    /// The index of the last entry whose v3 request can change keys.
+    pub fn last_key_write(&self) -> Option<u64> {
+        self.key_writes.last().map(|r| r.1)
+    }
+
+    /// Drops key writes at `index` and after (the log is rewritten from there), then notes
+    /// whether the entry at `index` is one.
+    fn note_key_write(&mut self, index: u64, writes: bool) {
+        while self.key_writes.last().is_some_and(|r| r.0 >= index) {
+            self.key_writes.pop();
+        }
+        if let Some(r) = self.key_writes.last_mut() {
+            r.1 = r.1.min(index - 1);
+        }
+        if writes {
+            match self.key_writes.last_mut() {
+                Some(r) if r.1 + 1 == index => r.1 = index,
+                _ => self.key_writes.push((index, index)),
+            }
+        }
     }
 }
 
@@ -676,6 +701,12 @@ fn apply_record(
                 }
                 let cut = out.entries.partition_point(|k| k.index < e.index);
                 out.entries.truncate(cut);
+                let writes = e.r#type == entry_type::NORMAL
+                    && matches!(
+                        decode_entry_payload(e.data.as_deref().unwrap_or(&[])),
+                        EntryPayload::OtherV3 { writes_keys: true }
+                    );
+                out.note_key_write(e.index, writes);
                 out.entry_count = e.index - out.start.index;
                 out.last = (e.index, e.term);
                 if keep(&e) {
@@ -992,5 +1023,43 @@ mod tests {
             read_wal(dir.path(), &WalSnapshot::default()),
             Err(WalError::EntryGap { .. })
         ));
+    }
+
+    #[test]
+    fn key_writes_follow_log_rewrites() {
+        // (index, writes keys) in WAL order -> runs, last key write.
+        type Case = (&'static [(u64, bool)], &'static [(u64, u64)], Option<u64>);
+        let cases: &[Case] = &[
+            (&[], &[], None),
+            (&[(1, false), (2, false)], &[], None),
+            (&[(1, true), (2, true), (3, true)], &[(1, 3)], Some(3)),
+            (
+                &[(1, true), (2, false), (3, true)],
+                &[(1, 1), (3, 3)],
+                Some(3),
+            ),
+            // A new leader rewrites 3.. with a no-op: the writes at 3 and 4 are gone.
+            (
+                &[(1, true), (2, true), (3, true), (4, true), (3, false)],
+                &[(1, 2)],
+                Some(2),
+            ),
+            (
+                &[(1, true), (3, true), (4, true), (2, false)],
+                &[(1, 1)],
+                Some(1),
+            ),
+            (&[(5, true), (6, true), (5, true)], &[(5, 5)], Some(5)),
+            (&[(5, true), (6, false), (6, true)], &[(5, 6)], Some(6)),
+            (&[(5, true), (6, true), (7, false), (5, false)], &[], None),
+        ];
+        for (entries, runs, last) in cases {
+            let mut c = WalContents::default();
+            for &(i, w) in *entries {
+                c.note_key_write(i, w);
+            }
+            assert_eq!(c.key_writes, *runs, "{entries:?}");
+            assert_eq!(c.last_key_write(), *last, "{entries:?}");
+        }
     }
 }

@@ -104,6 +104,10 @@ pub struct MemberSummary {
     pub wal_segments: Vec<PathBuf>,
     /// Whether the last WAL record was cut short.
     pub torn_tail: bool,
+    /// Index of the last entry after the snapshot whose v3 request can change keys (a put,
+    /// delete, lease revoke or txn with writes). A v3 backend whose consistent index is below it
+    /// lacks writes that etcd replays from the WAL on its next start.
+    pub last_key_write: Option<u64>,
 }
 
 /// A member as JSON-encoded in a ConfChange context.
@@ -363,6 +367,7 @@ pub fn summarize(member_dir: &Path) -> Result<MemberSummary, SummaryError> {
         ms.apply(e, &mut version);
     }
     let (last_index, last_term) = contents.last_index_term();
+    let last_key_write = contents.last_key_write();
     let mut members: BTreeSet<u64> = ms.voters.clone();
     members.extend(ms.learners.iter().copied());
     let member_info = members
@@ -389,5 +394,6 @@ pub fn summarize(member_dir: &Path) -> Result<MemberSummary, SummaryError> {
         entry_count: contents.entry_count as usize,
         wal_segments: contents.segments,
         torn_tail: contents.torn_tail.is_some(),
+        last_key_write,
     })
 }
