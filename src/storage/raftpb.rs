@@ -35,9 +35,9 @@ pub struct Record {
     /// CRC-32C of all record data so far in the chain (see `wal.rs`).
     #[prost(uint32, required, tag = "2")]
     pub crc: u32,
-    /// Payload; absent for CRC records.
-    #[prost(bytes = "vec", optional, tag = "3")]
-    pub data: Option<Vec<u8>>,
+    /// Payload; absent for CRC records. A slice of the frame read (no copy).
+    #[prost(bytes = "bytes", optional, tag = "3")]
+    pub data: Option<bytes::Bytes>,
 }
 
 /// `walpb.Snapshot`: the snapshot marker written into the WAL.
@@ -76,9 +76,9 @@ pub struct Entry {
     /// Raft index.
     #[prost(uint64, required, tag = "3")]
     pub index: u64,
-    /// Payload.
-    #[prost(bytes = "vec", optional, tag = "4")]
-    pub data: Option<Vec<u8>>,
+    /// Payload. A slice of the record read (no copy).
+    #[prost(bytes = "bytes", optional, tag = "4")]
+    pub data: Option<bytes::Bytes>,
 }
 
 /// `raftpb.HardState`.

@@ -263,6 +263,7 @@ struct OpenSegment {
     idx: usize,
     file: io::BufReader<fs::File>,
     len: u64,
+    buf: bytes::BytesMut,
 }
 
 impl WalReader {
@@ -319,6 +320,7 @@ impl WalReader {
                     idx: self.next_seg,
                     file: io::BufReader::with_capacity(64 * 1024, file),
                     len,
+                    buf: bytes::BytesMut::new(),
                 });
                 self.next_seg += 1;
                 self.off = 0;
@@ -386,20 +388,23 @@ fn read_frame(
     let mut word = [0u8; FRAME_LEN_BYTES];
     let got = read_full(&mut seg.file, &mut word).map_err(io_err(path))?;
     if got < FRAME_LEN_BYTES {
-        return decode_frame(off as u64, &word[..got], &[], 0, chain, is_last, path);
+        let none = bytes::Bytes::new();
+        return decode_frame(off as u64, &word[..got], &none, 0, chain, is_last, path);
     }
     let len_field = u64::from_le_bytes(word);
     let rec_len = len_field & !(0xffu64 << 56);
     let pad = u64::from((len_field >> 56) as u8 & 0x7);
     let avail = seg.len.saturating_sub(off as u64 + FRAME_LEN_BYTES as u64);
     let need = rec_len.saturating_add(pad);
-    // Read the body only when the frame is plausible: its size is bounded by the file.
-    let mut body = Vec::new();
+    // Read the body only when the frame is plausible: its size is bounded by the file. The
+    // buffer is reused once the records decoded from the last one (slices of it) are dropped.
+    seg.buf.clear();
     if len_field != 0 && need <= avail {
-        body.resize(need as usize, 0);
-        let n = read_full(&mut seg.file, &mut body).map_err(io_err(path))?;
-        body.truncate(n);
+        seg.buf.resize(need as usize, 0);
+        let n = read_full(&mut seg.file, &mut seg.buf).map_err(io_err(path))?;
+        seg.buf.truncate(n);
     }
+    let body = seg.buf.split().freeze();
     decode_frame(off as u64, &word, &body, avail, chain, is_last, path).map(|f| match f {
         Frame::Record {
             record,
@@ -470,11 +475,11 @@ fn is_torn(data: &[u8], file_off: u64) -> bool {
 
 /// Decodes the frame at file offset `off` from its length word (`word`,
 /// shorter at end of file), its body (`body`, empty when not read) and the
-/// bytes left in the file after the word (`avail`).
+/// bytes left in the file after the word (`avail`). The record's data is a slice of `body`.
 fn decode_frame(
     off: u64,
     word: &[u8],
-    body: &[u8],
+    body: &bytes::Bytes,
     avail: u64,
     chain: u32,
     is_last: bool,
@@ -527,8 +532,8 @@ fn decode_frame(
         };
     }
     // need <= body.len(), so these casts are lossless.
+    let rec_bytes = body.slice(..rec_len as usize);
     let body = &body[..need as usize];
-    let rec_bytes = &body[..rec_len as usize];
     let data_off = off + FRAME_LEN_BYTES as u64;
     let record = match Record::decode(rec_bytes) {
         Ok(r) => r,
@@ -673,7 +678,8 @@ pub fn scan_wal(
 }
 
 fn decode_payload<M: Message + Default>(rec: &RecordAt, what: &'static str) -> Result<M> {
-    M::decode(rec.record.data.as_deref().unwrap_or(&[])).map_err(|source| WalError::BadProtobuf {
+    // Decoding from the record's `Bytes` makes `bytes` fields slices of it, not copies.
+    M::decode(rec.record.data.clone().unwrap_or_default()).map_err(|source| WalError::BadProtobuf {
         path: rec.path.clone(),
         offset: rec.offset,
         what,
@@ -716,7 +722,7 @@ fn apply_record(
         }
         RECORD_STATE => out.hard_state = Some(decode_payload(rec, "raftpb.HardState")?),
         RECORD_METADATA => {
-            let raw = rec.record.data.clone().unwrap_or_default();
+            let raw = rec.record.data.as_deref().unwrap_or_default().to_vec();
             if let Some(prev) = &out.metadata_raw {
                 if *prev != raw {
                     return Err(WalError::MetadataConflict {
@@ -766,7 +772,7 @@ impl<W: Write> WalEncoder<W> {
         let rec = Record {
             r#type: rtype,
             crc: self.crc,
-            data: data.map(<[u8]>::to_vec),
+            data: data.map(bytes::Bytes::copy_from_slice),
         };
         let bytes = rec.encode_to_vec();
         self.w.write_all(&(bytes.len() as u64).to_le_bytes())?;
