@@ -527,6 +527,8 @@ struct LeafElement<'p> {
     flags: u32,
     key: &'p [u8],
     value: &'p [u8],
+    /// Where the key starts, from the page's start.
+    offset: u32,
 }
 
 impl Page {
@@ -593,7 +595,14 @@ impl Page {
         }
         let both = self.slice(at, pos, u64::from(ksize) + u64::from(vsize))?;
         let (key, value) = both.split_at(ksize as usize);
-        Ok(LeafElement { flags, key, value })
+        // slice() checked that the element lies within the page, whose size fits in u32.
+        let offset = (at as u64 + u64::from(pos)) as u32;
+        Ok(LeafElement {
+            flags,
+            key,
+            value,
+            offset,
+        })
     }
 
     /// Key of element `i`, whatever the page kind.
@@ -672,8 +681,16 @@ impl fmt::Debug for Bucket<'_> {
 pub struct Location {
     /// The leaf page; 0 (a meta page, never a leaf) for elements of inline buckets.
     pgid: u64,
+    /// Where the element's key starts, from the page's start (its value follows the key; a
+    /// page with overflow pages is contiguous in the file).
+    offset: u32,
+    /// Key and value sizes.
+    ksize: u32,
+    vsize: u32,
     /// The element's index on the page.
     index: u16,
+    /// Whether the element is a nested bucket.
+    bucket: bool,
 }
 
 impl Location {
@@ -710,22 +727,47 @@ impl<'db> Bucket<'db> {
     /// descent: the element there must hold `key` and a plain value, else it is an error.
     /// An unknown location falls back to [`Bucket::get`].
     pub fn get_at(&self, loc: Location, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let mut buf = Vec::new();
+        Ok(self.get_at_into(loc, key, &mut buf)?.map(<[u8]>::to_vec))
+    }
+
+    /// [`Bucket::get_at`] into `buf` (reused from call to call): one read of exactly the
+    /// element's key and value, the key checked against `key`.
+    pub fn get_at_into<'b>(
+        &self,
+        loc: Location,
+        key: &[u8],
+        buf: &'b mut Vec<u8>,
+    ) -> Result<Option<&'b [u8]>> {
         if !loc.is_known() {
-            return self.get(key);
+            return Ok(self.get(key)?.map(|v| {
+                *buf = v;
+                buf.as_slice()
+            }));
         }
-        let page = self.db.read_page(loc.pgid)?;
-        let at = |e: String| self.db.tree_error(&self.name, loc.pgid, e);
-        let i = usize::from(loc.index);
-        if page.branch || i >= page.count {
-            return Err(at(format!("no leaf element {i} for a located read")));
+        let high_water = self.db.meta.high_water;
+        if loc.pgid < 2 || loc.pgid >= high_water {
+            return Err(BboltError::PageOutOfRange {
+                path: self.db.path.clone(),
+                pgid: loc.pgid,
+                high_water,
+            });
         }
-        let e = page.leaf_element(i).map_err(at)?;
-        if e.key != key || e.flags & BUCKET_LEAF_FLAG != 0 {
-            return Err(at(format!(
-                "leaf element {i} does not hold the value it held when the bucket was walked"
-            )));
+        let (ksize, vsize) = (loc.ksize as usize, loc.vsize as usize);
+        buf.resize(ksize + vsize, 0);
+        let offset = loc.pgid * self.db.page_size() as u64 + u64::from(loc.offset);
+        self.db.read_at(buf, offset)?;
+        if ksize != key.len() || buf[..ksize] != *key || loc.bucket {
+            return Err(self.db.tree_error(
+                &self.name,
+                loc.pgid,
+                format!(
+                    "leaf element {} does not hold the value it held when the bucket was walked",
+                    loc.index
+                ),
+            ));
         }
-        Ok(Some(e.value.to_vec()))
+        Ok(Some(&buf[ksize..]))
     }
 
     /// The nested bucket `name`, if it exists (a plain value of that name is not a bucket).
@@ -761,7 +803,8 @@ impl<'db> Bucket<'db> {
             root: Some(self.root.clone()),
             stack: Vec::new(),
             pages_read: 0,
-            last_key: None,
+            last_key: Vec::new(),
+            has_last: false,
             location: Location::default(),
             done: false,
         }
@@ -854,8 +897,10 @@ pub struct Iter<'db> {
     stack: Vec<Frame>,
     /// A valid tree reads each page once per walk; more reads than pages means a cycle.
     pages_read: u64,
-    /// Keys must come out strictly increasing; anything else is a corrupt tree.
-    last_key: Option<Vec<u8>>,
+    /// Keys must come out strictly increasing; anything else is a corrupt tree. The last key
+    /// (a buffer reused from element to element), once `has_last`.
+    last_key: Vec<u8>,
+    has_last: bool,
     /// Where the element returned last sits.
     location: Location,
     done: bool,
@@ -930,7 +975,9 @@ impl<'db> Iter<'db> {
     }
 
     /// Advances to the next leaf element; `None` at the end.
-    fn step(&mut self) -> Result<Option<(Vec<u8>, Value<'db>)>> {
+    /// Moves to the next leaf element, checking key order; `location` then names it. `false`
+    /// at the end.
+    fn advance(&mut self) -> Result<bool> {
         match self.root.take() {
             Some(Root::Page(p)) => {
                 let page = self.read(p)?;
@@ -941,7 +988,7 @@ impl<'db> Iter<'db> {
         }
         loop {
             let Some(top) = self.stack.last_mut() else {
-                return Ok(None);
+                return Ok(false);
             };
             let (i, pgid) = (top.index, top.page.pgid);
             if i >= top.page.count {
@@ -981,26 +1028,79 @@ impl<'db> Iter<'db> {
                 .map_err(|e| db.tree_error(name, pgid, e))?;
             let below = top.lower.as_deref().is_some_and(|l| e.key < l);
             let above = top.upper.as_deref().is_some_and(|u| e.key >= u);
-            let repeated = self.last_key.as_deref().is_some_and(|l| l >= e.key);
+            let repeated = self.has_last && self.last_key.as_slice() >= e.key;
             if below || above || repeated {
                 return Err(self
                     .db
                     .tree_error(&self.name, pgid, format!("key {i} out of order")));
             }
-            let key = e.key.to_vec();
-            let value = if e.flags & BUCKET_LEAF_FLAG != 0 {
-                Value::Bucket(open_child(db, name, &key, e.value, pgid)?)
-            } else {
-                Value::Data(e.value.to_vec())
-            };
-            self.last_key = Some(key.clone());
+            self.last_key.clear();
+            self.last_key.extend_from_slice(e.key);
+            self.has_last = true;
             // Page counts are u16, so the index fits.
             self.location = Location {
                 pgid,
+                offset: e.offset,
+                ksize: e.key.len() as u32,
+                vsize: e.value.len() as u32,
                 index: i as u16,
+                bucket: e.flags & BUCKET_LEAF_FLAG != 0,
             };
-            return Ok(Some((key, value)));
+            return Ok(true);
         }
+    }
+
+    /// The element `advance` moved to, borrowed from its page.
+    fn current(&self) -> Result<(LeafElement<'_>, u64)> {
+        let top = self
+            .stack
+            .last()
+            .ok_or_else(|| self.error(0, "no current element"))?;
+        let pgid = top.page.pgid;
+        let e = top
+            .page
+            .leaf_element(usize::from(self.location.index))
+            .map_err(|e| self.error(pgid, e))?;
+        Ok((e, pgid))
+    }
+
+    fn step(&mut self) -> Result<Option<(Vec<u8>, Value<'db>)>> {
+        if !self.advance()? {
+            return Ok(None);
+        }
+        let (e, pgid) = self.current()?;
+        let key = e.key.to_vec();
+        let value = if e.flags & BUCKET_LEAF_FLAG != 0 {
+            Value::Bucket(open_child(self.db, &self.name, &key, e.value, pgid)?)
+        } else {
+            Value::Data(e.value.to_vec())
+        };
+        Ok(Some((key, value)))
+    }
+
+    /// Like `next`, but lends the key and value from the page instead of copying them, with
+    /// where the element sits: for scans that keep little of each element. A nested bucket's
+    /// value is `None`. After an error the walk is over.
+    pub fn next_borrowed(&mut self) -> Option<Result<(&[u8], Option<&[u8]>, Location)>> {
+        if self.done {
+            return None;
+        }
+        match self.advance() {
+            Ok(true) => {}
+            Ok(false) => {
+                self.done = true;
+                return None;
+            }
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+        let loc = self.location;
+        Some(self.current().map(|(e, _)| {
+            let value = (e.flags & BUCKET_LEAF_FLAG == 0).then_some(e.value);
+            (e.key, value, loc)
+        }))
     }
 }
 
@@ -1298,18 +1398,27 @@ mod tests {
                 let (_, l1) = seen[1];
                 let err = bucket.get_at(l1, k0).unwrap_err().to_string();
                 assert!(err.contains("does not hold"), "{err}");
-                let far = Location {
-                    pgid: l1.pgid,
-                    index: 500,
-                };
-                assert!(bucket.get_at(far, k0).is_err());
+                // Bytes elsewhere on the page, or past it, or a key of another size.
+                for far in [
+                    Location { offset: 8, ..l1 },
+                    Location {
+                        offset: 1 << 20,
+                        ..l1
+                    },
+                    Location {
+                        ksize: l1.ksize + 1,
+                        ..l1
+                    },
+                ] {
+                    assert!(bucket.get_at(far, k0).is_err(), "{far:?}");
+                }
             }
         }
         // Beyond the file: the page-range check of every read.
         let c = db.bucket(b"c").unwrap().unwrap();
         let outside = Location {
             pgid: 1 << 40,
-            index: 0,
+            ..Location::default()
         };
         assert!(c.get_at(outside, b"m1").is_err());
     }

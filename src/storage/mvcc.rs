@@ -199,13 +199,14 @@ impl LiveIndex {
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
         let mut index = LiveIndex::default();
         let mut items = bucket.iter();
-        while let Some(item) = items.next() {
-            let (rev_key, value) = item?;
-            let rk = parse_revision_key(&rev_key)?;
-            let Value::Data(value) = value else {
+        // Borrowed from the page: the values are not copied, only the keys kept.
+        while let Some(item) = items.next_borrowed() {
+            let (rev_key, value, location) = item?;
+            let rk = parse_revision_key(rev_key)?;
+            let Some(value) = value else {
                 return Err(key_inconsistent(rk.rev, "is a bucket, not a value"));
             };
-            let key = prost::Message::decode(value.as_slice())
+            let key = prost::Message::decode(value)
                 .map(|k: KeyOnly| k.key)
                 .map_err(|source| MvccError::Decode {
                     bucket: "key",
@@ -219,7 +220,7 @@ impl LiveIndex {
             if rk.tombstone {
                 index.keys.remove(&key);
             } else {
-                index.keys.insert(key, (rk.rev, items.location()));
+                index.keys.insert(key, (rk.rev, location));
             }
             index.newest = Some(rk.rev);
             index.revisions += 1;
@@ -264,10 +265,11 @@ impl LiveIndex {
         let bucket = db
             .bucket(KEY_BUCKET)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
+        let mut buf = Vec::new();
         Ok(self
             .keys
             .iter()
-            .map(move |(key, (rev, loc))| fetch(&bucket, key, *rev, *loc)))
+            .map(move |(key, (rev, loc))| fetch(&bucket, key, *rev, *loc, &mut buf)))
     }
 
     /// Visits every live key in key order with its full KeyValue, read where the index scan
@@ -281,8 +283,9 @@ impl LiveIndex {
             .bucket(KEY_BUCKET)
             .map_err(MvccError::from)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
+        let mut buf = Vec::new();
         for (key, (rev, loc)) in &self.keys {
-            let kv = fetch(&bucket, key, *rev, *loc)?;
+            let kv = fetch(&bucket, key, *rev, *loc, &mut buf)?;
             f(kv)?;
         }
         Ok(())
@@ -295,16 +298,16 @@ fn fetch(
     key: &[u8],
     rev: Revision,
     loc: Location,
+    buf: &mut Vec<u8>,
 ) -> Result<KeyValue> {
     let value = bucket
-        .get_at(loc, &rev.to_key(false))?
+        .get_at_into(loc, &rev.to_key(false), buf)?
         .ok_or_else(|| key_inconsistent(rev, "indexed revision is gone"))?;
-    let kv: KeyValue =
-        prost::Message::decode(value.as_slice()).map_err(|source| MvccError::Decode {
-            bucket: "key",
-            entry: rev.to_string(),
-            source,
-        })?;
+    let kv: KeyValue = prost::Message::decode(value).map_err(|source| MvccError::Decode {
+        bucket: "key",
+        entry: rev.to_string(),
+        source,
+    })?;
     if kv.key != key || kv.mod_revision != rev.main {
         return Err(key_inconsistent(
             rev,
