@@ -281,6 +281,28 @@ fn unsafe_renameat2(a: &CString, b: &CString, flags: libc::c_uint) -> libc::c_in
     }
 }
 
+/// Starts writing `len` bytes of `file` from `offset` back to disk without waiting for them
+/// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a later fsync of a large file has
+/// little left to do. Only a hint: it makes nothing durable, and errors are ignored.
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    unsafe_sync_file_range(file.as_raw_fd(), off, n);
+}
+
+#[allow(unsafe_code)]
+fn unsafe_sync_file_range(fd: libc::c_int, offset: libc::off64_t, len: libc::off64_t) {
+    // SAFETY: a plain syscall on a descriptor the caller's File keeps open; no memory is passed.
+    unsafe {
+        libc::sync_file_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Renames durably (fsync of the destination's parent, and the source's when different).
 pub fn rename_durable(from: &Path, to: &Path) -> Result<(), FsError> {
     fs::rename(from, to).map_err(FsError::io("rename", from))?;

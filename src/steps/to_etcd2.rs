@@ -302,7 +302,9 @@ pub async fn run(
         }
         Err(e) => return Err(err("writing the v2 member for", e.to_string())),
     };
+    let t_sync = Instant::now();
     fsutil::fsync_tree(&stage.path)?;
+    let fsync_ms = t_sync.elapsed().as_millis() as u64;
     let source = fp.map(FingerprintBuilder::finish);
     if let (Some(source), true) = (&source, compare_with_before) {
         verify_against(&format!("{from}/etcd3 read offline"), baseline, source)?;
@@ -314,6 +316,7 @@ pub async fn run(
         );
     }
     let write_ms = t.elapsed().as_millis() as u64;
+    let t_back = Instant::now();
 
     // Check what we wrote with our readers; prove it with etcd 2.2.1 when the image has one.
     // Read back what we wrote: the snapshot file's CRC and metadata from disk (streamed), and
@@ -339,6 +342,7 @@ pub async fn run(
             md.term, md.index, wal.start_matched
         )));
     }
+    let readback_ms = t_back.elapsed().as_millis() as u64;
     let proved = prove_with_221(ctx, &stage.path, source.as_ref()).await?;
     fail::fail_point!("to-etcd2-before-swap");
 
@@ -370,6 +374,8 @@ pub async fn run(
     d.insert("proved_with_etcd_2_2_1".into(), proved.into());
     d.insert("read_ms".into(), read_ms.into());
     d.insert("write_ms".into(), write_ms.into());
+    d.insert("fsync_ms".into(), fsync_ms.into());
+    d.insert("readback_ms".into(), readback_ms.into());
     d.insert("swap_ms".into(), swap_ms.into());
     d.insert("backup".into(), backup.display().to_string().into());
     Ok(report)

@@ -169,6 +169,8 @@ pub struct V2MemberWritten {
 const CHUNK: usize = 1 << 20;
 /// Chunks in flight: memory stays at a few megabytes however large the store.
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// How much the writer thread writes between asking the kernel to start writing back.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// What the writer thread ends with: the file, and the length and CRC-32C of what it wrote.
 type Written = io::Result<(fs::File, u64, u32)>;
@@ -187,11 +189,18 @@ impl ChunkWriter {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
         let thread = std::thread::spawn(move || {
             let mut file = file;
-            let (mut len, mut crc) = (0u64, 0u32);
+            let start = file.stream_position()?;
+            let (mut len, mut crc, mut flushed) = (0u64, 0u32, 0u64);
             for chunk in rx {
                 file.write_all(&chunk)?;
                 crc = crc32c::crc32c_append(crc, &chunk);
                 len += chunk.len() as u64;
+                // Let the disk take what is written while the rest is produced: the fsync
+                // after the last chunk then waits for little.
+                if len - flushed >= WRITEBACK_EVERY {
+                    crate::fsutil::start_writeback(&file, start + flushed, len - flushed);
+                    flushed = len;
+                }
             }
             Ok((file, len, crc))
         });

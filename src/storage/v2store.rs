@@ -268,9 +268,64 @@ struct Emitter<W: Write> {
     w: W,
 }
 
+/// Whether any of the 8 bytes of `x` must be escaped in a JSON string: a control character
+/// (below 0x20), `"` or `\`. Word-at-a-time: Kubernetes values are long runs of plain text.
+fn needs_escape(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    (below_space | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\')))) != 0
+}
+
+/// Writes `s` as a JSON string, escaped exactly as serde_json escapes it.
+fn write_json_str(w: &mut impl Write, s: &str) -> io::Result<()> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let b = s.as_bytes();
+    w.write_all(b"\"")?;
+    let (mut start, mut i) = (0, 0);
+    while i < b.len() {
+        if let Some(word) = b.get(i..i + 8) {
+            let x = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+            if !needs_escape(x) {
+                i += 8;
+                continue;
+            }
+        }
+        let c = b[i];
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            c if c < 0x20 => &[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(c >> 4)],
+                HEX[usize::from(c & 0xf)],
+            ],
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        w.write_all(&b[start..i])?;
+        w.write_all(esc)?;
+        i += 1;
+        start = i;
+    }
+    w.write_all(&b[start..])?;
+    w.write_all(b"\"")
+}
+
 impl<W: Write> Emitter<W> {
     fn str(&mut self, s: &str) -> io::Result<()> {
-        serde_json::to_writer(&mut self.w, s).map_err(io::Error::from)
+        write_json_str(&mut self.w, s)
     }
 
     fn raw(&mut self, s: &str) -> io::Result<()> {
@@ -1046,6 +1101,45 @@ mod tests {
             write(vec![Ok(bi)]),
             Err(V2StoreError::BadIndex { .. })
         ));
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut cases: Vec<String> = vec![
+            String::new(),
+            "plain".into(),
+            "exactly8".into(),
+            "{\"kind\":\"Pod\",\"spec\":{\"a\":\"b\\\\c\"}}".into(),
+            "tail escape after a long run of plain text\u{7}".into(),
+            "é\u{2028}\u{7f}<&>\u{1f}\u{0}".into(),
+        ];
+        cases.push((0u8..128).map(char::from).collect());
+        cases.push(
+            (0u8..128)
+                .rev()
+                .map(char::from)
+                .collect::<String>()
+                .repeat(3),
+        );
+        for s in cases {
+            let mut ours = Vec::new();
+            write_json_str(&mut ours, &s).unwrap();
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&s).unwrap(),
+                "{s:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_is_escaped_as_serde_json_escapes_it(s in "(?s).{0,64}", pad in 0usize..9) {
+            let s = format!("{}{s}", "x".repeat(pad));
+            let mut ours = Vec::new();
+            write_json_str(&mut ours, &s).unwrap();
+            proptest::prop_assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&s).unwrap());
+        }
     }
 
     #[test]
