@@ -230,56 +230,60 @@ pub async fn run(
         .optional(Tool::Etcd, ROLLBACK_ETCD2_VERSION)
         .is_some();
     let compare_with_before = baseline.is_some() && ctx.members == 1;
-    let mut fp = (compare_with_before || etcd_221).then(FingerprintBuilder::default);
-    let mut leased = 0u64;
-    let mut orphan_leases = 0u64;
+    let want_digests = compare_with_before || etcd_221;
     let values = index
         .values(&db)
         .map_err(|e| err("reading keys of", e.to_string()))?;
     let prefix = ctx.config.data_prefix.as_bytes();
-    let mut unrepresentable = false;
-    let keys = values.map(|kv| -> Result<V2Key, mvcc::MvccError> {
-        let kv: KeyValue = kv?;
-        let protobuf = kv.key.starts_with(prefix) && kv.value.starts_with(PROTOBUF_MAGIC);
-        if protobuf
-            || std::str::from_utf8(&kv.value).is_err()
-            || validate_key_path(&kv.key).is_err()
-        {
-            unrepresentable = true;
-            return Err(mvcc::MvccError::MissingBucket(
-                "a key a v2 store cannot hold".into(),
-            ));
+    // One thread reads and checks the values, in key order (a read is mostly a system call),
+    // while this one turns them into JSON and a third writes it. Keys cross in batches whose
+    // buffers go back for reuse: nothing allocated on one thread is freed on the other.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Batch>(4);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Batch>();
+    let produce = move || {
+        let mut seen = Produced {
+            fp: want_digests.then(FingerprintBuilder::default),
+            ..Default::default()
+        };
+        let mut batch = Batch::default();
+        for kv in values {
+            if let Err(e) = add_v2_key(kv, prefix, &ttl_of, now, &mut seen, &mut batch) {
+                batch.error = Some(e);
+                let _ = full_tx.send(batch);
+                return seen;
+            }
+            if batch.items.len() >= 512 || batch.bytes.len() >= 1 << 20 {
+                if full_tx.send(batch).is_err() {
+                    return seen;
+                }
+                batch = free_rx.try_recv().unwrap_or_default();
+                batch.bytes.clear();
+                batch.items.clear();
+            }
         }
-        fail::fail_point!("to-etcd2-mid-write", |_| Err(
-            mvcc::MvccError::MissingBucket("failpoint".into())
-        ));
-        let lease_ttl = (kv.lease != 0)
-            .then(|| ttl_of.get(&kv.lease).copied())
-            .flatten();
-        if kv.lease != 0 && lease_ttl.is_none() {
-            orphan_leases += 1;
-        }
-        leased += u64::from(lease_ttl.is_some());
-        if let Some(fp) = fp.as_mut() {
-            fp.add(
-                &kv.key,
-                &kv.value,
-                kv.create_revision,
-                kv.mod_revision,
-                kv.lease != 0,
-            );
-        }
-        Ok(V2Key {
-            key: kv.key,
-            value: kv.value,
-            dir: false,
-            expire: lease_ttl.map(|ttl| ExpireTime::after_ttl(now, ttl)),
-            created_index: kv.create_revision.max(1) as u64,
-            modified_index: kv.mod_revision.max(1) as u64,
-        })
-    });
+        let _ = full_tx.send(batch);
+        seen
+    };
     fail::fail_point!("to-etcd2-before-write");
-    let written = match write_v2_member(&stage.member(), &params, keys) {
+    let (result, seen) = std::thread::scope(|scope| {
+        let producer = scope.spawn(produce);
+        let keys = Batches {
+            full: full_rx,
+            free: free_tx,
+            cur: Batch::default(),
+            pos: 0,
+            at: 0,
+        };
+        let result = write_v2_member(&stage.member(), &params, keys);
+        (result, producer.join())
+    });
+    let Produced {
+        fp,
+        leased,
+        orphan_leases,
+        unrepresentable,
+    } = seen.map_err(|_| StepError::Other("the thread reading the v3 store panicked".into()))?;
+    let written = match result {
         Ok(w) => w,
         Err(e)
             if unrepresentable
@@ -379,6 +383,123 @@ pub async fn run(
     d.insert("swap_ms".into(), swap_ms.into());
     d.insert("backup".into(), backup.display().to_string().into());
     Ok(report)
+}
+
+/// What the reading thread saw besides the keys.
+#[derive(Default)]
+struct Produced {
+    fp: Option<FingerprintBuilder>,
+    leased: u64,
+    orphan_leases: u64,
+    unrepresentable: bool,
+}
+
+/// Keys passed from the reading thread: keys and values back to back in `bytes`, an error
+/// (which ends the keys) last.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    items: Vec<BatchItem>,
+    error: Option<mvcc::MvccError>,
+}
+
+/// A [`V2Key`] whose key and value sit in its batch's bytes.
+struct BatchItem {
+    key_len: usize,
+    value_len: usize,
+    expire: Option<ExpireTime>,
+    created_index: u64,
+    modified_index: u64,
+}
+
+/// The keys of the batches received, as owned [`V2Key`]s; each batch read goes back.
+struct Batches {
+    full: std::sync::mpsc::Receiver<Batch>,
+    free: std::sync::mpsc::Sender<Batch>,
+    cur: Batch,
+    /// Next item of `cur`, and where its bytes start.
+    pos: usize,
+    at: usize,
+}
+
+impl Iterator for Batches {
+    type Item = Result<V2Key, mvcc::MvccError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.cur.items.get(self.pos) {
+                let key_end = self.at + item.key_len;
+                let value_end = key_end + item.value_len;
+                let key = V2Key {
+                    key: self.cur.bytes[self.at..key_end].to_vec(),
+                    value: self.cur.bytes[key_end..value_end].to_vec(),
+                    dir: false,
+                    expire: item.expire,
+                    created_index: item.created_index,
+                    modified_index: item.modified_index,
+                };
+                self.pos += 1;
+                self.at = value_end;
+                return Some(Ok(key));
+            }
+            if let Some(e) = self.cur.error.take() {
+                return Some(Err(e));
+            }
+            let next = self.full.recv().ok()?;
+            let done = std::mem::replace(&mut self.cur, next);
+            let _ = self.free.send(done);
+            (self.pos, self.at) = (0, 0);
+        }
+    }
+}
+
+/// Adds one live v3 key to `batch` as a v2 key, or refuses it when a v2 store cannot hold it;
+/// a leased key gets its lease's TTL from `now`.
+fn add_v2_key(
+    kv: Result<KeyValue, mvcc::MvccError>,
+    prefix: &[u8],
+    ttl_of: &HashMap<i64, i64>,
+    now: SystemTime,
+    seen: &mut Produced,
+    batch: &mut Batch,
+) -> Result<(), mvcc::MvccError> {
+    let kv = kv?;
+    let protobuf = kv.key.starts_with(prefix) && kv.value.starts_with(PROTOBUF_MAGIC);
+    if protobuf || std::str::from_utf8(&kv.value).is_err() || validate_key_path(&kv.key).is_err() {
+        seen.unrepresentable = true;
+        return Err(mvcc::MvccError::MissingBucket(
+            "a key a v2 store cannot hold".into(),
+        ));
+    }
+    fail::fail_point!("to-etcd2-mid-write", |_| Err(
+        mvcc::MvccError::MissingBucket("failpoint".into())
+    ));
+    let lease_ttl = (kv.lease != 0)
+        .then(|| ttl_of.get(&kv.lease).copied())
+        .flatten();
+    if kv.lease != 0 && lease_ttl.is_none() {
+        seen.orphan_leases += 1;
+    }
+    seen.leased += u64::from(lease_ttl.is_some());
+    if let Some(fp) = seen.fp.as_mut() {
+        fp.add(
+            &kv.key,
+            &kv.value,
+            kv.create_revision,
+            kv.mod_revision,
+            kv.lease != 0,
+        );
+    }
+    batch.bytes.extend_from_slice(&kv.key);
+    batch.bytes.extend_from_slice(&kv.value);
+    batch.items.push(BatchItem {
+        key_len: kv.key.len(),
+        value_len: kv.value.len(),
+        expire: lease_ttl.map(|ttl| ExpireTime::after_ttl(now, ttl)),
+        created_index: kv.create_revision.max(1) as u64,
+        modified_index: kv.mod_revision.max(1) as u64,
+    });
+    Ok(())
 }
 
 /// Lets etcd `from` apply the WAL writes its backend lacks: one start on the private port and a

@@ -159,7 +159,31 @@ pub struct Db {
     /// Recently read single pages, direct-mapped by id: point lookups in key order revisit the
     /// same branch and leaf pages. At most CACHE_SLOTS pages are held.
     cache: PageCache,
+    /// The last run of pages read ahead: a walk over a bucket mostly reads its leaves one after
+    /// the other, so one read of READ_AHEAD_PAGES serves many page reads.
+    ahead: std::sync::Mutex<ReadAhead>,
 }
+
+/// Pages `[first, first + buf.len() / page size)` as read from the file.
+#[derive(Default)]
+struct ReadAhead {
+    first: u64,
+    buf: Vec<u8>,
+}
+
+impl fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ReadAhead(from page {}, {} bytes)",
+            self.first,
+            self.buf.len()
+        )
+    }
+}
+
+/// Pages read at once when a page is not in the read-ahead run (128 KiB at 4 KiB pages).
+const READ_AHEAD_PAGES: u64 = 32;
 
 /// The page cache of a [`Db`].
 struct PageCache(std::sync::Mutex<Vec<Option<Page>>>);
@@ -208,6 +232,7 @@ impl Db {
             meta,
             meta_page,
             cache: PageCache(std::sync::Mutex::new(vec![None; CACHE_SLOTS])),
+            ahead: std::sync::Mutex::new(ReadAhead::default()),
         };
         db.check_meta()?;
         Ok(db)
@@ -324,7 +349,7 @@ impl Db {
         // pgid < high_water and high_water * page_size <= file length, so this cannot overflow.
         let offset = pgid * ps as u64;
         let mut buf = vec![0u8; ps];
-        self.read_at(&mut buf, offset)?;
+        self.read_pages(&mut buf, pgid)?;
         let header = PageHeader::parse(&buf);
         let bad = |reason: String| BboltError::BadPage {
             path: self.path.clone(),
@@ -346,9 +371,38 @@ impl Db {
             // Bounded by the file length: last < high_water.
             let total = (u64::from(header.overflow) + 1) * ps as u64;
             buf.resize(total as usize, 0);
-            self.read_at(&mut buf[ps..], offset + ps as u64)?;
+            self.read_pages(&mut buf[ps..], pgid + 1)?;
         }
         Page::new(buf, pgid).map_err(bad)
+    }
+
+    /// Fills `buf` (whole pages, below the high-water mark) from page `pgid` on, through the
+    /// read-ahead run: a page outside it starts a new run there.
+    fn read_pages(&self, buf: &mut [u8], pgid: u64) -> Result<()> {
+        let ps = self.page_size() as u64;
+        let Ok(mut ahead) = self.ahead.lock() else {
+            return self.read_at(buf, pgid * ps);
+        };
+        let want = buf.len() as u64;
+        let inside =
+            |a: &ReadAhead| pgid >= a.first && (pgid - a.first) * ps + want <= a.buf.len() as u64;
+        if !inside(&ahead) && want <= READ_AHEAD_PAGES * ps {
+            // Up to READ_AHEAD_PAGES pages, not past the high-water mark (inside the file).
+            let pages = READ_AHEAD_PAGES.min(self.meta.high_water.saturating_sub(pgid));
+            let mut run = std::mem::take(&mut ahead.buf);
+            run.resize((pages * ps) as usize, 0);
+            self.read_at(&mut run, pgid * ps)?;
+            *ahead = ReadAhead {
+                first: pgid,
+                buf: run,
+            };
+        }
+        if inside(&ahead) {
+            let from = ((pgid - ahead.first) * ps) as usize;
+            buf.copy_from_slice(&ahead.buf[from..from + buf.len()]);
+            return Ok(());
+        }
+        self.read_at(buf, pgid * ps)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -1421,6 +1475,30 @@ mod tests {
             ..Location::default()
         };
         assert!(c.get_at(outside, b"m1").is_err());
+    }
+
+    #[test]
+    fn pages_read_through_the_read_ahead_run_are_the_file_s_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_db(&dir, &handmade());
+        let file = std::fs::read(&path).unwrap();
+        let db = Db::open(&path).unwrap();
+        let ps = db.page_size();
+        let hw = db.meta().high_water;
+        // Forwards, backwards, in strides, and runs of two pages: each from the run or a new one.
+        let mut order: Vec<u64> = (2..hw).collect();
+        order.extend((2..hw).rev());
+        order.extend((2..hw).step_by(3));
+        for pgid in order {
+            let pages = if pgid + 1 < hw { 2 } else { 1 };
+            let mut buf = vec![0u8; pages * ps];
+            db.read_pages(&mut buf, pgid).unwrap();
+            let at = pgid as usize * ps;
+            assert_eq!(buf, file[at..at + pages * ps], "page {pgid}");
+        }
+        // Never past the high-water mark.
+        let ahead = db.ahead.lock().unwrap();
+        assert!(ahead.first + (ahead.buf.len() / ps) as u64 <= hw);
     }
 
     #[test]
