@@ -1135,7 +1135,7 @@ impl<'db> Iter<'db> {
     /// Like `next`, but lends the key and value from the page instead of copying them, with
     /// where the element sits: for scans that keep little of each element. A nested bucket's
     /// value is `None`. After an error the walk is over.
-    pub fn next_borrowed(&mut self) -> Option<Result<(&[u8], Option<&[u8]>, Location)>> {
+    pub fn next_borrowed(&mut self) -> Option<Result<Borrowed<'_>>> {
         if self.done {
             return None;
         }
@@ -1157,6 +1157,10 @@ impl<'db> Iter<'db> {
         }))
     }
 }
+
+/// An element lent by [`Iter::next_borrowed`]: key, plain value (`None` for a nested bucket),
+/// location.
+pub type Borrowed<'a> = (&'a [u8], Option<&'a [u8]>, Location);
 
 impl<'db> Iterator for Iter<'db> {
     type Item = Result<(Vec<u8>, Value<'db>)>;
