@@ -159,12 +159,11 @@ pub struct Db {
     /// Recently read single pages, direct-mapped by id: point lookups in key order revisit the
     /// same branch and leaf pages. At most CACHE_SLOTS pages are held.
     cache: PageCache,
-    /// The last run of pages read ahead: a walk over a bucket mostly reads its leaves one after
-    /// the other, so one read of READ_AHEAD_PAGES serves many page reads.
-    ahead: std::sync::Mutex<ReadAhead>,
 }
 
-/// Pages `[first, first + buf.len() / page size)` as read from the file.
+/// Pages `[first, first + buf.len() / page size)` as read from the file: the last run an
+/// [`Iter`] read ahead. A walk over a bucket mostly reads its leaves one after the other, so
+/// one read of READ_AHEAD_PAGES serves many page reads.
 #[derive(Default)]
 struct ReadAhead {
     first: u64,
@@ -232,7 +231,6 @@ impl Db {
             meta,
             meta_page,
             cache: PageCache(std::sync::Mutex::new(vec![None; CACHE_SLOTS])),
-            ahead: std::sync::Mutex::new(ReadAhead::default()),
         };
         db.check_meta()?;
         Ok(db)
@@ -326,7 +324,7 @@ impl Db {
                 return Ok(p.clone());
             }
         }
-        let page = self.read_page_uncached(pgid)?;
+        let page = self.read_page_uncached(pgid, None)?;
         if page.buf.len() == self.page_size() {
             if let Ok(mut cache) = self.cache.0.lock() {
                 cache[slot] = Some(page.clone());
@@ -335,8 +333,9 @@ impl Db {
         Ok(page)
     }
 
-    /// Reads page `pgid` including its overflow pages; it must be a branch or leaf page.
-    fn read_page_uncached(&self, pgid: u64) -> Result<Page> {
+    /// Reads page `pgid` including its overflow pages; it must be a branch or leaf page. Through
+    /// `ahead` when given.
+    fn read_page_uncached(&self, pgid: u64, mut ahead: Option<&mut ReadAhead>) -> Result<Page> {
         let high_water = self.meta.high_water;
         if pgid < 2 || pgid >= high_water {
             return Err(BboltError::PageOutOfRange {
@@ -349,7 +348,7 @@ impl Db {
         // pgid < high_water and high_water * page_size <= file length, so this cannot overflow.
         let offset = pgid * ps as u64;
         let mut buf = vec![0u8; ps];
-        self.read_pages(&mut buf, pgid)?;
+        self.read_pages(&mut buf, pgid, ahead.as_deref_mut())?;
         let header = PageHeader::parse(&buf);
         let bad = |reason: String| BboltError::BadPage {
             path: self.path.clone(),
@@ -371,22 +370,22 @@ impl Db {
             // Bounded by the file length: last < high_water.
             let total = (u64::from(header.overflow) + 1) * ps as u64;
             buf.resize(total as usize, 0);
-            self.read_pages(&mut buf[ps..], pgid + 1)?;
+            self.read_pages(&mut buf[ps..], pgid + 1, ahead)?;
         }
         Page::new(buf, pgid).map_err(bad)
     }
 
     /// Fills `buf` (whole pages, below the high-water mark) from page `pgid` on, through the
-    /// read-ahead run: a page outside it starts a new run there.
-    fn read_pages(&self, buf: &mut [u8], pgid: u64) -> Result<()> {
+    /// read-ahead run when given: a page outside it starts a new run there.
+    fn read_pages(&self, buf: &mut [u8], pgid: u64, ahead: Option<&mut ReadAhead>) -> Result<()> {
         let ps = self.page_size() as u64;
-        let Ok(mut ahead) = self.ahead.lock() else {
+        let Some(ahead) = ahead else {
             return self.read_at(buf, pgid * ps);
         };
         let want = buf.len() as u64;
         let inside =
             |a: &ReadAhead| pgid >= a.first && (pgid - a.first) * ps + want <= a.buf.len() as u64;
-        if !inside(&ahead) && want <= READ_AHEAD_PAGES * ps {
+        if !inside(ahead) && want <= READ_AHEAD_PAGES * ps {
             // Up to READ_AHEAD_PAGES pages, not past the high-water mark (inside the file).
             let pages = READ_AHEAD_PAGES.min(self.meta.high_water.saturating_sub(pgid));
             let mut run = std::mem::take(&mut ahead.buf);
@@ -397,7 +396,7 @@ impl Db {
                 buf: run,
             };
         }
-        if inside(&ahead) {
+        if inside(ahead) {
             let from = ((pgid - ahead.first) * ps) as usize;
             buf.copy_from_slice(&ahead.buf[from..from + buf.len()]);
             return Ok(());
@@ -861,7 +860,38 @@ impl<'db> Bucket<'db> {
             has_last: false,
             location: Location::default(),
             done: false,
+            ahead: ReadAhead::default(),
         }
+    }
+
+    /// Up to `parts` walks that together visit the bucket's elements, each a contiguous run of
+    /// the root's children in key order: part i's keys all sort before part i+1's. One walk
+    /// when the root is a leaf.
+    pub fn iter_parts(&self, parts: usize) -> Result<Vec<Iter<'db>>> {
+        let Root::Page(pgid) = self.root else {
+            return Ok(vec![self.iter()]);
+        };
+        let mut probe = self.iter();
+        let root = probe.read(pgid)?;
+        let count = root.count;
+        if !root.branch || parts < 2 || count < 2 {
+            return Ok(vec![self.iter()]);
+        }
+        let parts = parts.min(count);
+        let mut out = Vec::with_capacity(parts);
+        for p in 0..parts {
+            let (start, end) = (p * count / parts, (p + 1) * count / parts);
+            let mut it = self.iter();
+            it.root = None;
+            it.pages_read = 1;
+            it.push(root.clone(), None, None)?;
+            if let Some(top) = it.stack.last_mut() {
+                top.index = start;
+                top.end = end;
+            }
+            out.push(it);
+        }
+        Ok(out)
     }
 
     fn root_pgid(&self) -> u64 {
@@ -958,6 +988,8 @@ pub struct Iter<'db> {
     /// Where the element returned last sits.
     location: Location,
     done: bool,
+    /// This walk's read-ahead run.
+    ahead: ReadAhead,
 }
 
 /// One level of the walk: a page, the next element to visit, and the key range the
@@ -965,6 +997,9 @@ pub struct Iter<'db> {
 struct Frame {
     page: Page,
     index: usize,
+    /// The walk leaves the page at this element (the page's count, but for a part of a split
+    /// walk's root).
+    end: usize,
     /// Inclusive lower bound, if any.
     lower: Option<Vec<u8>>,
     /// Exclusive upper bound, if any.
@@ -1006,6 +1041,7 @@ impl<'db> Iter<'db> {
             }
         }
         self.stack.push(Frame {
+            end: page.count,
             page,
             index: 0,
             lower,
@@ -1025,10 +1061,9 @@ impl<'db> Iter<'db> {
                 "more pages visited than the file holds: the tree has a cycle",
             ));
         }
-        self.db.read_page(pgid)
+        self.db.read_page_uncached(pgid, Some(&mut self.ahead))
     }
 
-    /// Advances to the next leaf element; `None` at the end.
     /// Moves to the next leaf element, checking key order; `location` then names it. `false`
     /// at the end.
     fn advance(&mut self) -> Result<bool> {
@@ -1045,7 +1080,7 @@ impl<'db> Iter<'db> {
                 return Ok(false);
             };
             let (i, pgid) = (top.index, top.page.pgid);
-            if i >= top.page.count {
+            if i >= top.end {
                 self.stack.pop();
                 if let Some(parent) = self.stack.last_mut() {
                     parent.index += 1;
@@ -1482,6 +1517,31 @@ mod tests {
     }
 
     #[test]
+    fn split_walks_together_visit_what_one_walk_visits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(write_db(&dir, &handmade())).unwrap();
+        // c has a branch root; b is inline (one walk whatever is asked).
+        for name in [&b"c"[..], b"b"] {
+            let bucket = db.bucket(name).unwrap().unwrap();
+            let whole: Vec<_> = bucket.iter().map(|i| i.unwrap().0).collect();
+            for parts in 1..=4 {
+                let iters = bucket.iter_parts(parts).unwrap();
+                assert!(iters.len() <= parts.max(1));
+                if name == b"c" && parts > 1 {
+                    assert!(iters.len() > 1, "a branch root splits");
+                }
+                let mut joined = Vec::new();
+                for mut it in iters {
+                    while let Some(item) = it.next_borrowed() {
+                        joined.push(item.unwrap().0.to_vec());
+                    }
+                }
+                assert_eq!(joined, whole, "{name:?} in {parts} parts");
+            }
+        }
+    }
+
+    #[test]
     fn pages_read_through_the_read_ahead_run_are_the_file_s_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_db(&dir, &handmade());
@@ -1493,16 +1553,16 @@ mod tests {
         let mut order: Vec<u64> = (2..hw).collect();
         order.extend((2..hw).rev());
         order.extend((2..hw).step_by(3));
+        let mut ahead = ReadAhead::default();
         for pgid in order {
             let pages = if pgid + 1 < hw { 2 } else { 1 };
             let mut buf = vec![0u8; pages * ps];
-            db.read_pages(&mut buf, pgid).unwrap();
+            db.read_pages(&mut buf, pgid, Some(&mut ahead)).unwrap();
             let at = pgid as usize * ps;
             assert_eq!(buf, file[at..at + pages * ps], "page {pgid}");
+            // Never past the high-water mark.
+            assert!(ahead.first + (ahead.buf.len() / ps) as u64 <= hw);
         }
-        // Never past the high-water mark.
-        let ahead = db.ahead.lock().unwrap();
-        assert!(ahead.first + (ahead.buf.len() / ps) as u64 <= hw);
     }
 
     #[test]

@@ -192,38 +192,45 @@ pub struct LiveIndex {
 
 impl LiveIndex {
     /// Scans bucket `key` in revision order, keeping the newest revision per key and
-    /// dropping keys whose newest revision is a tombstone.
+    /// dropping keys whose newest revision is a tombstone. Large buckets are scanned in parts
+    /// on threads of their own (one per core, up to 4) and the parts merged in order.
     pub fn build(db: &Db) -> Result<LiveIndex> {
         let bucket = db
             .bucket(KEY_BUCKET)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let parts = bucket.iter_parts(cores.clamp(1, 4))?;
+        // The first part's tombstones delete nothing before it: no need to note them.
+        let scanned: Vec<Result<Part>> = if parts.len() == 1 {
+            parts.into_iter().map(|it| scan_part(it, false)).collect()
+        } else {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, it)| scope.spawn(move || scan_part(it, i > 0)))
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|t| {
+                        t.join().unwrap_or_else(|_| {
+                            Err(MvccError::MissingBucket("a scan thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        // Part by part in revision order: a later part's tombstones delete earlier keys, and
+        // its writes replace them.
         let mut index = LiveIndex::default();
-        let mut items = bucket.iter();
-        // Borrowed from the page: the values are not copied, only the keys kept.
-        while let Some(item) = items.next_borrowed() {
-            let (rev_key, value, location) = item?;
-            let rk = parse_revision_key(rev_key)?;
-            let Some(value) = value else {
-                return Err(key_inconsistent(rk.rev, "is a bucket, not a value"));
-            };
-            let key = prost::Message::decode(value)
-                .map(|k: KeyOnly| k.key)
-                .map_err(|source| MvccError::Decode {
-                    bucket: "key",
-                    entry: rk.rev.to_string(),
-                    source,
-                })?;
-            if key.is_empty() {
-                return Err(key_inconsistent(rk.rev, "KeyValue without a key"));
+        for part in scanned {
+            let mut part = part?;
+            for key in &part.deleted {
+                index.keys.remove(key);
             }
-            // The bucket iterates in revision order, so the last write per key wins.
-            if rk.tombstone {
-                index.keys.remove(&key);
-            } else {
-                index.keys.insert(key, (rk.rev, location));
-            }
-            index.newest = Some(rk.rev);
-            index.revisions += 1;
+            index.keys.append(&mut part.keys);
+            index.newest = part.newest.or(index.newest);
+            index.revisions += part.revisions;
         }
         Ok(index)
     }
@@ -290,6 +297,54 @@ impl LiveIndex {
         }
         Ok(())
     }
+}
+
+/// What one part of the `key` bucket holds: its live keys, the keys whose newest revision in
+/// it is a tombstone, its newest revision and how many it has.
+#[derive(Default)]
+struct Part {
+    keys: BTreeMap<Vec<u8>, (Revision, Location)>,
+    deleted: std::collections::BTreeSet<Vec<u8>>,
+    newest: Option<Revision>,
+    revisions: u64,
+}
+
+/// Scans one part of bucket `key` in revision order, borrowing each element from its page:
+/// values are not copied, only keys kept. Tombstoned keys are noted when `note_deleted`.
+fn scan_part(mut items: crate::storage::bbolt::Iter<'_>, note_deleted: bool) -> Result<Part> {
+    let mut part = Part::default();
+    while let Some(item) = items.next_borrowed() {
+        let (rev_key, value, location) = item?;
+        let rk = parse_revision_key(rev_key)?;
+        let Some(value) = value else {
+            return Err(key_inconsistent(rk.rev, "is a bucket, not a value"));
+        };
+        let key = prost::Message::decode(value)
+            .map(|k: KeyOnly| k.key)
+            .map_err(|source| MvccError::Decode {
+                bucket: "key",
+                entry: rk.rev.to_string(),
+                source,
+            })?;
+        if key.is_empty() {
+            return Err(key_inconsistent(rk.rev, "KeyValue without a key"));
+        }
+        // The bucket iterates in revision order, so the last write per key wins.
+        if rk.tombstone {
+            part.keys.remove(&key);
+            if note_deleted {
+                part.deleted.insert(key);
+            }
+        } else {
+            if note_deleted {
+                part.deleted.remove(&key);
+            }
+            part.keys.insert(key, (rk.rev, location));
+        }
+        part.newest = Some(rk.rev);
+        part.revisions += 1;
+    }
+    Ok(part)
 }
 
 /// The KeyValue of live `key` at revision `rev` (read at `loc`), checked against the index.
