@@ -16,7 +16,7 @@ use crate::etcd::server::{EtcdServer, Launch};
 use crate::fsutil;
 use crate::plan::ROLLBACK_ETCD2_VERSION;
 use crate::storage::bbolt::Db;
-use crate::storage::mvcc::{self, KeyValue, LiveIndex};
+use crate::storage::mvcc::{self, KeyValueRef, LiveIndex};
 use crate::storage::v2member::{write_v2_member, V2MemberError, V2MemberParams};
 use crate::storage::v2store::{validate_key_path, ExpireTime, V2Key, V2StoreError};
 use crate::version::{EtcdVersion, Storage, VersionFile};
@@ -231,35 +231,35 @@ pub async fn run(
         .is_some();
     let compare_with_before = baseline.is_some() && ctx.members == 1;
     let want_digests = compare_with_before || etcd_221;
-    let values = index
-        .values(&db)
-        .map_err(|e| err("reading keys of", e.to_string()))?;
     let prefix = ctx.config.data_prefix.as_bytes();
     // One thread reads and checks the values, in key order (a read is mostly a system call),
     // while this one turns them into JSON and a third writes it. Keys cross in batches whose
     // buffers go back for reuse: nothing allocated on one thread is freed on the other.
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Batch>(4);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Batch>();
+    let (index, db, ttl_of) = (&index, &db, &ttl_of);
     let produce = move || {
         let mut seen = Produced {
             fp: want_digests.then(FingerprintBuilder::default),
             ..Default::default()
         };
         let mut batch = Batch::default();
-        for kv in values {
-            if let Err(e) = add_v2_key(kv, prefix, &ttl_of, now, &mut seen, &mut batch) {
-                batch.error = Some(e);
-                let _ = full_tx.send(batch);
-                return seen;
-            }
+        // Each KeyValue is lent from the read buffer and copied once, into the batch.
+        let read = index.for_each_ref(db, |kv| -> Result<(), Stop> {
+            add_v2_key(kv, prefix, ttl_of, now, &mut seen, &mut batch)?;
             if batch.items.len() >= 512 || batch.bytes.len() >= 1 << 20 {
-                if full_tx.send(batch).is_err() {
-                    return seen;
-                }
-                batch = free_rx.try_recv().unwrap_or_default();
-                batch.bytes.clear();
-                batch.items.clear();
+                let mut next = free_rx.try_recv().unwrap_or_default();
+                next.bytes.clear();
+                next.items.clear();
+                let full = std::mem::replace(&mut batch, next);
+                full_tx.send(full).map_err(|_| Stop::Gone)?;
             }
+            Ok(())
+        });
+        match read {
+            Ok(()) => {}
+            Err(Stop::Bad(e)) => batch.error = Some(e),
+            Err(Stop::Gone) => return seen,
         }
         let _ = full_tx.send(batch);
         seen
@@ -453,19 +453,31 @@ impl Iterator for Batches {
     }
 }
 
+/// Why the reading thread stopped early: a key that cannot be written, or the writing side
+/// gone.
+enum Stop {
+    Bad(mvcc::MvccError),
+    Gone,
+}
+
+impl From<mvcc::MvccError> for Stop {
+    fn from(e: mvcc::MvccError) -> Stop {
+        Stop::Bad(e)
+    }
+}
+
 /// Adds one live v3 key to `batch` as a v2 key, or refuses it when a v2 store cannot hold it;
 /// a leased key gets its lease's TTL from `now`.
 fn add_v2_key(
-    kv: Result<KeyValue, mvcc::MvccError>,
+    kv: KeyValueRef<'_>,
     prefix: &[u8],
     ttl_of: &HashMap<i64, i64>,
     now: SystemTime,
     seen: &mut Produced,
     batch: &mut Batch,
 ) -> Result<(), mvcc::MvccError> {
-    let kv = kv?;
     let protobuf = kv.key.starts_with(prefix) && kv.value.starts_with(PROTOBUF_MAGIC);
-    if protobuf || std::str::from_utf8(&kv.value).is_err() || validate_key_path(&kv.key).is_err() {
+    if protobuf || std::str::from_utf8(kv.value).is_err() || validate_key_path(kv.key).is_err() {
         seen.unrepresentable = true;
         return Err(mvcc::MvccError::MissingBucket(
             "a key a v2 store cannot hold".into(),
@@ -483,15 +495,15 @@ fn add_v2_key(
     seen.leased += u64::from(lease_ttl.is_some());
     if let Some(fp) = seen.fp.as_mut() {
         fp.add(
-            &kv.key,
-            &kv.value,
+            kv.key,
+            kv.value,
             kv.create_revision,
             kv.mod_revision,
             kv.lease != 0,
         );
     }
-    batch.bytes.extend_from_slice(&kv.key);
-    batch.bytes.extend_from_slice(&kv.value);
+    batch.bytes.extend_from_slice(kv.key);
+    batch.bytes.extend_from_slice(kv.value);
     batch.items.push(BatchItem {
         key_len: kv.key.len(),
         value_len: kv.value.len(),

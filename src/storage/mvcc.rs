@@ -158,6 +158,104 @@ pub struct KeyValue {
     pub lease: i64,
 }
 
+/// A [`KeyValue`] read in place: key and value borrowed from the bytes it was decoded from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyValueRef<'a> {
+    /// The user key.
+    pub key: &'a [u8],
+    /// Revision of the put that created this generation of the key.
+    pub create_revision: i64,
+    /// Revision of this change.
+    pub mod_revision: i64,
+    /// Number of puts since creation.
+    pub version: i64,
+    /// The value.
+    pub value: &'a [u8],
+    /// Attached lease id, 0 for none.
+    pub lease: i64,
+}
+
+impl<'a> KeyValueRef<'a> {
+    /// Decodes `b` as prost decodes a [`KeyValue`] (fields in any order, the last of a repeated
+    /// one wins, unknown fields skipped), without copying; `None` when it is not one.
+    pub fn decode(mut b: &'a [u8]) -> Option<KeyValueRef<'a>> {
+        fn varint(b: &mut &[u8]) -> Option<u64> {
+            let mut v = 0u64;
+            for shift in (0..70).step_by(7) {
+                let (&byte, rest) = b.split_first()?;
+                *b = rest;
+                if shift == 63 && byte > 1 {
+                    return None;
+                }
+                v |= u64::from(byte & 0x7f) << shift;
+                if byte < 0x80 {
+                    return Some(v);
+                }
+            }
+            None
+        }
+        let mut kv = KeyValueRef {
+            key: &[],
+            create_revision: 0,
+            mod_revision: 0,
+            version: 0,
+            value: &[],
+            lease: 0,
+        };
+        while !b.is_empty() {
+            let tag = varint(&mut b)?;
+            let (field, wire) = (tag >> 3, tag & 7);
+            if field == 0 {
+                return None;
+            }
+            match wire {
+                0 => {
+                    let v = varint(&mut b)? as i64;
+                    match field {
+                        2 => kv.create_revision = v,
+                        3 => kv.mod_revision = v,
+                        4 => kv.version = v,
+                        6 => kv.lease = v,
+                        1 | 5 => return None,
+                        _ => {}
+                    }
+                }
+                2 => {
+                    let n = usize::try_from(varint(&mut b)?).ok()?;
+                    let body = b.get(..n)?;
+                    b = &b[n..];
+                    match field {
+                        1 => kv.key = body,
+                        5 => kv.value = body,
+                        2..=4 | 6 => return None,
+                        _ => {}
+                    }
+                }
+                1 | 5 => {
+                    if (1..=6).contains(&field) {
+                        return None;
+                    }
+                    b = b.get(if wire == 1 { 8 } else { 4 }..)?;
+                }
+                _ => return None,
+            }
+        }
+        Some(kv)
+    }
+
+    /// The owned [`KeyValue`].
+    pub fn to_owned(&self) -> KeyValue {
+        KeyValue {
+            key: self.key.to_vec(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            value: self.value.to_vec(),
+            lease: self.lease,
+        }
+    }
+}
+
 /// Only field 1 of a KeyValue: decoding skips the value without copying it.
 #[derive(Clone, PartialEq, prost::Message)]
 struct KeyOnly {
@@ -279,6 +377,23 @@ impl LiveIndex {
             .map(move |(key, (rev, loc))| fetch(&bucket, key, *rev, *loc, &mut buf)))
     }
 
+    /// Like [`LiveIndex::for_each`], lending each KeyValue from one buffer reused for all.
+    pub fn for_each_ref<E, F>(&self, db: &Db, mut f: F) -> std::result::Result<(), E>
+    where
+        F: FnMut(KeyValueRef<'_>) -> std::result::Result<(), E>,
+        E: From<MvccError>,
+    {
+        let bucket = db
+            .bucket(KEY_BUCKET)
+            .map_err(MvccError::from)?
+            .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
+        let mut buf = Vec::new();
+        for (key, (rev, loc)) in &self.keys {
+            f(fetch_ref(&bucket, key, *rev, *loc, &mut buf)?)?;
+        }
+        Ok(())
+    }
+
     /// Visits every live key in key order with its full KeyValue, read where the index scan
     /// found its revision, so only one value is in memory at a time.
     pub fn for_each<E, F>(&self, db: &Db, mut f: F) -> std::result::Result<(), E>
@@ -355,14 +470,22 @@ fn fetch(
     loc: Location,
     buf: &mut Vec<u8>,
 ) -> Result<KeyValue> {
+    fetch_ref(bucket, key, rev, loc, buf).map(|kv| kv.to_owned())
+}
+
+/// [`fetch`], lending the KeyValue from `buf`.
+fn fetch_ref<'b>(
+    bucket: &crate::storage::bbolt::Bucket<'_>,
+    key: &[u8],
+    rev: Revision,
+    loc: Location,
+    buf: &'b mut Vec<u8>,
+) -> Result<KeyValueRef<'b>> {
     let value = bucket
         .get_at_into(loc, &rev.to_key(false), buf)?
         .ok_or_else(|| key_inconsistent(rev, "indexed revision is gone"))?;
-    let kv: KeyValue = prost::Message::decode(value).map_err(|source| MvccError::Decode {
-        bucket: "key",
-        entry: rev.to_string(),
-        source,
-    })?;
+    let kv = KeyValueRef::decode(value)
+        .ok_or_else(|| key_inconsistent(rev, "is not a KeyValue message"))?;
     if kv.key != key || kv.mod_revision != rev.main {
         return Err(key_inconsistent(
             rev,
@@ -855,5 +978,37 @@ mod tests {
         data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn key_values_read_in_place_are_what_prost_decodes(
+            key in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            value in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            revs in proptest::array::uniform4(proptest::num::i64::ANY),
+            extra in proptest::collection::vec(proptest::num::u8::ANY, 0..12),
+        ) {
+            let kv = KeyValue {
+                key,
+                create_revision: revs[0],
+                mod_revision: revs[1],
+                version: revs[2],
+                value,
+                lease: revs[3],
+            };
+            let bytes = prost::Message::encode_to_vec(&kv);
+            proptest::prop_assert_eq!(KeyValueRef::decode(&bytes).map(|r| r.to_owned()), Some(kv.clone()));
+            // Any bytes: what is read in place, prost reads the same way.
+            let mut mangled = bytes.clone();
+            mangled.extend_from_slice(&extra);
+            if let Some(r) = KeyValueRef::decode(&mangled) {
+                let p: KeyValue = prost::Message::decode(mangled.as_slice()).unwrap();
+                proptest::prop_assert_eq!(r.to_owned(), p);
+            }
+            if let Some(r) = KeyValueRef::decode(&extra) {
+                let p: KeyValue = prost::Message::decode(extra.as_slice()).unwrap();
+                proptest::prop_assert_eq!(r.to_owned(), p);
+            }
+        }
     }
 }
