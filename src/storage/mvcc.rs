@@ -491,7 +491,7 @@ fn fetch_ref<'b>(
             rev,
             format!(
                 "holds key {} at mod_revision {}, index says {} at {}",
-                hex(&kv.key),
+                hex(kv.key),
                 kv.mod_revision,
                 hex(key),
                 rev.main
