@@ -534,6 +534,23 @@ async fn bad_inputs_are_refused_with_their_code_a_remedy_and_the_dir_untouched()
     );
     tb.checked.extend(pb_tb.checked);
 
+    // Rollback to etcd2 of a backend that lacks writes its WAL holds (etcd killed), without
+    // etcd-3.0.17 in the bundle to apply them.
+    let lag = t.path().join("lag/data");
+    killed_before_backend_commit(&lag).await;
+    let mut lag_tb = Table {
+        data: lag.clone(),
+        checked: Vec::new(),
+    };
+    lag_tb.expect(
+        "writes only in the WAL on rollback",
+        || MigrateEnv::new(&lag, "m1", "2.2.1", "etcd2").run(&["migrate"]),
+        2,
+        "has applied the log up to index",
+        "stop it with SIGTERM",
+    );
+    tb.checked.extend(lag_tb.checked);
+
     println!(
         "RESULT bad inputs {}/{} untouched",
         tb.checked.len(),

@@ -349,33 +349,6 @@ async fn manual_rollback_by_env_serves_every_key_on_3423() {
     assert_eq!(version(&data), "3.4.23/etcd3");
 }
 
-/// A member killed (SIGKILL) before it committed its backend: the writes are in the WAL only,
-/// as after an OOM kill or a power loss. Written by 3.4.23 and labelled 3.0.17, like the other
-/// native-rollback inputs written here (3.0.17 cannot be run here): the backend and WAL formats
-/// are the same. The keys it acknowledged, and how many the backend holds.
-async fn killed_before_backend_commit(dir: &Path) -> (BTreeMap<Vec<u8>, Kv>, usize) {
-    let mut spec = MemberSpec::new("3.4.23", dir, "m1");
-    // Nothing is committed to the backend until the batch interval or the limit: never here.
-    spec.extra = vec![
-        "--backend-batch-interval=10m".into(),
-        "--backend-batch-limit=1000000".into(),
-    ];
-    let m = Member::spawn(spec);
-    m.wait_healthy(Duration::from_secs(30));
-    let mut c = m.client().await;
-    seed(&mut c, 300, 10).await;
-    c.delete("/registry/pods/default/p00007", None)
-        .await
-        .unwrap();
-    let acked = dump(&mut c).await;
-    drop(m); // SIGKILL
-    fs::write(dir.join("version.txt"), "3.0.17/etcd3\n").unwrap();
-    use etcd_migrate::storage::{bbolt::Db, mvcc::LiveIndex};
-    let db = Db::open(dir.join("member/snap/db")).unwrap();
-    let in_backend = LiveIndex::build(&db).unwrap().len();
-    (acked, in_backend)
-}
-
 /// The v2 store of a rolled-back dir: key -> value.
 fn v2_keys(data: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let json = serde_json::to_vec(&newest_snap_json(&data.join("member"))).unwrap();
