@@ -343,6 +343,9 @@ async fn p4(root: &Path) -> Vec<Row> {
     // Written by 3.4.23, labelled 3.0.17: no 3.0.17 binary here, and the native rollback reads
     // the backend offline, whose format is the same.
     fs::write(d.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    // The 2.4 GB etcd just wrote would otherwise still be going to disk while cp and the
+    // rollbacks are timed.
+    assert!(Command::new("sync").status().unwrap().success());
     let db = d.join("member/snap/db");
     let db_bytes = fs::metadata(&db).unwrap().len();
     // cp of the db file (page cache to page cache), and a durable one (then fsync of the copy,
