@@ -44,6 +44,18 @@ fuzz="no fuzz run recorded yet: run \`make fuzz\`"
   echo "looks up the lock's holder in /proc/locks and fails at once (exit 1, nothing recorded, the step's"
   echo "etcd stopped and reaped), naming that process; the hand-started etcd has the data as the last"
   echo "recorded step left it (tests/reliability.rs, \"backend locked by another process\")."
+  echo
+  echo "## A rollback to etcd2 after etcd 3.0 was killed"
+  echo
+  echo "etcd commits its v3 backend in batches and on a clean stop; after a kill (OOM, power loss) the"
+  echo "last writes are only in the WAL, and etcd applies them on its next start. The native rollback"
+  echo "reads the backend offline, so it first looks for WAL entries that can change keys (puts,"
+  echo "deletes, lease revokes, transactions with writes) after the backend's consistent index. If"
+  echo "there are any, etcd-<from> applies them with one private start and a clean stop; if it is not"
+  echo "bundled, the rollback is refused (exit 2, data dir untouched) saying how to let etcd apply them"
+  echo "(tests/rollback.rs, a 3.4.23 member killed with nothing committed; the bad-input table's"
+  echo "\"writes only in the WAL on rollback\"). A lease revoke whose lease had no keys left also counts,"
+  echo "so such a WAL tail is settled or refused although nothing is missing: never a lost key."
 } > RELIABILITY.md
 grep "^RESULT" "$out"
 echo "wrote RELIABILITY.md"
