@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::etcd::ctl;
 use crate::etcd::fingerprint::Fingerprint;
-use crate::etcd::server::{EtcdServer, Launch};
+use crate::etcd::server::EtcdServer;
 use crate::fsutil;
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
@@ -36,17 +36,7 @@ pub async fn run(
         .map(|m| m.len())
         .unwrap_or(0);
     fsutil::ensure_space(&work, 3 * db_size)?;
-    let mut srv = EtcdServer::start(Launch {
-        bundle: ctx.bundle,
-        config: cfg,
-        data_dir: ctx.data_dir,
-        version: from,
-        storage: Storage::Etcd3,
-        serve_v2: false,
-        snapshot_count: None,
-        single_member: ctx.members == 1,
-        bulk_txns: false,
-    })?;
+    let mut srv = EtcdServer::start(ctx.launch_v3(cfg, ctx.data_dir, from))?;
     let mut api = srv.ready().await?;
     // What the restored member must serve: the baseline read offline before the step, else
     // what this etcd serves now.
@@ -71,17 +61,7 @@ pub async fn run(
 
     // 3. Prove it with the older release.
     let t = Instant::now();
-    let mut srv = EtcdServer::start(Launch {
-        bundle: ctx.bundle,
-        config: cfg,
-        data_dir: &stage.path,
-        version: to,
-        storage: Storage::Etcd3,
-        serve_v2: false,
-        snapshot_count: None,
-        single_member: ctx.members == 1,
-        bulk_txns: false,
-    })?;
+    let mut srv = EtcdServer::start(ctx.launch_v3(cfg, &stage.path, to))?;
     let mut api = srv.ready().await?;
     let after = srv.fingerprint(&mut api).await?;
     srv.stop();

@@ -17,7 +17,7 @@ use crate::datadir::DataDirError;
 use crate::etcd::bundle::Bundle;
 use crate::etcd::ctl::CtlError;
 use crate::etcd::fingerprint::Fingerprint;
-use crate::etcd::server::EtcdError;
+use crate::etcd::server::{EtcdError, Launch};
 use crate::fsutil::FsError;
 use crate::progress::ProgressError;
 
@@ -34,6 +34,27 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     pub fn work_dir(&self) -> PathBuf {
         crate::datadir::work_dir(self.data_dir)
+    }
+
+    /// Starting etcd `version` as this member on `data_dir`, v3 store, nothing extra (callers
+    /// change what differs).
+    pub fn launch_v3<'a>(
+        &'a self,
+        config: &'a Config,
+        data_dir: &'a Path,
+        version: crate::version::EtcdVersion,
+    ) -> Launch<'a> {
+        Launch {
+            bundle: self.bundle,
+            config,
+            data_dir,
+            version,
+            storage: crate::version::Storage::Etcd3,
+            serve_v2: false,
+            snapshot_count: None,
+            single_member: self.members == 1,
+            bulk_txns: false,
+        }
     }
 }
 

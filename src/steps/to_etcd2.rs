@@ -535,17 +535,7 @@ async fn apply_wal_tail(
         last_write = lag.last_write,
         "{lag}; starting etcd-{from} once to apply them"
     );
-    let mut srv = EtcdServer::start(Launch {
-        bundle: ctx.bundle,
-        config: ctx.config,
-        data_dir: ctx.data_dir,
-        version: from,
-        storage: Storage::Etcd3,
-        serve_v2: false,
-        snapshot_count: None,
-        single_member: ctx.members == 1,
-        bulk_txns: false,
-    })?;
+    let mut srv = EtcdServer::start(ctx.launch_v3(ctx.config, ctx.data_dir, from))?;
     srv.ready().await?;
     srv.stop();
     Ok(())

@@ -401,16 +401,7 @@ impl LiveIndex {
         F: FnMut(KeyValue) -> std::result::Result<(), E>,
         E: From<MvccError>,
     {
-        let bucket = db
-            .bucket(KEY_BUCKET)
-            .map_err(MvccError::from)?
-            .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
-        let mut buf = Vec::new();
-        for (key, (rev, loc)) in &self.keys {
-            let kv = fetch(&bucket, key, *rev, *loc, &mut buf)?;
-            f(kv)?;
-        }
-        Ok(())
+        self.for_each_ref(db, |kv| f(kv.to_owned()))
     }
 }
 
