@@ -141,6 +141,13 @@ pub async fn run(
     // Identity and raft position from the old WAL/snapshot.
     let mut summary = crate::datadir::member_summary(&member)
         .map_err(|e| err("reading the WAL of", e.to_string()))?;
+    if summary.member_count > 1 {
+        return Err(StepError::Other(format!(
+            "{} holds a cluster of {} members",
+            member.display(),
+            summary.member_count
+        )));
+    }
     // The backend must hold every write of the WAL: after an unclean stop etcd applies the WAL's
     // tail on its next start, and an offline read would lose those keys.
     let unapplied = |summary: &crate::storage::walinfo::MemberSummary| {
@@ -158,13 +165,6 @@ pub async fn run(
                 ctx.data_dir.display()
             )));
         }
-    }
-    if summary.member_count > 1 {
-        return Err(StepError::Other(format!(
-            "{} holds a cluster of {} members",
-            member.display(),
-            summary.member_count
-        )));
     }
     let term = summary
         .hard_state
