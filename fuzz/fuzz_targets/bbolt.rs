@@ -103,6 +103,18 @@ fn walk(bucket: &Bucket<'_>, depth: usize, budget: &mut usize) {
         *budget -= 1;
     }
     let _ = bucket.buckets();
+    // The whole walk succeeded: walks split at the root visit the same keys, in order.
+    for parts in 2..=3 {
+        let iters = bucket.iter_parts(parts).expect("splitting a bucket that walks");
+        let mut joined = Vec::new();
+        for mut part in iters {
+            while let Some(item) = part.next_borrowed() {
+                joined.push(item.expect("a part of a walk that succeeded").0.to_vec());
+            }
+        }
+        let whole: Vec<&[u8]> = items.iter().map(|(k, _, _)| k.as_slice()).collect();
+        assert_eq!(joined, whole, "split walks disagree with the walk");
+    }
     for (key, value, loc) in items {
         match value {
             Value::Data(v) => {
