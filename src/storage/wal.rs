@@ -650,16 +650,17 @@ impl WalContents {
 /// Reads a WAL directory the way etcd does when it opens the WAL at `start`:
 /// segments from the one covering `start.index`, entries after it.
 pub fn read_wal(dir: &Path, start: &WalSnapshot) -> Result<WalContents> {
-    scan_wal(dir, start, |_| true)
+    scan_wal(dir, start, |_, _| true)
 }
 
-/// Like [`read_wal`], but keeps in `entries` only those `keep` wants: memory is bounded by
-/// them, not by the WAL (a busy member's WAL holds gigabytes of entries). Counts, the last
+/// Like [`read_wal`], but keeps in `entries` only those `keep` wants, given each entry and what
+/// its data is (decoded once, for a normal entry; `Unknown` for the others): memory is bounded
+/// by them, not by the WAL (a busy member's WAL holds gigabytes of entries). Counts, the last
 /// index and term, and the overwrite rule still cover every entry.
 pub fn scan_wal(
     dir: &Path,
     start: &WalSnapshot,
-    mut keep: impl FnMut(&Entry) -> bool,
+    mut keep: impl FnMut(&Entry, &EntryPayload) -> bool,
 ) -> Result<WalContents> {
     let mut reader = WalReader::open_at(dir, start.index)?;
     let mut out = WalContents {
@@ -690,7 +691,7 @@ fn decode_payload<M: Message + Default>(rec: &RecordAt, what: &'static str) -> R
 fn apply_record(
     out: &mut WalContents,
     rec: &RecordAt,
-    keep: &mut impl FnMut(&Entry) -> bool,
+    keep: &mut impl FnMut(&Entry, &EntryPayload) -> bool,
 ) -> Result<()> {
     match rec.record.r#type {
         RECORD_ENTRY => {
@@ -707,15 +708,16 @@ fn apply_record(
                 }
                 let cut = out.entries.partition_point(|k| k.index < e.index);
                 out.entries.truncate(cut);
-                let writes = e.r#type == entry_type::NORMAL
-                    && matches!(
-                        decode_entry_payload(e.data.as_deref().unwrap_or(&[])),
-                        EntryPayload::OtherV3 { writes_keys: true }
-                    );
+                let payload = if e.r#type == entry_type::NORMAL {
+                    decode_entry_payload(e.data.as_deref().unwrap_or(&[]))
+                } else {
+                    EntryPayload::Unknown
+                };
+                let writes = matches!(payload, EntryPayload::OtherV3 { writes_keys: true });
                 out.note_key_write(e.index, writes);
                 out.entry_count = e.index - out.start.index;
                 out.last = (e.index, e.term);
-                if keep(&e) {
+                if keep(&e, &payload) {
                     out.entries.push(e);
                 }
             }

@@ -194,11 +194,11 @@ impl Membership {
     }
 
     /// Whether an entry can change membership or set the cluster version.
-    fn relevant(e: &Entry) -> bool {
-        let data = e.data.as_deref().unwrap_or(&[]);
+    /// (`payload`: what a normal entry's data is, as the WAL scan decoded it.)
+    fn relevant(e: &Entry, payload: &EntryPayload) -> bool {
         match e.r#type {
             entry_type::CONF_CHANGE | entry_type::CONF_CHANGE_V2 => true,
-            _ => match decode_entry_payload(data) {
+            _ => match payload {
                 EntryPayload::V2(r) => r.method == "PUT" && r.path.starts_with("/0/"),
                 EntryPayload::ClusterVersionSet(_) | EntryPayload::MemberAttrSet { .. } => true,
                 _ => false,
