@@ -403,7 +403,7 @@ async fn p4(root: &Path) -> Vec<Row> {
     // The least any rollback of this member must do, with no CPU spent on parsing, indexing or
     // JSON: read the whole WAL and the db once each, and write a file the size of the snapshot
     // written and fsync it. Read from the last run's backup (the member as it was), the output
-    // made from the db's bytes.
+    // made of the db's bytes as they are read.
     let snap_bytes: u64 = fs::read_dir(d.join("member/snap"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -430,8 +430,9 @@ async fn p4(root: &Path) -> Vec<Row> {
     ]
 }
 
-/// Reads every WAL file and the db of `member_dir` (through a 1 MiB buffer, as cat does), then
-/// writes the db's first `out_bytes` bytes to `out` and fsyncs it: seconds taken.
+/// Reads every WAL file and the db of `member_dir` through a 1 MiB buffer, writing the first
+/// `out_bytes` bytes read from the db (then zeros, if the db is shorter) to `out` as they come,
+/// and fsyncs it: seconds taken.
 fn move_bytes_once(member_dir: &Path, out_bytes: u64, out: &Path) -> f64 {
     use std::io::{Read, Write};
     let t = Instant::now();
@@ -442,22 +443,26 @@ fn move_bytes_once(member_dir: &Path, out_bytes: u64, out: &Path) -> f64 {
         .collect();
     wal.sort();
     assert!(!wal.is_empty(), "no WAL in {}", member_dir.display());
-    let db = member_dir.join("member/snap/db");
-    for path in wal.iter().chain(std::iter::once(&db)) {
+    for path in &wal {
         let mut f = fs::File::open(path).unwrap();
         while f.read(&mut buf).unwrap() > 0 {}
     }
-    let mut src = fs::File::open(&db).unwrap().take(out_bytes);
+    let mut db = fs::File::open(member_dir.join("member/snap/db")).unwrap();
     let mut dst = fs::File::create(out).unwrap();
     // Writeback started every 32 MiB, as the rollback does, so the disk works while we write.
     let (mut written, mut flushed) = (0u64, 0u64);
     loop {
-        let n = src.read(&mut buf).unwrap();
+        let mut n = db.read(&mut buf).unwrap();
         if n == 0 {
-            break;
+            if written >= out_bytes {
+                break;
+            }
+            buf.fill(0);
+            n = buf.len();
         }
-        dst.write_all(&buf[..n]).unwrap();
-        written += n as u64;
+        let take = n.min((out_bytes - written) as usize);
+        dst.write_all(&buf[..take]).unwrap();
+        written += take as u64;
         if written - flushed >= 32 << 20 {
             etcd_migrate::fsutil::start_writeback(&dst, flushed, written - flushed);
             flushed = written;
@@ -465,6 +470,7 @@ fn move_bytes_once(member_dir: &Path, out_bytes: u64, out: &Path) -> f64 {
     }
     dst.sync_all().unwrap();
     let took = t.elapsed().as_secs_f64();
+    assert_eq!(fs::metadata(out).unwrap().len(), out_bytes);
     fs::remove_file(out).unwrap();
     took
 }
