@@ -205,7 +205,8 @@ impl<'a> KeyValueRef<'a> {
         while !b.is_empty() {
             let tag = varint(&mut b)?;
             let (field, wire) = (tag >> 3, tag & 7);
-            if field == 0 {
+            // As prost: a tag is a u32 and field 0 does not exist.
+            if field == 0 || tag > u64::from(u32::MAX) {
                 return None;
             }
             match wire {
