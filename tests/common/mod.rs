@@ -244,12 +244,23 @@ pub struct Kv {
 }
 
 /// Every key of a v3 store (paged: gRPC caps a response at 4 MiB).
+///
+/// Waits out "not capable": an etcd started on data whose cluster version is 2.x (data just
+/// migrated from etcd2) is healthy before its leader has raised the cluster version, and until
+/// then refuses v3 requests.
 pub async fn dump(c: &mut Client) -> BTreeMap<Vec<u8>, Kv> {
     let mut out = BTreeMap::new();
     let mut start = vec![0u8];
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let opts = GetOptions::new().with_range(vec![0u8]).with_limit(500);
-        let r = c.get(start.clone(), Some(opts)).await.expect("range");
+        let r = match c.get(start.clone(), Some(opts)).await {
+            Err(e) if e.to_string().contains("not capable") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            r => r.expect("range"),
+        };
         for kv in r.kvs() {
             out.insert(
                 kv.key().to_vec(),
