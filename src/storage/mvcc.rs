@@ -8,7 +8,6 @@
 //! deleting oldest first, so "newest revision per key, minus tombstones" stays exactly the
 //! live set before, during and after a compaction.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::storage::bbolt::{BboltError, Db, Location, Value};
@@ -257,13 +256,6 @@ impl<'a> KeyValueRef<'a> {
     }
 }
 
-/// Only field 1 of a KeyValue: decoding skips the value without copying it.
-#[derive(Clone, PartialEq, prost::Message)]
-struct KeyOnly {
-    #[prost(bytes = "vec", tag = "1")]
-    key: Vec<u8>,
-}
-
 /// `leasepb.Lease`, as stored in bucket `lease`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Message)]
 pub struct Lease {
@@ -284,7 +276,11 @@ pub struct Lease {
 /// is O(keys × key length). Fetching a value by its location needs no tree descent.
 #[derive(Clone, Debug, Default)]
 pub struct LiveIndex {
-    keys: BTreeMap<Vec<u8>, (Revision, Location)>,
+    /// The scanned parts, in revision order, each compacted: keys in key order, one entry per
+    /// key (the newest in that part; tombstones kept in all parts but the first).
+    parts: Vec<Keyed>,
+    /// The live keys in key order: (part, entry) of the newest entry of each, never a tombstone.
+    order: Vec<(usize, usize)>,
     newest: Option<Revision>,
     revisions: u64,
 }
@@ -319,29 +315,32 @@ impl LiveIndex {
                     .collect()
             })
         };
-        // Part by part in revision order: a later part's tombstones delete earlier keys, and
-        // its writes replace them.
         let mut index = LiveIndex::default();
         for part in scanned {
-            let mut part = part?;
-            for key in &part.deleted {
-                index.keys.remove(key);
-            }
-            index.keys.append(&mut part.keys);
+            let part = part?;
             index.newest = part.newest.or(index.newest);
             index.revisions += part.revisions;
+            index.parts.push(part.keys);
         }
+        index.order = merge_parts(&index.parts);
         Ok(index)
+    }
+
+    /// The entry at `at` in `order` and its key.
+    fn entry(&self, (part, i): (usize, usize)) -> (&[u8], &Entry) {
+        let keyed = &self.parts[part];
+        let e = &keyed.entries[i];
+        (keyed.key(e), e)
     }
 
     /// Number of live keys.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.order.len()
     }
 
     /// Whether no key is live.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.order.is_empty()
     }
 
     /// Highest revision found in bucket `key` (tombstones included): the store's current
@@ -357,12 +356,19 @@ impl LiveIndex {
 
     /// The newest revision of live `key`.
     pub fn revision(&self, key: &[u8]) -> Option<Revision> {
-        self.keys.get(key).map(|(r, _)| *r)
+        let at = self
+            .order
+            .binary_search_by(|&at| self.entry(at).0.cmp(key))
+            .ok()?;
+        Some(self.entry(self.order[at]).1.rev)
     }
 
     /// Live keys and their newest revisions, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], Revision)> + '_ {
-        self.keys.iter().map(|(k, (r, _))| (k.as_slice(), *r))
+        self.order.iter().map(|&at| {
+            let (key, e) = self.entry(at);
+            (key, e.rev)
+        })
     }
 
     /// Every live key in key order with its full KeyValue, read lazily where the index scan
@@ -372,10 +378,10 @@ impl LiveIndex {
             .bucket(KEY_BUCKET)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
         let mut buf = Vec::new();
-        Ok(self
-            .keys
-            .iter()
-            .map(move |(key, (rev, loc))| fetch(&bucket, key, *rev, *loc, &mut buf)))
+        Ok(self.order.iter().map(move |&at| {
+            let (key, e) = self.entry(at);
+            fetch(&bucket, key, e.rev, e.loc, &mut buf)
+        }))
     }
 
     /// Like [`LiveIndex::for_each`], lending each KeyValue from one buffer reused for all.
@@ -389,8 +395,9 @@ impl LiveIndex {
             .map_err(MvccError::from)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
         let mut buf = Vec::new();
-        for (key, (rev, loc)) in &self.keys {
-            f(fetch_ref(&bucket, key, *rev, *loc, &mut buf)?)?;
+        for &at in &self.order {
+            let (key, e) = self.entry(at);
+            f(fetch_ref(&bucket, key, e.rev, e.loc, &mut buf)?)?;
         }
         Ok(())
     }
@@ -406,52 +413,181 @@ impl LiveIndex {
     }
 }
 
-/// What one part of the `key` bucket holds: its live keys, the keys whose newest revision in
-/// it is a tombstone, its newest revision and how many it has.
+/// A key (its bytes in its [`Keyed`]) and one revision of it.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    at: usize,
+    len: usize,
+    tombstone: bool,
+    rev: Revision,
+    loc: Location,
+}
+
+/// Keys back to back in one buffer, and entries pointing into it: no allocation per key.
+#[derive(Clone, Debug, Default)]
+struct Keyed {
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+impl Keyed {
+    fn key(&self, e: &Entry) -> &[u8] {
+        &self.bytes[e.at..e.at + e.len]
+    }
+
+    fn push(&mut self, key: &[u8], rev: Revision, tombstone: bool, loc: Location) {
+        self.entries.push(Entry {
+            at: self.bytes.len(),
+            len: key.len(),
+            tombstone,
+            rev,
+            loc,
+        });
+        self.bytes.extend_from_slice(key);
+    }
+
+    /// Keeps the newest entry of each key (entries of one key come in revision order), in
+    /// key order, with the key bytes rewritten in that order; tombstones go unless
+    /// `keep_tombstones`.
+    fn compact(&mut self, keep_tombstones: bool) {
+        let bytes = &self.bytes;
+        let key = |e: &Entry| &bytes[e.at..e.at + e.len];
+        // Revisions are unique, so (key, revision) orders the entries totally.
+        self.entries
+            .sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.rev.cmp(&b.rev)));
+        let mut out = Keyed {
+            bytes: Vec::with_capacity(self.bytes.len()),
+            entries: Vec::new(),
+        };
+        let mut kept = 0;
+        for i in 0..self.entries.len() {
+            let e = self.entries[i];
+            let newest = self
+                .entries
+                .get(i + 1)
+                .is_none_or(|next| key(next) != key(&e));
+            if newest && (keep_tombstones || !e.tombstone) {
+                self.entries[kept] = Entry {
+                    at: out.bytes.len(),
+                    ..e
+                };
+                out.bytes.extend_from_slice(key(&e));
+                kept += 1;
+            }
+        }
+        self.entries.truncate(kept);
+        out.entries = std::mem::take(&mut self.entries);
+        out.bytes.shrink_to_fit();
+        *self = out;
+    }
+}
+
+/// The live keys of parts scanned in revision order, each compacted, in key order: for each
+/// key the entry of the latest part holding it, left out when that one is a tombstone.
+fn merge_parts(parts: &[Keyed]) -> Vec<(usize, usize)> {
+    let mut pos = vec![0usize; parts.len()];
+    let mut order = Vec::with_capacity(parts.iter().map(|p| p.entries.len()).max().unwrap_or(0));
+    loop {
+        // The smallest key at the parts' heads; among equal ones the latest part's.
+        let mut newest: Option<(usize, &[u8])> = None;
+        for (p, keyed) in parts.iter().enumerate() {
+            if let Some(e) = keyed.entries.get(pos[p]) {
+                let k = keyed.key(e);
+                if newest.is_none_or(|(_, least)| k <= least) {
+                    newest = Some((p, k));
+                }
+            }
+        }
+        let Some((winner, key)) = newest else {
+            return order;
+        };
+        if !parts[winner].entries[pos[winner]].tombstone {
+            order.push((winner, pos[winner]));
+        }
+        for (p, keyed) in parts.iter().enumerate() {
+            if keyed
+                .entries
+                .get(pos[p])
+                .is_some_and(|e| keyed.key(e) == key)
+            {
+                pos[p] += 1;
+            }
+        }
+    }
+}
+
+/// What one part of the `key` bucket holds: its keys (compacted; the first part's without
+/// tombstones), its newest revision and how many it has.
 #[derive(Default)]
 struct Part {
-    keys: BTreeMap<Vec<u8>, (Revision, Location)>,
-    deleted: std::collections::BTreeSet<Vec<u8>>,
+    keys: Keyed,
     newest: Option<Revision>,
     revisions: u64,
 }
 
+/// Entries a part collects before its first compaction; later ones wait for twice what the
+/// last kept.
+const COMPACT_AT_LEAST: usize = 1 << 16;
+
+/// Collects a part's entries in revision order, compacting as it goes so that memory stays
+/// within about twice the keys kept, however many revisions there are.
+struct PartBuilder {
+    keys: Keyed,
+    keep_tombstones: bool,
+    compact_at_least: usize,
+    compact_at: usize,
+}
+
+impl PartBuilder {
+    fn new(keep_tombstones: bool, compact_at_least: usize) -> PartBuilder {
+        PartBuilder {
+            keys: Keyed::default(),
+            keep_tombstones,
+            compact_at_least,
+            compact_at: compact_at_least,
+        }
+    }
+
+    fn add(&mut self, key: &[u8], rev: Revision, tombstone: bool, loc: Location) {
+        self.keys.push(key, rev, tombstone, loc);
+        if self.keys.entries.len() >= self.compact_at {
+            self.keys.compact(self.keep_tombstones);
+            self.compact_at = (2 * self.keys.entries.len()).max(self.compact_at_least);
+        }
+    }
+
+    fn finish(mut self) -> Keyed {
+        self.keys.compact(self.keep_tombstones);
+        self.keys
+    }
+}
+
 /// Scans one part of bucket `key` in revision order, borrowing each element from its page:
-/// values are not copied, only keys kept. Tombstoned keys are noted when `note_deleted`.
-fn scan_part(mut items: crate::storage::bbolt::Iter<'_>, note_deleted: bool) -> Result<Part> {
-    let mut part = Part::default();
+/// values are not copied, only keys kept. Tombstones are kept when `keep_tombstones` (a
+/// later part's tombstone deletes an earlier part's key).
+fn scan_part(mut items: crate::storage::bbolt::Iter<'_>, keep_tombstones: bool) -> Result<Part> {
+    let mut keys = PartBuilder::new(keep_tombstones, COMPACT_AT_LEAST);
+    let (mut newest, mut revisions) = (None, 0);
     while let Some(item) = items.next_borrowed() {
         let (rev_key, value, location) = item?;
         let rk = parse_revision_key(rev_key)?;
         let Some(value) = value else {
             return Err(key_inconsistent(rk.rev, "is a bucket, not a value"));
         };
-        let key = prost::Message::decode(value)
-            .map(|k: KeyOnly| k.key)
-            .map_err(|source| MvccError::Decode {
-                bucket: "key",
-                entry: rk.rev.to_string(),
-                source,
-            })?;
-        if key.is_empty() {
+        let kv = KeyValueRef::decode(value)
+            .ok_or_else(|| key_inconsistent(rk.rev, "is not a KeyValue message"))?;
+        if kv.key.is_empty() {
             return Err(key_inconsistent(rk.rev, "KeyValue without a key"));
         }
-        // The bucket iterates in revision order, so the last write per key wins.
-        if rk.tombstone {
-            part.keys.remove(&key);
-            if note_deleted {
-                part.deleted.insert(key);
-            }
-        } else {
-            if note_deleted {
-                part.deleted.remove(&key);
-            }
-            part.keys.insert(key, (rk.rev, location));
-        }
-        part.newest = Some(rk.rev);
-        part.revisions += 1;
+        keys.add(kv.key, rk.rev, rk.tombstone, location);
+        newest = Some(rk.rev);
+        revisions += 1;
     }
-    Ok(part)
+    Ok(Part {
+        keys: keys.finish(),
+        newest,
+        revisions,
+    })
 }
 
 /// The KeyValue of live `key` at revision `rev` (read at `loc`), checked against the index.
@@ -1000,6 +1136,48 @@ mod tests {
             if let Some(r) = KeyValueRef::decode(&extra) {
                 let p: KeyValue = prost::Message::decode(extra.as_slice()).unwrap();
                 proptest::prop_assert_eq!(r.to_owned(), p);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parts_compacted_and_merged_keep_the_newest_revision_of_each_live_key(
+            ops in proptest::collection::vec((0u8..12, proptest::bool::weighted(0.3)), 0..200),
+            cuts in proptest::collection::vec(0usize..200, 0..3),
+            compact_at_least in 1usize..8,
+        ) {
+            // Revision i + 1 writes (or with a tombstone deletes) key ops[i].0.
+            let rev = |i: usize| Revision { main: i as i64 + 1, sub: 0 };
+            let mut model = BTreeMap::new();
+            for (i, &(k, tombstone)) in ops.iter().enumerate() {
+                if tombstone {
+                    model.remove(&vec![k]);
+                } else {
+                    model.insert(vec![k], rev(i));
+                }
+            }
+            let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(ops.len())).collect();
+            bounds.push(0);
+            bounds.push(ops.len());
+            bounds.sort_unstable();
+            let parts: Vec<Keyed> = bounds
+                .windows(2)
+                .enumerate()
+                .map(|(p, w)| {
+                    let mut b = PartBuilder::new(p > 0, compact_at_least);
+                    for (i, &(k, tombstone)) in ops.iter().enumerate().take(w[1]).skip(w[0]) {
+                        b.add(&[k], rev(i), tombstone, Location::default());
+                    }
+                    b.finish()
+                })
+                .collect();
+            let index = LiveIndex { order: merge_parts(&parts), parts, ..Default::default() };
+            let got: Vec<(Vec<u8>, Revision)> = index.iter().map(|(k, r)| (k.to_vec(), r)).collect();
+            let want: Vec<(Vec<u8>, Revision)> = model.clone().into_iter().collect();
+            proptest::prop_assert_eq!(&got, &want);
+            for k in 0u8..12 {
+                proptest::prop_assert_eq!(index.revision(&[k]), model.get(&vec![k]).copied());
             }
         }
     }
