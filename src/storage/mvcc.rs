@@ -273,7 +273,8 @@ pub struct Lease {
 /// The newest revision of every live key, built by one scan of bucket `key`.
 ///
 /// Holds keys, revisions and where each newest revision sits in the file (no values): memory
-/// is O(keys × key length). Fetching a value by its location needs no tree descent.
+/// is O(keys × key length), up to about twice that while the scan compacts. Fetching a value
+/// by its location needs no tree descent.
 #[derive(Clone, Debug, Default)]
 pub struct LiveIndex {
     /// The scanned parts, in revision order, each compacted: keys in key order, one entry per
