@@ -456,10 +456,7 @@ impl Keyed {
         // Revisions are unique, so (key, revision) orders the entries totally.
         self.entries
             .sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.rev.cmp(&b.rev)));
-        let mut out = Keyed {
-            bytes: Vec::with_capacity(self.bytes.len()),
-            entries: Vec::new(),
-        };
+        let mut in_key_order = Vec::with_capacity(self.bytes.len());
         let mut kept = 0;
         for i in 0..self.entries.len() {
             let e = self.entries[i];
@@ -469,17 +466,16 @@ impl Keyed {
                 .is_none_or(|next| key(next) != key(&e));
             if newest && (keep_tombstones || !e.tombstone) {
                 self.entries[kept] = Entry {
-                    at: out.bytes.len(),
+                    at: in_key_order.len(),
                     ..e
                 };
-                out.bytes.extend_from_slice(key(&e));
+                in_key_order.extend_from_slice(key(&e));
                 kept += 1;
             }
         }
         self.entries.truncate(kept);
-        out.entries = std::mem::take(&mut self.entries);
-        out.bytes.shrink_to_fit();
-        *self = out;
+        in_key_order.shrink_to_fit();
+        self.bytes = in_key_order;
     }
 }
 
