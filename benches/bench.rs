@@ -1,6 +1,8 @@
 //! Benchmarks with real etcd: `make bench` (or `cargo bench --bench bench -- [p1 p2 p3 p3step p4 p6 ha]`).
 //! Each prints its figures and BENCHMARKS.md is rewritten with them and the command that made them.
 
+#[path = "support/bigmember.rs"]
+mod bigmember;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -68,8 +70,33 @@ async fn bulk_put(
     }
 }
 
-/// Runs the release etcd-migrate with Kubernetes-style env; returns wall time and peak RSS (KiB).
-fn run_migrate(env: &MigrateEnv, args: &[&str]) -> (Duration, i64, String) {
+/// Every private etcd stop the benchmarks' runs logged: release -> stop times (ms).
+static STOPS: Mutex<std::collections::BTreeMap<String, Vec<u64>>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// What one etcd-migrate run measured.
+struct Ran {
+    took: Duration,
+    /// Peak RSS of etcd-migrate itself (MiB), as it logs it: its etcd children are not in it.
+    own_mb: u64,
+    /// Peak RSS of the largest child it reaped (a step's etcd), MiB.
+    etcd_mb: u64,
+    log: String,
+}
+
+/// A field `name=<number>` of the last log line containing `marker`.
+fn log_field(log: &str, marker: &str, name: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(marker))?;
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs the release etcd-migrate with Kubernetes-style env.
+fn run_migrate(env: &MigrateEnv, args: &[&str]) -> Ran {
     let out = tempfile::NamedTempFile::new().unwrap();
     let t = Instant::now();
     let mut child = env
@@ -78,19 +105,41 @@ fn run_migrate(env: &MigrateEnv, args: &[&str]) -> (Duration, i64, String) {
         .stderr(out.reopen().unwrap())
         .spawn()
         .unwrap();
-    let pid = child.id() as i32;
-    let mut status = 0;
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let status = child.wait().unwrap();
     let took = t.elapsed();
-    let _ = child.try_wait();
     let log = fs::read_to_string(out.path()).unwrap_or_default();
     assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        status.success(),
         "etcd-migrate {args:?} failed:\n{}",
         log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
     );
-    (took, ru.ru_maxrss, log)
+    for line in log.lines().filter(|l| l.contains(" stopped elapsed_ms=")) {
+        let Some(rel) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("etcd-"))
+        else {
+            continue;
+        };
+        if let Some(ms) = log_field(line, "stopped", "elapsed_ms") {
+            STOPS
+                .lock()
+                .unwrap()
+                .entry(rel.to_string())
+                .or_default()
+                .push(ms);
+        }
+    }
+    Ran {
+        took,
+        own_mb: log_field(&log, "migration complete", "peak_rss_mb").unwrap_or(0),
+        etcd_mb: log_field(&log, "migration complete", "etcd_peak_rss_mb").unwrap_or(0),
+        log,
+    }
+}
+
+/// The newest etcd 3.5 of the bundle (Debian's current one).
+fn new35() -> String {
+    newest_35()
 }
 
 /// Start, first successful write, stop: what an operator's bare restart costs.
@@ -151,49 +200,220 @@ async fn seeded(version: &str, dir: &Path, name: &str, n: usize, value_len: usiz
     fs::write(dir.join("version.txt"), format!("{version}/etcd3\n")).unwrap();
 }
 
-async fn p1(root: &Path) -> Vec<Row> {
-    let seed = root.join("p1-seed");
-    seeded("3.4.23", &seed, "m1", 10_000, 200).await;
-    let (mut ours, mut bare, mut bare_fast) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..5 {
-        let (a, b, c) = (
-            root.join(format!("p1-a{r}")),
-            root.join(format!("p1-b{r}")),
-            root.join(format!("p1-c{r}")),
-        );
-        cp_dir(&seed, &a);
-        cp_dir(&seed, &b);
-        cp_dir(&seed, &c);
-        let env = MigrateEnv::new(&a, "m1", "3.5.1", "etcd3");
-        ours.push(secs(run_migrate(&env, &["migrate"]).0));
-        bare.push(secs(bare_cycle("3.5.1", &b, "m1", &[]).await));
-        bare_fast.push(secs(
-            bare_cycle(
-                "3.5.1",
-                &c,
-                "m1",
-                &["--heartbeat-interval=10", "--election-timeout=100"],
-            )
-            .await,
-        ));
+/// The quota an operator of a member past etcd's default 2 GiB has set (else etcd raises its
+/// NOSPACE alarm at once and refuses every write): the bare runs get it, as etcd-migrate gives
+/// its private etcd one above the member's size.
+const BARE_QUOTA: &str = "--quota-backend-bytes=8589934592";
+
+/// Copies `seed` to `to` and waits for the copy to reach the disk, so that no run is timed
+/// against the writeback of the one before.
+fn fresh_copy(seed: &Path, to: &Path) {
+    cp_dir(seed, to);
+    assert!(Command::new("sync").status().unwrap().success());
+}
+
+/// One P1 case: `runs` upgrade steps of copies of `seed` (recorded at `from`) to `to` by
+/// etcd-migrate, each beside a plain bare cycle of `to` (the operator's restart: start, first
+/// write, stop) and one with our single-member election flags, on copies of the same data.
+struct P1 {
+    ratio: f64,
+    ratio_fast: f64,
+    ours: f64,
+    bare: f64,
+    bare_fast: f64,
+    own_mb: u64,
+    etcd_mb: u64,
+    /// The median run's journal detail (where the step's time went).
+    detail: serde_json::Value,
+}
+
+async fn p1_case(root: &Path, seed: &Path, to: &str, runs: usize) -> P1 {
+    let (mut ours, mut bare, mut bare_fast, mut own, mut etcd) =
+        (Vec::new(), Vec::new(), Vec::new(), 0, 0);
+    let mut details = Vec::new();
+    for r in 0..runs {
+        let a = root.join(format!("p1-a{r}"));
+        fresh_copy(seed, &a);
+        let mut env = MigrateEnv::new(&a, "m1", to, "etcd3");
+        env.set("CHILD_OUTPUT", "quiet");
+        let ran = run_migrate(&env, &["migrate"]);
+        ours.push(secs(ran.took));
+        (own, etcd) = (own.max(ran.own_mb), etcd.max(ran.etcd_mb));
+        details.push((secs(ran.took), step_detail(&a)));
+        fs::remove_dir_all(&a).unwrap();
+        let _ = fs::remove_dir_all(a.with_extension("etcd-migrate"));
+        let b = root.join(format!("p1-b{r}"));
+        fresh_copy(seed, &b);
+        bare.push(secs(bare_cycle(to, &b, "m1", &[BARE_QUOTA]).await));
+        fs::remove_dir_all(&b).unwrap();
+        fresh_copy(seed, &b);
+        let fast = [
+            "--heartbeat-interval=10",
+            "--election-timeout=100",
+            BARE_QUOTA,
+        ];
+        bare_fast.push(secs(bare_cycle(to, &b, "m1", &fast).await));
+        fs::remove_dir_all(&b).unwrap();
     }
     let ratios: Vec<f64> = ours.iter().zip(&bare).map(|(o, b)| o / b).collect();
     let ratios_fast: Vec<f64> = ours.iter().zip(&bare_fast).map(|(o, b)| o / b).collect();
-    let r = median(ratios.clone());
-    let rf = median(ratios_fast.clone());
-    println!("P1 step {:.3}s, bare {:.3}s, bare with the same election flags {:.3}s; ratios {ratios:.3?} / {ratios_fast:.3?}", median(ours.clone()), median(bare.clone()), median(bare_fast.clone()));
+    details.sort_by(|x, y| x.0.partial_cmp(&y.0).unwrap());
+    P1 {
+        ratio: median(ratios),
+        ratio_fast: median(ratios_fast),
+        ours: median(ours),
+        bare: median(bare),
+        bare_fast: median(bare_fast),
+        own_mb: own,
+        etcd_mb: etcd,
+        detail: details[details.len() / 2].1.clone(),
+    }
+}
+
+/// The detail of the last step in a data dir's journal.
+fn step_detail(data: &Path) -> serde_json::Value {
+    journal(data)
+        .into_iter()
+        .rfind(|e| e["event"] == "step")
+        .map(|e| {
+            let mut d = e["detail"].clone();
+            d["elapsed_ms"] = e["elapsed_ms"].clone();
+            d
+        })
+        .unwrap_or_default()
+}
+
+/// Where a step's time went, from its journal detail.
+fn stages(d: &serde_json::Value) -> String {
+    let ms = |k: &str| {
+        d[k].as_u64()
+            .map(|v| format!("{k} {:.2} s", v as f64 / 1000.0))
+    };
+    let stops: Vec<String> = d["stops"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            format!(
+                "stop of {} {} ms",
+                s["etcd"].as_str().unwrap_or("?"),
+                s["stop_ms"]
+            )
+        })
+        .collect();
+    [
+        "elapsed_ms",
+        "healthy_ms",
+        "verify_ms",
+        "snapshot_save_ms",
+        "snapshot_restore_ms",
+        "prove_ms",
+    ]
+    .iter()
+    .filter_map(|k| ms(k))
+    .chain(stops)
+    .collect::<Vec<_>>()
+    .join(", ")
+    .replace("elapsed_ms", "step")
+    .replace("_ms ", " ")
+}
+
+async fn p1(root: &Path) -> Vec<Row> {
+    let new = new35();
+    let seed = root.join("p1-seed");
+    seeded("3.4.23", &seed, "m1", 10_000, 200).await;
+    let c = p1_case(root, &seed, &new, 5).await;
+    let patch_seed = root.join("p1-patch-seed");
+    seeded("3.5.1", &patch_seed, "m1", 10_000, 200).await;
+    let p = p1_case(root, &patch_seed, &new, 5).await;
+    println!("P1 3.4.23 -> {new}: step {:.3}s, bare {:.3}s, fast bare {:.3}s: {:.3} / {:.3}; patch 3.5.1 -> {new}: {:.3} / {:.3}", c.ours, c.bare, c.bare_fast, c.ratio, c.ratio_fast, p.ratio, p.ratio_fast);
     vec![
-        Row { id: "P1", what: "upgrade step 3.4.23 -> 3.5.1, 10,000 keys, / bare start-write-stop of etcd-3.5.1 (median of 5)".into(), figure: format!("{r:.3} (step {:.2} s, bare {:.2} s)", median(ours.clone()), median(bare)), goal: "<= 1.05", met: Some(r <= 1.05) },
-        Row { id: "P1'", what: "the same, bare etcd given our single-member election flags (our own overhead)".into(), figure: format!("{rf:.3} (bare {:.2} s)", median(bare_fast)), goal: "(report)", met: None },
+        Row { id: "P1", what: format!("upgrade step 3.4.23 -> {new}, 10,000 keys, / bare start-write-stop of etcd-{new} (median of 5)"), figure: format!("{:.3} (step {:.2} s, bare {:.2} s)", c.ratio, c.ours, c.bare), goal: "<= 1.05", met: Some(c.ratio <= 1.05) },
+        Row { id: "P1'", what: "the same, bare etcd given our single-member election flags (our own overhead)".into(), figure: format!("{:.3} (bare {:.2} s)", c.ratio_fast, c.bare_fast), goal: "(report)", met: None },
+        Row { id: "P1 patch", what: format!("patch step 3.5.1 -> {new}, 10,000 keys, / bare cycle of etcd-{new} (median of 5)"), figure: format!("{:.3} (step {:.2} s, bare {:.2} s; same-flags {:.3})", p.ratio, p.ours, p.bare, p.ratio_fast), goal: "<= 1.05", met: Some(p.ratio <= 1.05) },
+    ]
+}
+
+/// P1 and P6 on the cached big members: the slope with size.
+async fn sizes(root: &Path) -> Vec<Row> {
+    let new = new35();
+    let mut rows = Vec::new();
+    // BENCH_SIZES=1g (or 4g) runs one size only.
+    let only = std::env::var("BENCH_SIZES").ok();
+    for (name, bytes, runs) in [("1g", 1u64 << 30, 3), ("4g", 4u64 << 30, 2)] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let seed = bigmember::member(name, bytes).await;
+        let shape = bigmember::describe(&seed);
+        let c = p1_case(root, &seed, &new, runs).await;
+        println!(
+            "P1 {name}: step {:.2}s, bare {:.2}s: {:.3}; {}",
+            c.ours,
+            c.bare,
+            c.ratio,
+            stages(&c.detail)
+        );
+        rows.push(Row { id: "P1 size", what: format!("upgrade step 3.4.23 -> {new} of a {name} member ({shape}) / bare cycle (median of {runs})"), figure: format!("{:.3} (step {:.2} s, bare {:.2} s; same-flags {:.3}; {})", c.ratio, c.ours, c.bare, c.ratio_fast, stages(&c.detail)), goal: "<= 1.10", met: Some(c.ratio <= 1.10) });
+        rows.push(Row {
+            id: "RSS upgrade",
+            what: "the same: peak RSS of etcd-migrate itself; of its private etcd".into(),
+            figure: format!("{} MiB; etcd {} MiB", c.own_mb, c.etcd_mb),
+            goal: "<= 256 MB",
+            met: Some(c.own_mb <= 244),
+        });
+        // P6 on the member upgraded once (the rollback's own starting point).
+        let up = root.join(format!("p6-{name}-seed"));
+        cp_dir(&seed, &up);
+        let mut env = MigrateEnv::new(&up, "m1", &new, "etcd3");
+        env.set("CHILD_OUTPUT", "quiet");
+        run_migrate(&env, &["migrate"]);
+        let r = p6_case(root, &up, &new, runs).await;
+        fs::remove_dir_all(&up).unwrap();
+        rows.push(Row { id: "P6 size", what: format!("minor rollback {new} -> 3.4.23 of the {name} member / bare start + snapshot save + stop + restore (median of {runs})"), figure: format!("{:.3} ({:.2} s vs {:.2} s; {})", r.ratio, r.ours, r.bare, stages(&r.detail)), goal: "<= 1.15", met: Some(r.ratio <= 1.15) });
+        rows.push(Row {
+            id: "RSS rollback",
+            what: "the same: peak RSS of etcd-migrate itself; of its private etcd".into(),
+            figure: format!("{} MiB; etcd {} MiB", r.own_mb, r.etcd_mb),
+            goal: "<= 256 MB",
+            met: Some(r.own_mb <= 244),
+        });
+    }
+    if only.as_deref().is_none_or(|o| o == "1g") {
+        rows.extend(storage_migration_1g(root).await);
+    }
+    rows
+}
+
+/// The storage migration etcd2 -> etcd3 of a 1 GB etcd2 member, at 3.4.23: time, where it went,
+/// and memory (etcd-migrate's own; `etcdctl migrate` and the private etcd are children).
+async fn storage_migration_1g(root: &Path) -> Vec<Row> {
+    let seed = bigmember::member_v2("1g", 1 << 30).await;
+    let shape = bigmember::describe(&seed);
+    let d = root.join("mig-1g/data");
+    fs::create_dir_all(d.parent().unwrap()).unwrap();
+    fresh_copy(&seed, &d);
+    let mut env = MigrateEnv::new(&d, "m1", "3.4.23", "etcd3");
+    env.set("CHILD_OUTPUT", "quiet");
+    let ran = run_migrate(&env, &["migrate"]);
+    let det = step_detail(&d);
+    let s = |k: &str| det[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    println!("storage migration 1g: {:.1}s (etcdctl migrate {:.1}s, capture {:.1}s, reattach {:.1}s), own {} MiB, children {} MiB", secs(ran.took), s("etcdctl_migrate_ms"), s("capture_ms"), s("reattach_ms"), ran.own_mb, ran.etcd_mb);
+    fs::remove_dir_all(d.parent().unwrap()).unwrap();
+    vec![
+        Row { id: "P3 1g", what: format!("storage migration etcd2 -> etcd3 at 3.4.23 of a 1 GB etcd2 member ({shape})"), figure: format!("{:.1} s: etcdctl migrate {:.1} s, capture {:.1} s, reattach {:.1} s; {} TTL keys leased", secs(ran.took), s("etcdctl_migrate_ms"), s("capture_ms"), s("reattach_ms"), det["ttl_keys_leased"]), goal: "(report)", met: None },
+        Row { id: "RSS migrate", what: "the same: peak RSS of etcd-migrate itself; of its largest child (etcdctl migrate or the private etcd)".into(), figure: format!("{} MiB; children {} MiB", ran.own_mb, ran.etcd_mb), goal: "<= 256 MB", met: Some(ran.own_mb <= 244) },
     ]
 }
 
 async fn p2(root: &Path) -> Vec<Row> {
     let d = root.join("p2");
-    seeded("3.5.1", &d, "m1", 1000, 50).await;
-    let env = MigrateEnv::new(&d, "m1", "3.5.1", "etcd3");
+    let new = new35();
+    seeded(&new, &d, "m1", 1000, 50).await;
+    let env = MigrateEnv::new(&d, "m1", &new, "etcd3");
     let runs: Vec<f64> = (0..21)
-        .map(|_| secs(run_migrate(&env, &["migrate"]).0) * 1000.0)
+        .map(|_| secs(run_migrate(&env, &["migrate"]).took) * 1000.0)
         .collect();
     let m = median(runs);
     println!("P2 no-op run at target: median {m:.2} ms of 21");
@@ -211,7 +431,7 @@ async fn p3(root: &Path) -> Vec<Row> {
     let naive_n = 10_000;
     let d = root.join("p3");
     // The flags the storage migration gives its private etcd (single member, bulk rewrite).
-    let release = etcd_migrate::etcd::release::Release::new("3.4.23".parse().unwrap());
+    let release = etcd_migrate::release::Release::new("3.4.23".parse().unwrap());
     let ops = release.max_txn_ops(true);
     let mut spec = MemberSpec::new("3.4.23", &d, "m1");
     spec.extra = vec![
@@ -290,7 +510,8 @@ async fn p3_step(root: &Path) -> Vec<Row> {
     m.stop();
     fs::write(d.join("version.txt"), "3.4.23/etcd2\n").unwrap();
     let env = MigrateEnv::new(&d, "m1", "3.4.23", "etcd3");
-    let (took, rss, _) = run_migrate(&env, &["migrate"]);
+    let ran = run_migrate(&env, &["migrate"]);
+    let (took, rss) = (ran.took, ran.own_mb * 1024);
     let j = fs::read_to_string(d.join("etcd-migrate.journal")).unwrap();
     let e: serde_json::Value = j
         .lines()
@@ -375,7 +596,8 @@ async fn p4(root: &Path) -> Vec<Row> {
     let mut runs = Vec::new();
     let mut backup = PathBuf::new();
     for r in 0..3 {
-        let (took, rss, log) = run_migrate(&env, &["migrate"]);
+        let ran = run_migrate(&env, &["migrate"]);
+        let (took, rss, log) = (ran.took, ran.own_mb as i64 * 1024, ran.log);
         // Where the time went: the step's own sub-step figures from the journal; the rest of
         // the run is before the step (reading the WAL to inspect and plan) and after it.
         let journal = fs::read_to_string(d.join("etcd-migrate.journal")).unwrap();
@@ -423,8 +645,8 @@ async fn p4(root: &Path) -> Vec<Row> {
         println!("{log}");
     }
     vec![
-        Row { id: "P4", what: format!("native rollback of 1,010,000 keys ({:.2} GB db) to 2.2.1: throughput / cp of the db file (medians of 3)", db_bytes as f64 / 1e9), figure: format!("{ratio:.2} ({:.1} s: {split}; cp {:.1} s)", secs(took), secs(cp_time)), goal: ">= 0.5", met: Some(ratio >= 0.5) },
-        Row { id: "P4'", what: "the same against a durable copy (cp, then fsync of the copy; our output is fsynced)".into(), figure: format!("{:.2} (cp + fsync {:.1} s)", secs(cp_sync) / secs(took), secs(cp_sync)), goal: "(report)", met: None },
+        Row { id: "P4", what: format!("native rollback of 1,010,000 keys ({:.2} GB db) to 2.2.1: time / the floor below (medians of 3)", db_bytes as f64 / 1e9), figure: format!("{:.1}x ({:.1} s: {split}; floor {:.2} s)", secs(took) / secs(floor), secs(took), secs(floor)), goal: "<= 2x floor", met: Some(secs(took) <= 2.0 * secs(floor)) },
+        Row { id: "P4 cp", what: "the same: cp of the db file / the rollback (throughput against a plain copy; and against a durable copy, cp then fsync)".into(), figure: format!("{ratio:.2} (cp {:.1} s); durable {:.2} (cp + fsync {:.1} s)", secs(cp_time), secs(cp_sync) / secs(took), secs(cp_sync)), goal: "(report)", met: None },
         Row { id: "P4 RSS", what: "the same: peak RSS of etcd-migrate".into(), figure: format!("{rss_mib} MiB"), goal: "<= 256 MB", met: Some(rss_mib <= 244) },
         Row { id: "P4 floor", what: format!("the bytes any rollback of this member must move, and nothing else: read the WAL and the db once, write {:.2} GB (the snapshot's size) and fsync it, writeback started every 32 MiB as the rollback does; cp of the db / that (median of 3)", snap_bytes as f64 / 1e9), figure: format!("{floor_ratio:.2} ({:.2} s)", secs(floor)), goal: "(report)", met: None },
     ]
@@ -475,32 +697,46 @@ fn move_bytes_once(member_dir: &Path, out_bytes: u64, out: &Path) -> f64 {
     took
 }
 
-async fn p6(root: &Path) -> Vec<Row> {
-    let seed = root.join("p6-seed");
-    seeded("3.5.1", &seed, "m1", 100_000, 200).await;
-    let (mut ours, mut bare) = (Vec::new(), Vec::new());
-    for r in 0..3 {
+/// One P6 case: minor rollbacks of copies of `seed` (at `from`) to 3.4.23, each beside the bare
+/// way: start `from`, `snapshot save` once it serves, stop, `snapshot restore` with 3.4.23's
+/// etcdctl.
+struct P6 {
+    ratio: f64,
+    ours: f64,
+    bare: f64,
+    own_mb: u64,
+    etcd_mb: u64,
+    detail: serde_json::Value,
+}
+
+async fn p6_case(root: &Path, seed: &Path, from: &str, runs: usize) -> P6 {
+    let (mut ours, mut bare, mut own, mut etcd, mut details) =
+        (Vec::new(), Vec::new(), 0, 0, Vec::new());
+    for r in 0..runs {
         let a = root.join(format!("p6-a{r}/data"));
         fs::create_dir_all(a.parent().unwrap()).unwrap();
-        cp_dir(&seed, &a);
+        fresh_copy(seed, &a);
         let mut env = MigrateEnv::new(&a, "m1", "3.4.23", "etcd3");
         env.set("CHILD_OUTPUT", "quiet");
-        let (took, _, log) = run_migrate(&env, &["migrate"]);
+        let ran = run_migrate(&env, &["migrate"]);
         if std::env::var_os("BENCH_VERBOSE").is_some() {
-            println!("{log}");
+            println!("{}", ran.log);
         }
-        ours.push(secs(took));
-        // Bare: start 3.5.1, snapshot save when it serves, stop, restore with 3.4.23's etcdctl.
+        ours.push(secs(ran.took));
+        (own, etcd) = (own.max(ran.own_mb), etcd.max(ran.etcd_mb));
+        details.push((secs(ran.took), step_detail(&a)));
+        fs::remove_dir_all(a.parent().unwrap()).unwrap();
         let b = root.join(format!("p6-b{r}/data"));
         fs::create_dir_all(b.parent().unwrap()).unwrap();
-        cp_dir(&seed, &b);
-        let spec = MemberSpec::new("3.5.1", &b, "m1");
+        fresh_copy(seed, &b);
+        let mut spec = MemberSpec::new(from, &b, "m1");
+        spec.extra = vec![BARE_QUOTA.to_string()];
         let (url, peer) = (spec.client_url(), spec.peer_url());
         let t = Instant::now();
         let m = Member::spawn(spec);
         let snap = b.with_file_name("snap.db");
         loop {
-            let st = Command::new(bundle().join("etcdctl-3.5.1"))
+            let st = Command::new(bundle().join(format!("etcdctl-{from}")))
                 .args(["--endpoints", &url, "snapshot", "save"])
                 .arg(&snap)
                 .stdout(Stdio::null())
@@ -533,20 +769,40 @@ async fn p6(root: &Path) -> Vec<Row> {
             .unwrap();
         assert!(st.success());
         bare.push(secs(t.elapsed()));
+        fs::remove_dir_all(b.parent().unwrap()).unwrap();
     }
     let ratios: Vec<f64> = ours.iter().zip(&bare).map(|(o, b)| o / b).collect();
-    let r = median(ratios.clone());
-    println!(
-        "P6 minor rollback {:.2}s, bare save+restore {:.2}s, ratios {ratios:.3?}",
-        median(ours.clone()),
-        median(bare.clone())
-    );
-    vec![Row { id: "P6", what: "minor rollback 3.5.1 -> 3.4.23 of 100,000 keys / bare start + snapshot save + stop + restore (median of 3)".into(), figure: format!("{r:.3} ({:.2} s vs {:.2} s)", median(ours), median(bare)), goal: "<= 1.15", met: Some(r <= 1.15) }]
+    details.sort_by(|x, y| x.0.partial_cmp(&y.0).unwrap());
+    P6 {
+        ratio: median(ratios),
+        ours: median(ours),
+        bare: median(bare),
+        own_mb: own,
+        etcd_mb: etcd,
+        detail: details[details.len() / 2].1.clone(),
+    }
 }
 
-/// Rolls a three-member 3.4.23 cluster to 3.5.1, by etcd-migrate `run` or by a bare restart;
-/// returns per-member times and the longest window of failed client writes.
+async fn p6(root: &Path) -> Vec<Row> {
+    let new = new35();
+    let seed = root.join("p6-seed");
+    seeded(&new, &seed, "m1", 10_000, 200).await;
+    let r = p6_case(root, &seed, &new, 3).await;
+    println!(
+        "P6 minor rollback {:.2}s, bare save+restore {:.2}s: {:.3}; {}",
+        r.ours,
+        r.bare,
+        r.ratio,
+        stages(&r.detail)
+    );
+    vec![Row { id: "P6", what: format!("minor rollback {new} -> 3.4.23 of 10,000 keys / bare start + snapshot save + stop + restore (median of 3)"), figure: format!("{:.3} ({:.2} s vs {:.2} s)", r.ratio, r.ours, r.bare), goal: "<= 1.15", met: Some(r.ratio <= 1.15) }]
+}
+
+/// Rolls a three-member 3.4.23 cluster to the newest 3.5, by etcd-migrate `run` or by a bare
+/// restart; returns each member's downtime (from the SIGTERM of its 3.4.23 to the new release
+/// serving a write through it) and the longest window of failed client writes.
 async fn roll(root: &Path, with_migrate: bool) -> (Vec<f64>, f64) {
+    let new = new35();
     let mut specs: Vec<MemberSpec> = ["m1", "m2", "m3"]
         .iter()
         .map(|n| MemberSpec::new("3.4.23", &root.join(n), n))
@@ -605,7 +861,7 @@ async fn roll(root: &Path, with_migrate: bool) -> (Vec<f64>, f64) {
             .map(|f| if f == "new" { "existing".into() } else { f })
             .collect();
         let child = if with_migrate {
-            let mut env = MigrateEnv::new(&s.data_dir, &s.name, "3.5.1", "etcd3");
+            let mut env = MigrateEnv::new(&s.data_dir, &s.name, &new, "etcd3");
             env.set("INITIAL_CLUSTER", &ic)
                 .set("LISTEN_PEER_URLS", &s.peer_url())
                 .set("INITIAL_ADVERTISE_PEER_URLS", &s.peer_url());
@@ -617,7 +873,7 @@ async fn roll(root: &Path, with_migrate: bool) -> (Vec<f64>, f64) {
                 .spawn()
                 .unwrap()
         } else {
-            let mut cmd = Command::new(bundle().join("etcd-3.5.1"));
+            let mut cmd = Command::new(bundle().join(format!("etcd-{new}")));
             cmd.args(&flags)
                 .env_clear()
                 .stdout(Stdio::null())
@@ -648,7 +904,7 @@ async fn roll(root: &Path, with_migrate: bool) -> (Vec<f64>, f64) {
         };
         loop {
             if http_get(&s.client_url(), "/version")
-                .is_some_and(|v| v.contains("\"etcdserver\":\"3.5.1\""))
+                .is_some_and(|v| v.contains(&format!("\"etcdserver\":\"{new}\"")))
                 && one.put("/roll", s.name.as_str(), None).await.is_ok()
             {
                 break;
@@ -689,10 +945,34 @@ async fn ha(root: &Path) -> Vec<Row> {
         ours.iter().map(|(p, _)| p.iter().sum::<f64>()).collect::<Vec<_>>(),
         bare.iter().map(|(p, _)| p.iter().sum::<f64>()).collect::<Vec<_>>(),
         gap(&ours), gap(&bare));
+    let new = new35();
+    let worst = (0..3).map(|i| po[i] - pb[i]).fold(f64::MIN, f64::max);
     vec![
-        Row { id: "HA", what: format!("rolling upgrade 3.4.23 -> 3.5.1 of three members: total time / bare restart of each member with the new binary (medians of {HA_ROLLS} rolls each)"), figure: format!("{r:.2} ({to:.2} s vs {tb:.2} s; per member {po:.2?} s vs {pb:.2?} s)"), goal: "<= 1.10", met: Some(r <= 1.10) },
+        Row { id: "HA down", what: format!("rolling upgrade 3.4.23 -> {new} of three members with `etcd-migrate run`: each member's downtime, from the SIGTERM of its 3.4.23 to {new} serving a write through it, beside a bare restart with the new binary (medians of {HA_ROLLS} rolls each)"), figure: format!("{po:.2?} s vs {pb:.2?} s (worst member +{worst:.2} s)"), goal: "<= bare + 0.3 s", met: Some(worst <= 0.3) },
+        Row { id: "HA", what: "the same: total time / bare restarts".into(), figure: format!("{r:.2} ({to:.2} s vs {tb:.2} s)"), goal: "(report)", met: None },
         Row { id: "HA gap", what: "the same: longest window in which the client's writes failed (median)".into(), figure: format!("{:.2} s (bare restart: {:.2} s)", gap(&ours), gap(&bare)), goal: "(report)", met: None },
     ]
+}
+
+/// How long each release's private etcd took to stop, over every run of this benchmark.
+fn stops_row() -> Option<Row> {
+    let stops = STOPS.lock().unwrap();
+    if stops.is_empty() {
+        return None;
+    }
+    let worst = stops.values().flatten().copied().max().unwrap_or(0);
+    let list: Vec<String> = stops
+        .iter()
+        .map(|(v, ms)| {
+            format!(
+                "{v}: median {} ms, max {} ms ({} stops)",
+                median(ms.iter().map(|&m| m as f64).collect()),
+                ms.iter().max().unwrap(),
+                ms.len()
+            )
+        })
+        .collect();
+    Some(Row { id: "stops", what: "SIGTERM to exit of every private etcd stopped in these runs, per release (journal `stops`)".into(), figure: list.join("; "), goal: "< 1 s", met: Some(worst < 1000) })
 }
 
 fn machine() -> String {
@@ -729,7 +1009,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if which.is_empty() || which.iter().any(|w| w == "all") {
-        which = ["p1", "p2", "p3", "p3step", "p4", "p6", "ha"]
+        which = ["p1", "p2", "p3", "p3step", "p4", "p6", "ha", "sizes"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -764,6 +1044,16 @@ fn main() {
                 "p4" => p4(&dir).await,
                 "p6" => p6(&dir).await,
                 "ha" => ha(&dir).await,
+                "sizes" => sizes(&dir).await,
+                // Only make (or find) the cached big members.
+                "gen1g" => {
+                    println!("{}", bigmember::member("1g", 1 << 30).await.display());
+                    Vec::new()
+                }
+                "gen4g" => {
+                    println!("{}", bigmember::member("4g", 4 << 30).await.display());
+                    Vec::new()
+                }
                 other => panic!("unknown benchmark {other}"),
             }
         });
@@ -772,12 +1062,14 @@ fn main() {
         }
         rows.extend(r);
     }
+    rows.extend(stops_row());
     let mut md = String::from("# Benchmarks\n\n");
     md.push_str(&format!(
-        "Made by `make bench` (`cargo bench --bench bench -- {}`) on {}, {}. Real etcd from `.bundle/` (3.4.23, 3.5.1), on loopback. Figures are from one run; rerun the command to reproduce them.\n\n",
+        "Made by `make bench` (`cargo bench --bench bench -- {}`) on {}, {}. Real etcd from `.bundle/` ({}), on loopback; big members cached under `target/bench-members/` on the disk. Figures are from one run; rerun the command to reproduce them.\n\n",
         which.join(" "),
         time::OffsetDateTime::now_utc().date(),
-        machine()
+        machine(),
+        bundled_versions().join(", ")
     ));
     md.push_str("| id | what | figure | goal | met |\n|---|---|---|---|---|\n");
     for r in &rows {

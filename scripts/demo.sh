@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The demo: a real etcd 3.4.23 data dir with a few hundred keys (some on leases), migrated to
-# 3.5.1 by etcd-migrate with a per-step log, then `status`. Everything runs on free loopback ports
+# the newest etcd 3.5 in the bundle (Debian's current one, fetched by `make bundle`) by
+# etcd-migrate with a per-step log, then `status`. Everything runs on free loopback ports
 # and every process started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=$PWD/.bundle
 MIG=$PWD/target/release/etcd-migrate
 D=$PWD/.demo
+NEW=$(ls "$B" | sed -n 's/^etcd-\(3\.5\.[0-9]*\)$/\1/p' | sort -t. -k3,3n | tail -1)
+[ -n "$NEW" ] || { echo "demo: no etcd 3.5 in $B: run make bundle" >&2; exit 1; }
 rm -rf "$D"; mkdir -p "$D"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 CP=$(free_port); PP=$(free_port); EP=http://127.0.0.1:$CP
@@ -27,7 +30,7 @@ echo "wrote $(ctl get --prefix /registry --keys-only | grep -c /registry) keys (
 kill "$ETCD_PID"; wait "$ETCD_PID" 2>/dev/null || true; ETCD_PID=
 echo "3.4.23/etcd3" > "$D/data/version.txt"
 
-export TARGET_VERSION=3.5.1 TARGET_STORAGE=etcd3 DATA_DIRECTORY="$D/data" ETCD_BIN_DIR="$B" ETCD_NAME=demo \
+export TARGET_VERSION=$NEW TARGET_STORAGE=etcd3 DATA_DIRECTORY="$D/data" ETCD_BIN_DIR="$B" ETCD_NAME=demo \
   INITIAL_CLUSTER="demo=http://127.0.0.1:$PP" LISTEN_PEER_URLS="http://127.0.0.1:$PP" CHILD_OUTPUT=quiet
 PORT=$(free_port)
 echo

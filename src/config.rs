@@ -8,6 +8,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cli::Opts;
+use crate::flags::{secrets_in, ChildOutput};
+use crate::layout::Layout;
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
 /// The process environment, captured once.
@@ -152,10 +154,17 @@ pub struct Config {
     pub stop_grace: Duration,
     pub backup_retention: Option<usize>,
     pub log_format: LogFormat,
-    /// Log every line children print (else only their tail, in errors).
-    pub child_output_logged: bool,
+    /// What becomes of the lines children print (logged or quiet; secrets redacted).
+    pub child_output: ChildOutput,
     /// The environment children start from: ours removed; flag duplicates are removed per child.
     pub child_env: Vec<(OsString, OsString)>,
+}
+
+impl Config {
+    /// The data dir's paths.
+    pub fn layout(&self) -> Layout {
+        Layout::new(&self.data_dir)
+    }
 }
 
 struct Resolver<'a> {
@@ -446,6 +455,10 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         .cloned()
         .collect();
 
+    let child_output = ChildOutput {
+        logged: child_output_logged,
+        secrets: secrets_in(&extra_args).into(),
+    };
     Ok(Config {
         data_dir,
         target,
@@ -467,7 +480,7 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         stop_grace,
         backup_retention,
         log_format,
-        child_output_logged,
+        child_output,
         child_env,
     })
 }

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::etcd::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::fsutil::{self, FsError};
+use crate::layout::{member_of, Layout};
 use crate::plan::DataFacts;
-use crate::progress::{self, ProgressError, JOURNAL_FILE, VERSION_FILE};
+use crate::progress::{self, ProgressError};
 use crate::storage::walinfo::MemberSummary;
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
@@ -110,9 +110,9 @@ fn is_legacy_v2(dir: &Path, top: &[String]) -> Result<bool, DataDirError> {
     {
         return Ok(false);
     }
-    let member = dir.join("member");
+    let member = member_of(dir);
     let wal = member.join("wal");
-    if !wal.is_dir() || member.join("snap/db").exists() {
+    if !wal.is_dir() || crate::layout::backend_of(dir).exists() {
         return Ok(false);
     }
     let wals = list(&wal)?;
@@ -157,8 +157,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, DataDirError> {
     }
     let top = list(path)?;
     let recorded = progress::read_version(path)?;
-    let member = path.join("member");
-    let has_member = member.is_dir();
+    let has_member = member_of(path).is_dir();
     let on_disk = match recorded {
         Some(version) => {
             check_consistent(path, version, has_member)?;
@@ -194,10 +193,10 @@ fn check_consistent(path: &Path, v: VersionFile, has_member: bool) -> Result<(),
             why,
         })
     };
-    if !path.join("member/wal").is_dir() {
+    if !member_of(path).join("wal").is_dir() {
         return inconsistent("member/wal is missing");
     }
-    let has_db = path.join("member/snap/db").is_file();
+    let has_db = crate::layout::backend_of(path).is_file();
     match (v.storage, v.version.major) {
         (Storage::Etcd3, _) if !has_db => inconsistent("there is no v3 backend (member/snap/db)"),
         (Storage::Etcd2, 0..=2) if has_db => {
@@ -298,9 +297,8 @@ impl std::fmt::Display for UnappliedWrites {
 pub fn unapplied_writes(
     summary: &MemberSummary,
     db: &crate::storage::bbolt::Db,
-) -> Result<Option<UnappliedWrites>, String> {
-    let applied = crate::storage::mvcc::store_meta(db)
-        .map_err(|e| e.to_string())?
+) -> Result<Option<UnappliedWrites>, crate::storage::mvcc::MvccError> {
+    let applied = crate::storage::mvcc::store_meta(db)?
         .consistent_index
         .unwrap_or(0);
     Ok(summary
@@ -312,37 +310,10 @@ pub fn unapplied_writes(
         }))
 }
 
-/// Fingerprint of an etcd3 member's keys read offline from its backend, when the backend is
-/// complete: it has applied every WAL entry that can change keys (a clean shutdown). After an
-/// unclean one, etcd replays WAL entries the backend lacks, so an offline read would be stale.
-pub fn offline_fingerprint(member: &Path) -> Result<Fingerprint, String> {
-    use crate::storage::{bbolt::Db, mvcc};
-    let summary = member_summary(member).map_err(|e| e.to_string())?;
-    let db = Db::open(member.join("snap/db")).map_err(|e| e.to_string())?;
-    if let Some(lag) = unapplied_writes(&summary, &db)? {
-        return Err(lag.to_string());
-    }
-    let index = mvcc::LiveIndex::build(&db).map_err(|e| e.to_string())?;
-    let mut b = FingerprintBuilder::default();
-    index
-        .for_each(&db, |kv| {
-            b.add(
-                &kv.key,
-                &kv.value,
-                kv.create_revision,
-                kv.mod_revision,
-                kv.lease != 0,
-            );
-            Ok::<(), mvcc::MvccError>(())
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(b.finish())
-}
-
 /// An etcd (or anything) holds a lock on the member's files: the dir is in use.
 pub fn in_use_by(path: &Path) -> Option<String> {
-    let member = path.join("member");
-    let db = member.join("snap/db");
+    let member = member_of(path);
+    let db = crate::layout::backend_of(path);
     if locked_flock(&db) {
         return Some(format!(
             "{} is locked (an etcd 3.x is running on it)",
@@ -422,20 +393,6 @@ fn locked_ofd(p: &Path) -> bool {
     }
 }
 
-/// The work area beside the data dir: lock, staging, captures. Stable across swaps of the data dir.
-pub fn work_dir(data_dir: &Path) -> PathBuf {
-    sibling(data_dir, "etcd-migrate")
-}
-
-/// `<parent>/<name>.<suffix>`.
-pub fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
-    let name = data_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "data".into());
-    data_dir.with_file_name(format!("{name}.{suffix}"))
-}
-
 /// Exclusive lock on a data dir for a whole run.
 #[derive(Debug)]
 pub struct RunLock {
@@ -453,10 +410,9 @@ pub struct Busy {
 }
 
 /// Takes the run lock or says who holds it.
-pub fn lock(data_dir: &Path, what: &str) -> Result<Result<RunLock, Busy>, FsError> {
-    let work = work_dir(data_dir);
-    fsutil::create_dir_mode(&work, 0o700)?;
-    let path = work.join("lock");
+pub fn lock(layout: &Layout, what: &str) -> Result<Result<RunLock, Busy>, FsError> {
+    fsutil::create_dir_mode(&layout.work_dir(), 0o700)?;
+    let path = layout.lock();
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -480,7 +436,7 @@ pub fn lock(data_dir: &Path, what: &str) -> Result<Result<RunLock, Busy>, FsErro
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             Ok(Err(Busy {
-                data_dir: data_dir.to_path_buf(),
+                data_dir: layout.data_dir().to_path_buf(),
                 lock: path,
                 holder: holder.trim().to_string(),
             }))
@@ -489,8 +445,8 @@ pub fn lock(data_dir: &Path, what: &str) -> Result<Result<RunLock, Busy>, FsErro
 }
 
 /// Who holds the lock now, if anyone (for `status`).
-pub fn lock_holder(data_dir: &Path) -> Option<String> {
-    let path = work_dir(data_dir).join("lock");
+pub fn lock_holder(layout: &Layout) -> Option<String> {
+    let path = layout.lock();
     let mut file = File::open(&path).ok()?;
     if file.try_lock_shared().is_ok() {
         return None;
@@ -498,11 +454,6 @@ pub fn lock_holder(data_dir: &Path) -> Option<String> {
     let mut s = String::new();
     file.read_to_string(&mut s).ok()?;
     Some(s.trim().to_string())
-}
-
-/// Top-level entries a data dir may hold besides `member`: ours.
-pub fn our_files() -> [&'static str; 2] {
-    [VERSION_FILE, JOURNAL_FILE]
 }
 
 #[cfg(test)]
@@ -569,7 +520,7 @@ mod tests {
     #[test]
     fn version_txt_without_member_is_a_recorded_fresh_dir() {
         let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join(VERSION_FILE), "3.5.1/etcd3\n").unwrap();
+        fs::write(d.path().join(crate::layout::VERSION_FILE), "3.5.1/etcd3\n").unwrap();
         assert_eq!(
             inspect(d.path()).unwrap().on_disk,
             OnDisk::Recorded {
@@ -583,7 +534,7 @@ mod tests {
     fn version_txt_that_contradicts_the_files_is_refused() {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir_all(d.path().join("member/wal")).unwrap();
-        fs::write(d.path().join(VERSION_FILE), "3.4.23/etcd3\n").unwrap();
+        fs::write(d.path().join(crate::layout::VERSION_FILE), "3.4.23/etcd3\n").unwrap();
         let e = inspect(d.path()).unwrap_err().to_string();
         assert!(e.contains("no v3 backend"), "{e}");
     }
@@ -591,7 +542,7 @@ mod tests {
     #[test]
     fn lock_is_exclusive_and_names_its_holder() {
         let d = tempfile::tempdir().unwrap();
-        let data = d.path().join("data");
+        let data = Layout::new(d.path().join("data"));
         let first = lock(&data, "migrate").unwrap().unwrap();
         let second = lock(&data, "migrate").unwrap().unwrap_err();
         assert!(

@@ -8,6 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::layout::parent_of;
+
 use thiserror::Error;
 
 /// A filesystem operation that failed, with the path it failed on.
@@ -60,30 +62,32 @@ pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
     f.sync_all().map_err(FsError::io("fsync dir", dir))
 }
 
-fn parent_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
+/// The temp file a durable write of `path` goes through: beside it, named after it and us.
+fn temp_beside(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent_of(path).join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn create_temp(tmp: &Path, mode: u32) -> Result<File, FsError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(tmp)
+        .map_err(FsError::io("create", tmp))
 }
 
 /// Writes `bytes` to `path` atomically and durably: a crash leaves the old content or the new,
 /// never an empty or partial file.
 pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
     let dir = parent_of(path);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temp_beside(path);
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(FsError::io("create", &tmp))?;
+        let mut f = create_temp(&tmp, mode)?;
         f.write_all(bytes).map_err(FsError::io("write", &tmp))?;
         fail::fail_point!("write-durable-before-fsync", |_| Err(injected(&tmp)));
         f.sync_all().map_err(FsError::io("fsync", &tmp))?;
@@ -97,6 +101,64 @@ pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// A file written in pieces and made durable at the end by the recipe of [`write_durable`]:
+/// a temp file in the same dir, fsync, rename over, fsync the dir. Dropped uncommitted, the
+/// temp file goes away and `path` is as it was.
+pub struct DurableWriter {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: Option<std::io::BufWriter<File>>,
+}
+
+impl DurableWriter {
+    pub fn create(path: &Path, mode: u32) -> Result<DurableWriter, FsError> {
+        let tmp = temp_beside(path);
+        let f = create_temp(&tmp, mode)?;
+        Ok(DurableWriter {
+            tmp,
+            path: path.to_path_buf(),
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, f)),
+        })
+    }
+
+    /// Where the file goes when committed.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), FsError> {
+        match self.file.as_mut() {
+            Some(f) => f.write_all(bytes).map_err(FsError::io("write", &self.tmp)),
+            None => Err(FsError::io("write", &self.tmp)(std::io::Error::other(
+                "already committed",
+            ))),
+        }
+    }
+
+    /// Flushes, fsyncs and renames the file into place, then fsyncs its dir.
+    pub fn commit(mut self) -> Result<(), FsError> {
+        let Some(f) = self.file.take() else {
+            return Ok(());
+        };
+        let f = f
+            .into_inner()
+            .map_err(|e| FsError::io("write", &self.tmp)(e.into_error()))?;
+        f.sync_all().map_err(FsError::io("fsync", &self.tmp))?;
+        drop(f);
+        fs::rename(&self.tmp, &self.path).map_err(FsError::io("rename", &self.path))?;
+        fsync_dir(parent_of(&self.path))
+    }
+}
+
+impl Drop for DurableWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Removes temp files that `write_durable` of another (crashed) process left in `dir`:

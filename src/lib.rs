@@ -1,13 +1,22 @@
 //! etcd-migrate: brings an etcd data directory to the version a manifest asks for.
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod datadir;
 pub mod etcd;
+pub mod executor;
 pub mod failpoints;
+pub mod fingerprint;
+pub mod flags;
 pub mod fsutil;
+pub mod layout;
+pub mod meter;
 pub mod plan;
 pub mod progress;
+pub mod release;
+pub mod report;
 pub mod run;
+pub mod staging;
 pub mod steps;
 pub mod storage;
 pub mod version;

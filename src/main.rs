@@ -6,7 +6,9 @@ use clap::Parser;
 
 use etcd_migrate::cli::{Cli, Command};
 use etcd_migrate::config::{self, Env, LogFormat};
-use etcd_migrate::run::{self, RealEtcd, RunError};
+use etcd_migrate::executor::RealEtcd;
+use etcd_migrate::run::{self, Mode, RunError};
+use etcd_migrate::{backup, report};
 
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
@@ -36,15 +38,19 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    etcd_migrate::etcd::process::quiet_children(!config.child_output_logged);
-    etcd_migrate::etcd::process::redact_values_of(&config.extra_args);
     etcd_migrate::failpoints::setup();
     let result: Result<(), RunError> = match &command {
-        Command::Plan { output } => run::print_plan(&config, *output),
-        Command::Status { output } => run::print_status(&config, *output),
-        Command::Restore { backup } => block_on(run::restore(&config, backup)),
-        Command::Migrate => block_on(run::migrate(&config, &mut RealEtcd, "migrate")).map(|_| ()),
-        Command::Run { etcd_args } => match block_on(run::migrate(&config, &mut RealEtcd, "run")) {
+        Command::Plan { output } => report::print_plan(&config, *output),
+        Command::Status { output } => report::print_status(&config, *output),
+        Command::Restore { backup } => {
+            block_on(backup::restore(&config.layout(), backup)).map_err(RunError::from)
+        }
+        Command::Migrate => {
+            block_on(run::migrate(&config, &mut RealEtcd, Mode::Migrate)).map(|_| ())
+        }
+        Command::Run { etcd_args } => match check_exec_flags(&config, etcd_args)
+            .and_then(|_| block_on(run::migrate(&config, &mut RealEtcd, Mode::Run)))
+        {
             Ok(target) => Err(run::exec_etcd(&config, &config.bin_dir, target, etcd_args)),
             Err(e) => Err(e),
         },
@@ -56,6 +62,22 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// `run` ends in exec etcd-<target> with the pod's flags: a flag that release lacks is refused
+/// before any step, not met as a crash loop after the migration.
+fn check_exec_flags(
+    config: &config::Config,
+    etcd_args: &[std::ffi::OsString],
+) -> Result<(), RunError> {
+    let Some(target) = config.target else {
+        return Ok(());
+    };
+    let args: Vec<String> = etcd_args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    run::check_flags_known(target.version, &args, "the etcd flags after `run --`")
 }
 
 /// One thread: children are spawned from the main thread, so their parent-death signal fires

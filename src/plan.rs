@@ -1,11 +1,16 @@
 //! The planner: a pure function from (what is on disk, what is wanted, what is bundled)
-//! to the steps that get there. No I/O; imports only `version`.
+//! to the steps that get there. No I/O; imports only `version` and `release`.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
 use thiserror::Error;
 
+pub use crate::release::BundledVersions;
+use crate::release::{
+    has_etcdctl_migrate, storage_servable, Release, Tool, ADVISED_35_BEFORE_36, KNOWN_BAD,
+    LAST_MINOR_OF_MAJOR, LEAVE_MINOR_FROM, NEWEST_KNOWN_MINOR,
+};
 use crate::version::{EtcdVersion, Minor, Storage, VersionFile};
 
 /// The only etcd2 release a native rollback writes.
@@ -16,57 +21,6 @@ pub const SUPPORTED_PATHS: &str =
     "supported paths: upgrade one minor at a time (e.g. 2.2.1 -> 2.3.x -> 3.0.x -> ... -> 3.5.x), \
 patch changes within a minor, etcd2 -> etcd3 storage at a 3.0-3.4 release, \
 rollback 3.N/etcd3 -> 3.N-1/etcd3 one minor at a time, and rollback 3.0.x/etcd3 -> 2.2.1/etcd2";
-
-/// Last minor of each past major line: the way from major N to N+1 passes through it.
-const LAST_MINOR_OF_MAJOR: &[(u32, u32)] = &[(2, 3)];
-
-/// Releases known to be unsafe, with the advice given when a plan runs one.
-const KNOWN_BAD: &[(EtcdVersion, EtcdVersion, &str)] = &[(
-    EtcdVersion::new(3, 5, 0),
-    EtcdVersion::new(3, 5, 2),
-    "etcd 3.5.0-3.5.2 can lose data consistency when a member crashes under load (etcd-io/etcd#13766); use 3.5.3 or later",
-)];
-
-/// The etcd releases whose `etcd-<ver>` binary is in the bin dir.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BundledVersions(BTreeSet<EtcdVersion>);
-
-impl BundledVersions {
-    pub fn new(versions: impl IntoIterator<Item = EtcdVersion>) -> Self {
-        BundledVersions(versions.into_iter().collect())
-    }
-    pub fn contains(&self, v: EtcdVersion) -> bool {
-        self.0.contains(&v)
-    }
-    /// The newest bundled patch release of a minor line.
-    pub fn newest_of(&self, m: Minor) -> Option<EtcdVersion> {
-        self.0.iter().rev().find(|v| v.minor_line() == m).copied()
-    }
-    /// Bundled patches of a minor line other than `chosen`, oldest first.
-    fn others_of(&self, m: Minor, chosen: EtcdVersion) -> Vec<EtcdVersion> {
-        self.0
-            .iter()
-            .filter(|v| v.minor_line() == m && **v != chosen)
-            .copied()
-            .collect()
-    }
-    pub fn iter(&self) -> impl Iterator<Item = EtcdVersion> + '_ {
-        self.0.iter().copied()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Display for BundledVersions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            return f.write_str("none");
-        }
-        let list: Vec<String> = self.0.iter().map(|v| v.to_string()).collect();
-        f.write_str(&list.join(" "))
-    }
-}
 
 /// What the planner knows about the data dir besides version.txt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +108,23 @@ impl Step {
         !matches!(self, Step::Upgrade { .. })
     }
 
+    /// The binaries the step runs, and why: what must be bundled before it may start.
+    pub fn tools(&self) -> Vec<(Tool, EtcdVersion, String)> {
+        let why = self.to_string();
+        let list = match *self {
+            Step::Upgrade { to, .. } => vec![(Tool::Etcd, to.version)],
+            Step::MigrateStorage { at, .. } => vec![(Tool::Etcd, at), (Tool::Etcdctl, at)],
+            Step::MinorRollback { from, to } => vec![
+                (Tool::Etcd, from),
+                (Tool::Etcdctl, from),
+                (Release::new(to).restore_binary(), to),
+                (Tool::Etcd, to),
+            ],
+            Step::RollbackToEtcd2 { .. } => vec![],
+        };
+        list.into_iter().map(|(t, v)| (t, v, why.clone())).collect()
+    }
+
     /// Short kind name for logs and the journal.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -231,6 +202,8 @@ pub enum Note {
         version: EtcdVersion,
         advice: &'static str,
     },
+    /// The plan leaves 3.5 for 3.6 from a patch older than etcd's guide asks for today.
+    Below35Advice { version: EtcdVersion },
 }
 
 impl fmt::Display for Note {
@@ -251,6 +224,11 @@ impl fmt::Display for Note {
             Note::KnownBad { version, advice } => {
                 write!(f, "etcd {version} is a known-bad release: {advice}")
             }
+            Note::Below35Advice { version } => write!(
+                f,
+                "this plan leaves 3.5 for 3.6 from {version}; etcd's 3.6 upgrade guide asks for {ADVISED_35_BEFORE_36} or \
+                 later (3.5.24, 3.5.26 and 3.5.32 each fixed a way the 3.6 upgrade can fail): bundle a newer 3.5 if you can"
+            ),
         }
     }
 }
@@ -298,6 +276,33 @@ pub enum PlanError {
          is available; bundle one, or target a version at most 3.4 first"
     )]
     NoStorageMigrationRelease { from: VersionFile, to: VersionFile },
+    #[error(
+        "{from} -> {to}: a member must run etcd {min} or later before {} ({why}), and no such {} is bundled \
+         (bundled: {bundled}); add an etcd-{} of at least {min} (with its etcdctl and etcdutl) to the bin dir",
+        to.minor_line(), min.minor_line(), min.minor_line()
+    )]
+    PatchTooOld {
+        from: EtcdVersion,
+        to: EtcdVersion,
+        min: EtcdVersion,
+        why: &'static str,
+        bundled: BundledVersions,
+    },
+    #[error(
+        "{from} -> {to}: etcd-migrate does not roll back from etcd 3.6 or later. etcd documents one way down from 3.6, \
+         online, with every member running: `etcdctl downgrade validate {to_minor}`, `etcdctl downgrade enable {to_minor}`, \
+         then replace each member's etcd with {to_minor} one at a time (README: \"Rolling back from 3.6\")"
+    )]
+    RollbackFrom36 {
+        from: VersionFile,
+        to: VersionFile,
+        to_minor: Minor,
+    },
+    #[error(
+        "etcd {version} is newer than any release etcd-migrate knows (up to {NEWEST_KNOWN_MINOR}): its flags and data \
+         rules are not in its release table; use a release of {NEWEST_KNOWN_MINOR} or older, or a newer etcd-migrate"
+    )]
+    UnknownRelease { version: EtcdVersion },
     #[error("{from} -> {to} is not supported; {SUPPORTED_PATHS}")]
     Unsupported { from: VersionFile, to: VersionFile },
     #[error(
@@ -305,22 +310,6 @@ pub enum PlanError {
          shrink the cluster to one member (etcdctl member remove), migrate it, then add the others back as new members"
     )]
     MultiMember { members: usize, step: String },
-}
-
-/// Whether a release can serve data kept in this storage.
-pub fn storage_servable(v: EtcdVersion, s: Storage) -> Result<(), &'static str> {
-    match (s, v.major) {
-        (Storage::Etcd3, 0..=2) => Err("etcd3 storage needs etcd 3.0 or later"),
-        (Storage::Etcd2, 3) if v.minor >= 6 => Err("the v2 store was removed in etcd 3.6"),
-        (Storage::Etcd2, 0..=3) => Ok(()),
-        (Storage::Etcd2, _) => Err("the v2 store was removed in etcd 3.6"),
-        (Storage::Etcd3, _) => Ok(()),
-    }
-}
-
-/// Releases whose etcdctl has `migrate` (etcd2 -> etcd3, offline).
-pub fn has_etcdctl_migrate(v: EtcdVersion) -> bool {
-    v.major == 3 && v.minor <= 4
 }
 
 /// The minor lines strictly after `from` up to and including `to`, in upgrade order. A major
@@ -365,6 +354,11 @@ pub fn plan(
             why,
         }
     })?;
+    if target.version.minor_line() > NEWEST_KNOWN_MINOR {
+        return Err(PlanError::UnknownRelease {
+            version: target.version,
+        });
+    }
     let steps = if current == target {
         Vec::new()
     } else if target.version.minor_line() < current.version.minor_line() {
@@ -433,7 +427,46 @@ fn forward_versions(
     if target != current {
         versions.push(target);
     }
+    for &(min, why) in LEAVE_MINOR_FROM {
+        leave_minor_from(current, &mut versions, bundled, min, why)?;
+    }
     Ok(versions)
+}
+
+/// Makes the release run just before the first one past `min`'s minor a patch of at least
+/// `min`: the newest bundled one, added as a patch step when the data is at an older patch.
+fn leave_minor_from(
+    current: EtcdVersion,
+    versions: &mut Vec<EtcdVersion>,
+    bundled: &BundledVersions,
+    min: EtcdVersion,
+    why: &'static str,
+) -> Result<(), PlanError> {
+    let minor = min.minor_line();
+    let Some(i) = versions.iter().position(|v| v.minor_line() > minor) else {
+        return Ok(());
+    };
+    let before = if i == 0 { current } else { versions[i - 1] };
+    if before.minor_line() != minor || before >= min {
+        return Ok(());
+    }
+    let to = versions[i];
+    let newest = bundled
+        .newest_of(minor)
+        .filter(|v| *v >= min)
+        .ok_or_else(|| PlanError::PatchTooOld {
+            from: before,
+            to,
+            min,
+            why,
+            bundled: bundled.clone(),
+        })?;
+    if i == 0 {
+        versions.insert(0, newest);
+    } else {
+        versions[i - 1] = newest;
+    }
+    Ok(())
 }
 
 fn plan_forward(
@@ -566,6 +599,14 @@ fn plan_rollback(
     if current.storage != Storage::Etcd3 || current.version.major != 3 {
         return Err(unsupported());
     }
+    if current.version.minor_line() >= Minor::new(3, 6) {
+        // etcd downgrades one minor at a time.
+        return Err(PlanError::RollbackFrom36 {
+            from: current,
+            to: target,
+            to_minor: Minor::new(3, current.version.minor - 1),
+        });
+    }
     let to_etcd2 = match (target.storage, target.version) {
         (Storage::Etcd2, v) if v == ROLLBACK_ETCD2_VERSION => true,
         (Storage::Etcd3, v) if v.major == 3 => false,
@@ -634,6 +675,17 @@ fn notes_for(current: VersionFile, steps: &[Step], bundled: &BundledVersions) ->
                 skipped,
             });
         }
+    }
+    let mut at = current.version;
+    for s in steps {
+        let v = s.runs();
+        if at.minor_line() == Minor::new(3, 5)
+            && v.minor_line() > at.minor_line()
+            && at < ADVISED_35_BEFORE_36
+        {
+            notes.push(Note::Below35Advice { version: at });
+        }
+        at = s.outcome().version;
     }
     let mut bad_seen = BTreeSet::new();
     for s in steps {

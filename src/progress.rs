@@ -12,12 +12,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::fsutil::{self, FsError};
+use crate::layout::{Layout, JOURNAL_FILE, VERSION_FILE};
 use crate::version::{ParseError, VersionFile};
-
-/// The file the image contract revolves around.
-pub const VERSION_FILE: &str = "version.txt";
-/// One JSON object per line: what each run did, for `status` and for people.
-pub const JOURNAL_FILE: &str = "etcd-migrate.journal";
 
 /// Reading or writing progress failed.
 #[derive(Debug, Error)]
@@ -29,6 +25,20 @@ pub enum ProgressError {
          data (e.g. 3.0.17/etcd3); fix it by hand, nothing was changed"
     )]
     Garbage { path: PathBuf, content: String },
+    /// A record could not be encoded: nothing was written (never an empty file).
+    #[error("cannot encode the record for {path}: {source}")]
+    Encode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// `value` as JSON, or the error that names where it was going.
+pub fn encode(value: &impl Serialize, path: &Path) -> Result<Vec<u8>, ProgressError> {
+    serde_json::to_vec(value).map_err(|source| ProgressError::Encode {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads `<dir>/version.txt`: `Ok(None)` when there is none.
@@ -60,7 +70,7 @@ pub fn record(dir: &Path, vf: VersionFile) -> Result<(), ProgressError> {
     Ok(())
 }
 
-/// One line of the journal.
+/// One line of the journal (built by the constructors below, one per kind of event).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JournalEntry {
     /// UTC time, RFC 3339.
@@ -82,10 +92,87 @@ pub struct JournalEntry {
     pub detail: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Free-form journal details.
+pub type Detail = serde_json::Map<String, serde_json::Value>;
+
+impl JournalEntry {
+    fn new(event: &str, from: String, to: String, elapsed_ms: u64, detail: Detail) -> Self {
+        JournalEntry {
+            at: now_rfc3339(),
+            event: event.into(),
+            kind: None,
+            from,
+            to,
+            elapsed_ms,
+            keys: None,
+            detail,
+        }
+    }
+
+    /// A completed step of kind `kind`.
+    pub fn step(
+        kind: &str,
+        from: VersionFile,
+        to: VersionFile,
+        elapsed_ms: u64,
+        keys: Option<u64>,
+        detail: Detail,
+    ) -> Self {
+        JournalEntry {
+            kind: Some(kind.into()),
+            keys,
+            ..Self::new("step", from.to_string(), to.to_string(), elapsed_ms, detail)
+        }
+    }
+
+    /// A fresh data dir recorded at `to` (`from`: what version.txt said, if anything).
+    pub fn fresh(from: Option<VersionFile>, to: VersionFile) -> Self {
+        JournalEntry {
+            keys: Some(0),
+            ..Self::new("fresh", or_none(from), to.to_string(), 0, Detail::new())
+        }
+    }
+
+    /// A backup of data at `recorded`, taken to `path`.
+    pub fn backup(recorded: VersionFile, path: &Path) -> Self {
+        let mut detail = Detail::new();
+        detail.insert("path".into(), path.display().to_string().into());
+        Self::new(
+            "backup",
+            recorded.to_string(),
+            recorded.to_string(),
+            0,
+            detail,
+        )
+    }
+
+    /// Backup `backup` put back as the data (at `to`); the data that was there (at `from`) is
+    /// kept as `previous`.
+    pub fn restore(
+        from: Option<VersionFile>,
+        to: VersionFile,
+        elapsed_ms: u64,
+        backup: &Path,
+        previous: &Path,
+    ) -> Self {
+        let mut detail = Detail::new();
+        detail.insert("backup".into(), backup.display().to_string().into());
+        detail.insert(
+            "previous_data".into(),
+            previous.display().to_string().into(),
+        );
+        Self::new("restore", or_none(from), to.to_string(), elapsed_ms, detail)
+    }
+}
+
+fn or_none(v: Option<VersionFile>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "none".into())
+}
+
 /// Appends an entry to `<dir>/etcd-migrate.journal` and fsyncs it.
 pub fn append_journal(dir: &Path, entry: &JournalEntry) -> Result<(), ProgressError> {
     let path = dir.join(JOURNAL_FILE);
-    let mut line = serde_json::to_vec(entry).unwrap_or_default();
+    let mut line = encode(entry, &path)?;
     line.push(b'\n');
     let mut f = OpenOptions::new()
         .create(true)
@@ -110,9 +197,6 @@ pub fn read_journal(dir: &Path, n: usize) -> Vec<JournalEntry> {
     all[all.len().saturating_sub(n)..].to_vec()
 }
 
-/// Name of the in-place intent in the work area.
-pub const IN_PLACE_FILE: &str = "in-place.json";
-
 #[derive(Serialize, Deserialize)]
 struct InPlace {
     from: String,
@@ -124,7 +208,7 @@ struct InPlace {
 /// it: a crash or failure from here must not be taken for "still at the old version". Kept in
 /// the work area so that a failed step leaves the data dir untouched.
 pub fn begin_in_place(
-    work: &Path,
+    layout: &Layout,
     from: VersionFile,
     to: VersionFile,
 ) -> Result<(), ProgressError> {
@@ -133,26 +217,23 @@ pub fn begin_in_place(
         to: to.to_string(),
         at: now_rfc3339(),
     };
-    fsutil::create_dir_mode(work, 0o700)?;
-    fsutil::write_durable(
-        &work.join(IN_PLACE_FILE),
-        &serde_json::to_vec(&rec).unwrap_or_default(),
-        0o600,
-    )?;
+    let path = layout.in_place_marker();
+    fsutil::create_dir_mode(&layout.work_dir(), 0o700)?;
+    fsutil::write_durable(&path, &encode(&rec, &path)?, 0o600)?;
     Ok(())
 }
 
 /// The in-place upgrade is recorded in version.txt: the intent is done.
-pub fn end_in_place(work: &Path) -> Result<(), ProgressError> {
-    fsutil::remove_tree(&work.join(IN_PLACE_FILE))?;
+pub fn end_in_place(layout: &Layout) -> Result<(), ProgressError> {
+    fsutil::remove_tree(&layout.in_place_marker())?;
     Ok(())
 }
 
 /// An in-place upgrade that began and did not finish, as (from, to, when): the release `to`
 /// may already have written the data (e.g. raised the cluster version), so it is finished before
 /// anything else.
-pub fn interrupted_upgrade(work: &Path) -> Option<(VersionFile, VersionFile, String)> {
-    let rec: InPlace = serde_json::from_slice(&fs::read(work.join(IN_PLACE_FILE)).ok()?).ok()?;
+pub fn interrupted_upgrade(layout: &Layout) -> Option<(VersionFile, VersionFile, String)> {
+    let rec: InPlace = serde_json::from_slice(&fs::read(layout.in_place_marker()).ok()?).ok()?;
     Some((rec.from.parse().ok()?, rec.to.parse().ok()?, rec.at))
 }
 
@@ -198,17 +279,13 @@ mod tests {
     #[test]
     fn journal_keeps_the_last_entries_and_skips_torn_lines() {
         let d = tempfile::tempdir().unwrap();
-        for i in 0..5 {
-            let e = JournalEntry {
-                at: now_rfc3339(),
-                event: "step".into(),
-                kind: Some("upgrade".into()),
-                from: format!("3.{i}.0/etcd3"),
-                to: format!("3.{}.0/etcd3", i + 1),
-                elapsed_ms: i,
-                keys: Some(10),
-                detail: Default::default(),
+        for i in 0..5u32 {
+            let v = |m: u32| crate::version::VersionFile {
+                version: crate::version::EtcdVersion::new(3, m, 0),
+                storage: crate::version::Storage::Etcd3,
             };
+            let e =
+                JournalEntry::step("upgrade", v(i), v(i + 1), i.into(), Some(10), Detail::new());
             append_journal(d.path(), &e).unwrap();
         }
         let mut f = OpenOptions::new()

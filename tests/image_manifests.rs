@@ -59,14 +59,33 @@ fn semver_key(v: &str) -> Vec<u32> {
     v.split('.').map(|p| p.parse().unwrap()).collect()
 }
 
-/// A line of images/etcd/versions ("official" or "local").
+/// A line of images/etcd/versions ("official" or "local"). In the local line, `debian-3.5`
+/// stands for the newest etcd 3.5 Debian ships, which `make bundle` fetched and recorded.
 fn versions_line(which: &str) -> Vec<String> {
     let text = fs::read_to_string(repo().join("images/etcd/versions")).unwrap();
     let line = text
         .lines()
         .find(|l| l.split_whitespace().next() == Some(which))
         .unwrap_or_else(|| panic!("images/etcd/versions has no {which} line"));
-    line.split_whitespace().skip(1).map(String::from).collect()
+    line.split_whitespace()
+        .skip(1)
+        .map(|v| match v {
+            "debian-3.5" => debian_35(),
+            v => v.to_string(),
+        })
+        .collect()
+}
+
+/// The etcd 3.5 the image tests step to: the newest in the bundle (Debian's).
+fn new35() -> String {
+    newest_35()
+}
+
+/// The version of Debian's etcd 3.5 in the bundle, as `make bundle` recorded it.
+fn debian_35() -> String {
+    let rec = fs::read_to_string(bundle().join(".debian-etcd-3.5"))
+        .expect("the bundle does not say which etcd 3.5 Debian shipped: run `make bundle`");
+    rec.split_whitespace().next().unwrap().to_string()
 }
 
 /// The image rootfs, made once per test run by scripts/rootfs.sh (what `make rootfs` runs), with
@@ -387,6 +406,29 @@ fn dockerfile_versions_match_the_version_list_and_the_bundle() {
         .collect();
     assert_eq!(official, versions_line("official"));
     assert_eq!(etcd_versions_in(&bundle()), versions_line("local"));
+    // The image ships the 3.5 that the tests prove: Debian's newest.
+    let newest_35 = |list: &[String]| {
+        list.iter()
+            .rfind(|v| v.starts_with("3.5."))
+            .cloned()
+            .unwrap()
+    };
+    let (ours, debian) = (newest_35(&official), newest_35(&versions_line("local")));
+    assert!(
+        semver_key(&ours) >= semver_key("3.5.20"),
+        "the image's 3.5 is {ours}: 3.5 -> 3.6 needs 3.5.20 or later first"
+    );
+    if ours != debian {
+        assert!(
+            semver_key(&debian) > semver_key(&ours),
+            "the image's official 3.5 is {ours}, newer than any the tests run ({debian}): the image would \
+             ship a release no test here has run"
+        );
+        eprintln!(
+            "note: Debian now ships etcd {debian}, the image's official list has {ours}: update the official \
+             line of images/etcd/versions and the Dockerfile's ETCD_VERSIONS once {debian} is released upstream"
+        );
+    }
     assert_eq!(args.get("PARTS").map(String::as_str), Some("official"));
     // Every minor of the official list is needed (no duplicates) and sorted.
     let mut sorted = official.clone();
@@ -1326,20 +1368,24 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
     assert_eq!(before.len(), n);
     assert!(before.values().any(|kv| kv.lease != 0));
 
-    // (2) TARGET_VERSION 3.4.23 -> 3.5.1, re-render, restart the pod: upgraded, every key served.
-    s.set("TARGET_VERSION", "3.5.1");
+    // (2) TARGET_VERSION 3.4.23 -> the newest 3.5, re-render, restart the pod: upgraded, every key served.
+    s.set("TARGET_VERSION", &new35());
     s.render(&manifests);
     assert_eq!(
         env_of(&load_pod(&manifests.join("etcd.manifest")))["TARGET_VERSION"],
-        "3.5.1"
+        new35()
     );
     p.stop();
     let (pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
-    assert_eq!(served_version(&mut c).await, "3.5.1");
-    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_eq!(served_version(&mut c).await, new35());
+    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
     assert_same_keys(&before, &dump(&mut c).await, "after the upgrade");
-    assert!(liveness_probe_passes(&pod), "liveness probe fails on 3.5.1");
+    assert!(
+        liveness_probe_passes(&pod),
+        "liveness probe fails on {}",
+        new35()
+    );
     c.put("/registry/pods/default/after-upgrade", "{}", None)
         .await
         .unwrap();
@@ -1354,7 +1400,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
     assert_eq!(served_version(&mut c).await, "3.4.23");
     assert_eq!(version_txt(&data), "3.4.23/etcd3");
     assert_same_keys(&before, &dump(&mut c).await, "after the rollback");
-    // The rollback kept a backup of the 3.5.1 data, listed by status.
+    // The rollback kept a backup of the the newest 3.5 data, listed by status.
     let status = run_ok(
         Command::new(rootfs().join("usr/local/bin/etcd-migrate"))
             .args(["status", "--output", "json", "--data-dir"])
@@ -1369,7 +1415,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
         .iter()
         .map(|b| b["version"].as_str().unwrap().to_string())
         .collect();
-    assert!(backups.contains(&"3.5.1/etcd3".to_string()), "{status}");
+    assert!(backups.contains(&format!("{}/etcd3", new35())), "{status}");
     let kinds: Vec<&str> = status["last_steps"]
         .as_array()
         .unwrap()
@@ -1379,13 +1425,13 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
     assert_eq!(kinds.last(), Some(&"minor-rollback"), "{status}");
 
     // ... and forward again.
-    s.set("TARGET_VERSION", "3.5.1");
+    s.set("TARGET_VERSION", &new35());
     s.render(&manifests);
     p.stop();
     let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
-    assert_eq!(served_version(&mut c).await, "3.5.1");
-    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_eq!(served_version(&mut c).await, new35());
+    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
     assert_same_keys(&before, &dump(&mut c).await, "forward again");
     drop(c);
 
@@ -1395,7 +1441,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["version"] == "3.5.1/etcd3")
+        .find(|b| b["version"] == format!("{}/etcd3", new35()))
         .map(|b| PathBuf::from(b["path"].as_str().unwrap()))
         .unwrap();
     p.stop();
@@ -1408,10 +1454,10 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
             .env_clear(),
         "restore",
     );
-    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
     let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
-    assert_eq!(served_version(&mut c).await, "3.5.1");
+    assert_eq!(served_version(&mut c).await, new35());
     assert_same_keys(&before, &dump(&mut c).await, "restored from the backup");
     p.stop();
 }
@@ -1470,7 +1516,7 @@ async fn etcd_and_etcd_events_run_side_by_side_and_upgrade_together() {
     assert!(!befores[1].contains_key(&b"/registry/only-in/etcd"[..]));
 
     // Both upgrade at the same time, each on its own private migrate port.
-    s.set("TARGET_VERSION", "3.5.1");
+    s.set("TARGET_VERSION", &new35());
     s.render(&manifests);
     for (_, p) in running.iter_mut() {
         p.stop();
@@ -1485,8 +1531,12 @@ async fn etcd_and_etcd_events_run_side_by_side_and_upgrade_together() {
     }
     for (i, (name, _, _, dir)) in pods.iter().enumerate() {
         let mut c = running[i].1.wait_serving().await;
-        assert_eq!(served_version(&mut c).await, "3.5.1", "{name}");
-        assert_eq!(version_txt(&root.join(dir)), "3.5.1/etcd3", "{name}");
+        assert_eq!(served_version(&mut c).await, new35(), "{name}");
+        assert_eq!(
+            version_txt(&root.join(dir)),
+            format!("{}/etcd3", new35()),
+            "{name}"
+        );
         assert_same_keys(&befores[i], &dump(&mut c).await, name);
     }
     // Their work areas and backups are their own.
@@ -1519,7 +1569,7 @@ async fn kubernetes_style_sh_c_command_with_the_shim_works() {
     let t = tempfile::tempdir().unwrap();
     let manifests = t.path().join("manifests");
     let log = t.path().join("shim-pod.log");
-    let mut s = Settings::for_test(t.path(), "3.5.1");
+    let mut s = Settings::for_test(t.path(), &new35());
     let port = s.port("ETCD_CLIENT_PORT");
     let data = t.path().join("var-etcd/data");
     s.render(&manifests);
@@ -1537,13 +1587,13 @@ async fn kubernetes_style_sh_c_command_with_the_shim_works() {
     // Fresh, target = the newest in the image: the shim records it, `exec etcd` serves.
     let mut p = PodProcess::start(&shim_run(&pod, "/usr/local/bin/etcd", &[]), &log, port);
     let mut c = p.wait_serving().await;
-    assert_eq!(served_version(&mut c).await, "3.5.1");
-    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_eq!(served_version(&mut c).await, new35());
+    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
     seed_registry(&mut c).await;
     let before = dump(&mut c).await;
     p.stop();
 
-    // TARGET_VERSION=3.4.23 with `exec /usr/local/bin/etcd` (3.5.1): refused, nothing touched.
+    // TARGET_VERSION=3.4.23 with `exec /usr/local/bin/etcd` (the newest 3.5): refused, nothing touched.
     s.set("TARGET_VERSION", "3.4.23");
     s.render(&manifests);
     let pod = load_pod(&manifests.join("etcd.manifest"));
@@ -1557,7 +1607,7 @@ async fn kubernetes_style_sh_c_command_with_the_shim_works() {
         "{log_text}"
     );
     assert_eq!(tree_hash(&data), untouched);
-    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
 
     // DO_NOT_MOVE_BINARIES=true and `exec etcd-3.4.23`: the shim rolls back, etcd 3.4.23 serves.
     let mut p = PodProcess::start(
@@ -1631,7 +1681,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 /// The PARTS=local image, built by buildah from the rootfs (FROM scratch, no registry), holds the
 /// rootfs file for file, and runs the Kubernetes-style pod as non-root: a 3.4.23 data dir is
-/// upgraded to 3.5.1 inside the image and served.
+/// upgraded to the newest 3.5 inside the image and served.
 #[tokio::test]
 async fn image_built_with_buildah_matches_the_rootfs_and_runs_the_pod_as_non_root() {
     let root = rootfs();
@@ -1723,7 +1773,7 @@ async fn image_built_with_buildah_matches_the_rootfs_and_runs_the_pod_as_non_roo
     let var_etcd = t.path().join("var-etcd");
     let data = var_etcd.join("data");
     fs::create_dir_all(&var_etcd).unwrap();
-    let mut s = Settings::for_test(t.path(), "3.5.1");
+    let mut s = Settings::for_test(t.path(), &new35());
     let mut spec = MemberSpec::new("3.4.23", &data, "etcd-master-1");
     spec.peer_port = s.port("ETCD_PEER_PORT");
     let m = Member::spawn(spec);
@@ -1771,17 +1821,17 @@ async fn image_built_with_buildah_matches_the_rootfs_and_runs_the_pod_as_non_roo
     let p = &mut run.0;
     let buildah_pid = p.pid();
     let mut c = p.wait_serving().await;
-    assert_eq!(served_version(&mut c).await, "3.5.1");
+    assert_eq!(served_version(&mut c).await, new35());
     assert_same_keys(&before, &dump(&mut c).await, "upgraded inside the image");
-    assert_eq!(version_txt(&data), "3.5.1/etcd3");
+    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
     // etcd runs as the image's user and the data it wrote is that user's.
     let etcd_pid = descendants(buildah_pid)
         .into_iter()
         .find(|pid| {
             fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|e| e.to_string_lossy().ends_with("/etcd-3.5.1"))
+                .is_ok_and(|e| e.to_string_lossy().ends_with(&format!("/etcd-{}", new35())))
         })
-        .expect("etcd-3.5.1 under buildah run");
+        .expect("the newest etcd 3.5 under buildah run");
     assert_eq!(
         fs::metadata(format!("/proc/{etcd_pid}")).unwrap().uid(),
         65532

@@ -61,7 +61,7 @@ async fn upgrade_34_to_351_keeps_every_key_revision_and_lease() {
     }
     let journal = fs::read_to_string(data.join("etcd-migrate.journal")).unwrap();
     assert!(
-        journal.contains("\"to\":\"3.5.1/etcd3\"") && journal.contains("\"keys\":1000"),
+        journal.contains("\"to\":\"3.5.1/etcd3\"") && journal.contains("\"revisions_verified\":"),
         "{journal}"
     );
 }
@@ -338,13 +338,21 @@ async fn sigterm_stops_the_step_and_records_nothing() {
     let etcd = etcd.expect("the step's etcd appeared");
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("stopped by SIGTERM"), "{}", text(&out));
+    assert_step_failed(&out, &["stopped by SIGTERM"], &data);
     assert!(
         !Path::new(&format!("/proc/{etcd}")).exists(),
         "the child etcd was stopped and reaped"
     );
-    assert_eq!(read_version(&data), "3.4.23/etcd3");
+}
+
+/// The run failed (exit 1) saying each of `says`, and version.txt still names 3.4.23.
+fn assert_step_failed(out: &std::process::Output, says: &[&str], data: &Path) {
+    let log = text(out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    for s in says {
+        assert!(log.contains(s), "no {s:?} in:\n{log}");
+    }
+    assert_eq!(read_version(data), "3.4.23/etcd3");
 }
 
 #[tokio::test]
@@ -445,4 +453,93 @@ async fn json_logs_are_one_object_per_line() {
         }
     }
     assert_eq!(steps, 1, "{stderr}");
+}
+
+/// The offline proof catches a step whose etcd changed history: here a compaction issued on the
+/// step's private port while its etcd runs (held by a failpoint) deletes old revisions. The step
+/// fails (exit 1) naming the revisions that differ, and nothing is recorded.
+#[tokio::test]
+async fn a_step_whose_etcd_changes_old_revisions_fails_and_records_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let m = Member::start("3.4.23", &data, "m1");
+    let mut c = m.client().await;
+    seed(&mut c, 100, 0).await;
+    // Overwrites: a compaction at the head deletes the superseded revisions.
+    seed(&mut c, 100, 0).await;
+    drop(c);
+    m.stop();
+    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    let mut env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
+    env.set("FAILPOINTS", "upgrade-etcd-running=sleep(4000)");
+    let url = format!("http://127.0.0.1:{}", env.port);
+    let child = env
+        .command(&["migrate"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut compacted = false;
+    while Instant::now() < deadline && !compacted {
+        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await {
+            if let Ok(r) = c.get("/", None).await {
+                let rev = r.header().unwrap().revision();
+                compacted = c
+                    .compact(
+                        rev,
+                        Some(etcd_client::CompactionOptions::new().with_physical()),
+                    )
+                    .await
+                    .is_ok();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(compacted, "could not reach the step's etcd");
+    let out = child.wait_with_output().unwrap();
+    assert_step_failed(
+        &out,
+        &["does not match what was there before", "revisions up to"],
+        &data,
+    );
+}
+
+/// A member stopped with its NOSPACE alarm raised refuses every write: the step says so at once
+/// (with the remedy) instead of waiting out the health timeout, and records nothing.
+#[tokio::test]
+async fn a_member_past_its_quota_fails_fast_naming_the_remedy() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let mut spec = MemberSpec::new("3.4.23", &data, "m1");
+    spec.extra = vec!["--quota-backend-bytes=16777216".into()];
+    let m = Member::spawn(spec);
+    m.wait_healthy(Duration::from_secs(30));
+    let mut c = m.client().await;
+    let big = "x".repeat(512 * 1024);
+    let mut full = false;
+    for i in 0..200 {
+        if let Err(e) = c.put(format!("/registry/big/{i}"), big.clone(), None).await {
+            full = e.to_string().contains("database space exceeded");
+            break;
+        }
+    }
+    assert!(full, "the member never ran out of quota");
+    drop(c);
+    m.stop();
+    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    let mut env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
+    env.set("HEALTH_TIMEOUT", "10m");
+    let t0 = Instant::now();
+    let out = env.run(&["migrate"]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(120),
+        "waited {:?} for a member that refuses every write",
+        t0.elapsed()
+    );
+    assert_step_failed(
+        &out,
+        &["database space exceeded", "etcdctl alarm disarm"],
+        &data,
+    );
 }

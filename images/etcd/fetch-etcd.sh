@@ -3,7 +3,7 @@
 # etcdutl-<ver> (3.5+), verifying each archive's SHA-256 first. Run by the Dockerfile's
 # PARTS=official stage.
 #
-#   fetch-etcd.sh --versions "3.4.23 3.5.16" --arch amd64 --out DIR
+#   fetch-etcd.sh --versions "3.4.23 3.5.30" --arch amd64 --out DIR
 #
 # Each archive must match its line in release-sha256.txt (beside this script) when that file
 # pins it; otherwise the release's own SHA256SUMS must list it. An archive with neither is

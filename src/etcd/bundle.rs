@@ -6,28 +6,9 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::plan::{BundledVersions, Step};
+use crate::release::BundledVersions;
+pub use crate::release::Tool;
 use crate::version::EtcdVersion;
-
-use super::release::{Release, RestoreTool};
-
-/// A tool of one release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tool {
-    Etcd,
-    Etcdctl,
-    Etcdutl,
-}
-
-impl Tool {
-    fn prefix(self) -> &'static str {
-        match self {
-            Tool::Etcd => "etcd",
-            Tool::Etcdctl => "etcdctl",
-            Tool::Etcdutl => "etcdutl",
-        }
-    }
-}
 
 /// A binary the plan needs is missing or unusable.
 #[derive(Debug, Error)]
@@ -85,33 +66,14 @@ impl Bundle {
         self.dir.join(format!("{}-{v}", tool.prefix()))
     }
 
-    /// The binaries a step runs, with why.
-    pub fn needs(step: &Step) -> Vec<(Tool, EtcdVersion)> {
-        match *step {
-            Step::Upgrade { to, .. } => vec![(Tool::Etcd, to.version)],
-            Step::MigrateStorage { at, .. } => vec![(Tool::Etcd, at), (Tool::Etcdctl, at)],
-            Step::MinorRollback { from, to } => {
-                let restore = match Release::new(to).restore_tool() {
-                    RestoreTool::Etcdctl => Tool::Etcdctl,
-                    RestoreTool::Etcdutl => Tool::Etcdutl,
-                };
-                vec![
-                    (Tool::Etcd, from),
-                    (Tool::Etcdctl, from),
-                    (restore, to),
-                    (Tool::Etcd, to),
-                ]
-            }
-            Step::RollbackToEtcd2 { .. } => vec![],
-        }
-    }
-
-    /// Checks that every binary of every step exists and is executable, before anything is touched.
-    pub fn preflight(&self, steps: &[Step]) -> Result<(), BundleError> {
-        for step in steps {
-            for (tool, v) in Self::needs(step) {
-                self.check(tool, v, &step.to_string())?;
-            }
+    /// Checks that every binary in `needs` (tool, release, why) exists and is executable, before
+    /// anything is touched.
+    pub fn preflight(
+        &self,
+        needs: impl IntoIterator<Item = (Tool, EtcdVersion, String)>,
+    ) -> Result<(), BundleError> {
+        for (tool, v, why) in needs {
+            self.check(tool, v, &why)?;
         }
         Ok(())
     }
@@ -166,12 +128,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("etcd-3.5.1"), "").unwrap();
         let b = Bundle::discover(d.path(), None).unwrap();
-        let step = Step::Upgrade {
+        let step = crate::plan::Step::Upgrade {
             from: "3.4.23/etcd3".parse().unwrap(),
             to: "3.5.1/etcd3".parse().unwrap(),
             cut_snapshot: false,
         };
-        let e = b.preflight(&[step]).unwrap_err().to_string();
+        let e = b.preflight(step.tools()).unwrap_err().to_string();
         assert!(
             e.contains("etcd-3.5.1") && e.contains("not executable"),
             "{e}"
@@ -181,12 +143,12 @@ mod tests {
             fs::Permissions::from_mode(0o755),
         )
         .unwrap();
-        b.preflight(&[step]).unwrap();
-        let rb = Step::MinorRollback {
+        b.preflight(step.tools()).unwrap();
+        let rb = crate::plan::Step::MinorRollback {
             from: "3.5.1".parse().unwrap(),
             to: "3.4.23".parse().unwrap(),
         };
-        let e = b.preflight(&[rb]).unwrap_err().to_string();
+        let e = b.preflight(rb.tools()).unwrap_err().to_string();
         assert!(
             e.contains("etcdctl-3.5.1") && e.contains("does not exist"),
             "{e}"

@@ -10,8 +10,8 @@ use crate::version::EtcdVersion;
 
 use super::bundle::{Bundle, Tool};
 use super::process::{run_tool, SpawnError, ToolOutput};
-use super::release::{Release, RestoreTool};
 use super::server::child_env;
+use crate::release::{Release, RestoreTool};
 
 /// How long an offline tool may run before we give up on it.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -45,7 +45,15 @@ async fn run(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let out = run_tool(&path, &args, &env, label, TOOL_TIMEOUT).await?;
+    let out = run_tool(
+        &path,
+        &args,
+        &env,
+        label,
+        TOOL_TIMEOUT,
+        &config.child_output,
+    )
+    .await?;
     tracing::info!(tool = %path.display(), what, elapsed_ms = out.elapsed.as_millis() as u64, status = %out.describe(), "tool finished");
     if !out.success() {
         return Err(CtlError::Failed {
@@ -99,13 +107,16 @@ pub async fn snapshot_save(
 }
 
 /// `snapshot restore` with release `v`'s tool into a new data dir, keeping the member's identity
-/// (name, peer URLs, initial cluster).
+/// (name, peer URLs, initial cluster). `file` is a saved snapshot, or (`copied_from_data_dir`)
+/// the backend of a cleanly stopped member, which carries no integrity hash: every release's
+/// restore reads the file only (O_RDONLY) and copies it.
 pub async fn snapshot_restore(
     bundle: &Bundle,
     config: &Config,
     v: EtcdVersion,
     file: &Path,
     data_dir: &Path,
+    copied_from_data_dir: bool,
 ) -> Result<ToolOutput, CtlError> {
     let m = &config.member;
     let tool = match Release::new(v).restore_tool() {
@@ -125,5 +136,9 @@ pub async fn snapshot_restore(
         "--initial-advertise-peer-urls".into(),
         m.advertise_peer_urls.clone(),
     ];
+    let mut args = args;
+    if copied_from_data_dir {
+        args.push("--skip-hash-check".into());
+    }
     run(bundle, config, tool, v, "snapshot restore", args).await
 }

@@ -1,7 +1,7 @@
 //! Child processes: a scrubbed environment, output into our log with a prefix, death with
 //! the parent (PR_SET_PDEATHSIG), and SIGTERM, grace, SIGKILL, reap when dropped.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
+
+use crate::flags::ChildOutput;
 
 /// Lines of child output kept for error messages.
 const TAIL_LINES: usize = 30;
@@ -38,58 +40,6 @@ impl Tail {
     }
 }
 
-/// The env var etcd (or etcdctl) reads for a flag: `--peer-cert-file` -> `ETCD_PEER_CERT_FILE`.
-pub fn env_name_of_flag(prefix: &str, flag: &str) -> String {
-    format!(
-        "{prefix}{}",
-        flag.trim_start_matches('-')
-            .replace('-', "_")
-            .to_ascii_uppercase()
-    )
-}
-
-/// Flags named on a command line (`--a=b`, `--a b`, `-a`).
-pub fn flags_in(args: &[String]) -> BTreeSet<String> {
-    args.iter()
-        .filter(|a| a.starts_with('-') && a.len() > 1 && !a.starts_with("---"))
-        .map(|a| {
-            a.trim_start_matches('-')
-                .split('=')
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .filter(|f| !f.is_empty())
-        .collect()
-}
-
-/// The environment for a child: `base` minus every `<prefix>X` that duplicates a flag in `args`
-/// (etcd 3.x exits when an env var shadows a command-line flag). Returns the dropped names.
-pub fn scrub_env(
-    base: &[(OsString, OsString)],
-    args: &[String],
-    prefix: &str,
-) -> (Vec<(OsString, OsString)>, Vec<String>) {
-    let shadowed: BTreeSet<String> = flags_in(args)
-        .iter()
-        .map(|f| env_name_of_flag(prefix, f))
-        .collect();
-    let mut dropped = Vec::new();
-    let kept = base
-        .iter()
-        .filter(|(k, _)| {
-            let name = k.to_string_lossy();
-            let dup = shadowed.contains(name.as_ref());
-            if dup {
-                dropped.push(name.into_owned());
-            }
-            !dup
-        })
-        .cloned()
-        .collect();
-    (kept, dropped)
-}
-
 /// Makes the child die with us (even on kill -9), so no etcd outlives a crashed migration.
 fn die_with_parent(cmd: &mut Command) {
     let parent = nix::unistd::getpid();
@@ -107,60 +57,19 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// Values never to appear in our log (secret-looking ETCD_CREDS values; etcd prints its
-/// command line).
-static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Registers values to redact from child output: the values of `args` that are not file paths
-/// and long enough to be a secret (tokens, passwords), e.g. `--auth-token=...`.
-pub fn redact_values_of(args: &[String]) {
-    let mut secrets: Vec<String> = Vec::new();
-    let mut prev_is_flag = false;
-    for a in args {
-        let value = match a.split_once('=') {
-            Some((flag, v)) if flag.starts_with('-') => Some(v),
-            _ if prev_is_flag && !a.starts_with('-') => Some(a.as_str()),
-            _ => None,
-        };
-        prev_is_flag = a.starts_with('-') && !a.contains('=');
-        if let Some(v) = value {
-            let path_like = v.starts_with('/') || v.starts_with("./") || v.contains("://");
-            if !path_like && v.len() >= 6 && !matches!(v, "true" | "false") {
-                secrets.push(v.to_string());
-            }
-        }
-    }
-    if let Ok(mut s) = SECRETS.lock() {
-        *s = secrets;
-    }
-}
-
-/// The line with registered secrets replaced.
-pub fn redact(line: &str) -> String {
-    let Ok(secrets) = SECRETS.lock() else {
-        return line.to_string();
-    };
-    secrets
-        .iter()
-        .fold(line.to_string(), |l, s| l.replace(s.as_str(), "<redacted>"))
-}
-
-/// Child output goes to our log at info, or at debug when quiet.
-static QUIET_CHILDREN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Logs child output at debug only (it is still kept for error messages).
-pub fn quiet_children(quiet: bool) {
-    QUIET_CHILDREN.store(quiet, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn pump<R: Read + Send + 'static>(r: R, label: String, tail: Tail) -> thread::JoinHandle<()> {
+fn pump<R: Read + Send + 'static>(
+    r: R,
+    label: String,
+    tail: Tail,
+    output: ChildOutput,
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
-            let line = redact(&line);
-            if QUIET_CHILDREN.load(std::sync::atomic::Ordering::Relaxed) {
-                tracing::debug!(target: "child", "[{label}] {line}");
-            } else {
+            let line = output.redact(&line);
+            if output.logged {
                 tracing::info!(target: "child", "[{label}] {line}");
+            } else {
+                tracing::debug!(target: "child", "[{label}] {line}");
             }
             tail.push(line);
         }
@@ -193,6 +102,7 @@ impl ChildGuard {
         env: &[(OsString, OsString)],
         label: String,
         grace: Duration,
+        output: &ChildOutput,
     ) -> Result<ChildGuard, SpawnError> {
         let mut cmd = Command::new(path);
         cmd.args(args)
@@ -209,10 +119,10 @@ impl ChildGuard {
         let tail = Tail::default();
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
-            pumps.push(pump(out, label.clone(), tail.clone()));
+            pumps.push(pump(out, label.clone(), tail.clone(), output.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            pumps.push(pump(err, label.clone(), tail.clone()));
+            pumps.push(pump(err, label.clone(), tail.clone(), output.clone()));
         }
         Ok(ChildGuard {
             child: Some(child),
@@ -257,6 +167,20 @@ impl ChildGuard {
     /// SIGTERM, up to `grace` to exit, then SIGKILL; always reaped. Returns the exit status.
     /// Blocking on purpose: it also runs from `Drop`, on error paths, panics and cancellation.
     pub fn stop(mut self) -> Option<ExitStatus> {
+        self.stop_blocking()
+    }
+
+    /// The same as `stop`, but waiting without blocking the runtime, so that the tasks that
+    /// close our connections to the child still run while it shuts down.
+    pub async fn terminate(mut self) -> Option<ExitStatus> {
+        let pid = self.pid()?;
+        if self.try_wait().is_none() {
+            let _ = signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            if let Some(status) = self.wait(self.grace).await {
+                return Some(status);
+            }
+            tracing::warn!(child = %self.label, grace_ms = self.grace.as_millis() as u64, "did not stop after SIGTERM; sending SIGKILL");
+        }
         self.stop_blocking()
     }
 
@@ -340,9 +264,10 @@ pub async fn run_tool(
     env: &[(OsString, OsString)],
     label: String,
     timeout: Duration,
+    output: &ChildOutput,
 ) -> Result<ToolOutput, SpawnError> {
     let start = Instant::now();
-    let mut g = ChildGuard::spawn(path, args, env, label, Duration::from_secs(5))?;
+    let mut g = ChildGuard::spawn(path, args, env, label, Duration::from_secs(5), output)?;
     let status = match g.wait(timeout).await {
         Some(s) => s,
         None => {
@@ -364,57 +289,6 @@ pub async fn run_tool(
 mod tests {
     use super::*;
 
-    fn os(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-            .collect()
-    }
-
-    #[test]
-    fn env_duplicating_a_flag_is_dropped_and_the_rest_kept() {
-        let base = os(&[
-            ("ETCD_NAME", "x"),
-            ("ETCD_SNAPSHOT_COUNT", "10"),
-            ("ETCD_PEER_CERT_FILE", "/c"),
-            ("PATH", "/bin"),
-        ]);
-        let args: Vec<String> = ["--name", "m1", "--data-dir=/d", "--peer-cert-file", "/p"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let (kept, dropped) = scrub_env(&base, &args, "ETCD_");
-        assert_eq!(dropped, ["ETCD_NAME", "ETCD_PEER_CERT_FILE"]);
-        let names: Vec<_> = kept
-            .iter()
-            .map(|(k, _)| k.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, ["ETCD_SNAPSHOT_COUNT", "PATH"]);
-    }
-
-    #[test]
-    fn secret_looking_creds_values_are_redacted_paths_are_not() {
-        let args: Vec<String> = [
-            "--auth-token",
-            "simple-s3cr3t-token",
-            "--peer-key-file=/etc/k.pem",
-            "--password=hunter22",
-            "--peer-client-cert-auth",
-            "--x=true",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        redact_values_of(&args);
-        let line = redact("Running: --auth-token simple-s3cr3t-token --peer-key-file=/etc/k.pem --password=hunter22");
-        assert!(
-            !line.contains("s3cr3t") && !line.contains("hunter22"),
-            "{line}"
-        );
-        assert!(line.contains("/etc/k.pem"), "{line}");
-        redact_values_of(&[]);
-    }
-
     #[tokio::test(flavor = "current_thread")]
     async fn stop_escalates_to_sigkill_and_reaps() {
         // A child that ignores SIGTERM.
@@ -428,6 +302,7 @@ mod tests {
             &[],
             "sh".into(),
             Duration::from_millis(200),
+            &ChildOutput::default(),
         )
         .unwrap();
         let pid = g.pid().unwrap();
@@ -453,6 +328,7 @@ mod tests {
             &[],
             "sleep".into(),
             Duration::from_secs(5),
+            &ChildOutput::default(),
         )
         .unwrap();
         let pid = g.pid().unwrap();
@@ -469,9 +345,10 @@ mod tests {
         let out = run_tool(
             Path::new("/bin/sh"),
             &args,
-            &os(&[("X", "1")]),
+            &[(OsString::from("X"), OsString::from("1"))],
             "sh".into(),
             Duration::from_secs(5),
+            &ChildOutput::default(),
         )
         .await
         .unwrap();

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use super::fingerprint::{Fingerprint, FingerprintBuilder};
+use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 
 /// A v2 request failure.
 #[derive(Debug, thiserror::Error)]
@@ -13,29 +11,6 @@ pub struct V2Error {
     pub op: &'static str,
     pub key: String,
     pub message: String,
-}
-
-/// A node of the v2 store as the HTTP API returns it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Node {
-    pub key: Option<String>,
-    pub value: Option<String>,
-    #[serde(default)]
-    pub dir: bool,
-    pub expiration: Option<String>,
-    pub ttl: Option<i64>,
-    #[serde(default)]
-    pub created_index: i64,
-    #[serde(default)]
-    pub modified_index: i64,
-    #[serde(default)]
-    pub nodes: Vec<Node>,
-}
-
-#[derive(Deserialize)]
-struct Response {
-    node: Node,
 }
 
 /// A leaf key of the v2 store.
@@ -122,34 +97,346 @@ impl V2 {
             .map(|_| ())
     }
 
-    /// Every key, recursively, sorted.
+    /// Every key, recursively, sorted (the whole store in memory: small stores and tests).
     pub async fn tree(&self) -> Result<Tree, V2Error> {
-        let body = self
-            .send(
-                "get",
-                "/",
-                self.http.get(self.url("/")).query(&[
-                    ("recursive", "true"),
-                    ("sorted", "true"),
-                    ("quorum", "true"),
-                ]),
-            )
-            .await?;
-        let resp: Response = serde_json::from_str(&body).map_err(|e| V2Error {
-            op: "get",
-            key: "/".into(),
-            message: e.to_string(),
-        })?;
-        let mut tree = Tree::default();
-        flatten(resp.node, &mut tree);
+        let tree = self
+            .walk(Tree::default(), |tree, entry| {
+                match entry {
+                    Entry::Leaf(l) => tree.leaves.push(l),
+                    Entry::EmptyDir(d) => tree.empty_dirs.push(d),
+                }
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .await
+            .map_err(WalkError::into_v2)?;
+        let mut tree = tree;
         tree.leaves
             .sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
         Ok(tree)
     }
 
-    /// Fingerprint of every leaf key (probe keys excluded).
+    /// Visits every leaf key and every empty directory of the store, streaming one recursive
+    /// read: the response is parsed as it arrives, on a thread of its own, so memory holds one
+    /// key at a time whatever the store's size. Leaves come in the store's tree order (each
+    /// directory's children sorted), not in key byte order. `visit` runs on that thread, with
+    /// `state`, which is handed back at the end; an error from it ends the walk.
+    pub async fn walk<S: Send + 'static, E: std::fmt::Display + Send + 'static>(
+        &self,
+        state: S,
+        visit: fn(&mut S, Entry) -> Result<(), E>,
+    ) -> Result<S, WalkError<E>> {
+        let e = |message: String| V2Error {
+            op: "get",
+            key: "/".into(),
+            message,
+        };
+        let mut resp = self
+            .http
+            .get(self.url("/"))
+            .query(&[
+                ("recursive", "true"),
+                ("sorted", "true"),
+                ("quorum", "true"),
+            ])
+            // The whole store comes in one response: no overall deadline, only between chunks.
+            .timeout(Duration::from_secs(24 * 3600))
+            .send()
+            .await
+            .map_err(|x| WalkError::V2(e(x.to_string())))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(WalkError::V2(e(format!("HTTP {status}: {}", body.trim()))));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+        let parser = std::thread::Builder::new()
+            .name("v2-walk".into())
+            .spawn(move || parse_walk(ChunkReader::new(rx), state, visit))
+            .map_err(|x| WalkError::V2(e(x.to_string())))?;
+        let mut sent = Ok(());
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(chunk).is_err() {
+                        break; // the parser stopped (its error is reported below)
+                    }
+                }
+                Ok(None) => break,
+                Err(x) => {
+                    sent = Err(e(x.to_string()));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let parsed = loop {
+            if parser.is_finished() {
+                break parser
+                    .join()
+                    .map_err(|_| WalkError::V2(e("the v2 parser panicked".into())))?;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        sent.map_err(WalkError::V2)?;
+        parsed.map_err(|p| match p {
+            Parse::Json(m) => WalkError::V2(e(m)),
+            Parse::Visit(v) => WalkError::Visit(v),
+        })
+    }
+
+    /// Fingerprint of every leaf key (probe keys excluded), streaming.
     pub async fn fingerprint(&self) -> Result<Fingerprint, V2Error> {
-        Ok(fingerprint_of(&self.tree().await?))
+        let b = self
+            .walk(FingerprintBuilder::default(), |b, entry| {
+                if let Entry::Leaf(l) = entry {
+                    add_leaf(b, &l);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .await
+            .map_err(WalkError::into_v2)?;
+        Ok(b.finish())
+    }
+}
+
+/// Why a walk of the store ended early.
+#[derive(Debug)]
+pub enum WalkError<E> {
+    /// The request or the response failed.
+    V2(V2Error),
+    /// The visit stopped the walk.
+    Visit(E),
+}
+
+impl WalkError<std::convert::Infallible> {
+    fn into_v2(self) -> V2Error {
+        match self {
+            WalkError::V2(e) => e,
+            WalkError::Visit(never) => match never {},
+        }
+    }
+}
+
+/// Why parsing a response ended early.
+enum Parse<E> {
+    Json(String),
+    Visit(E),
+}
+
+/// What a walk of the store visits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Leaf(Leaf),
+    /// A directory without any key below it (v3 has no directories: they are not migrated).
+    EmptyDir(String),
+}
+
+/// Adds a leaf as the v2 store holds it: keys with a TTL may expire.
+pub fn add_leaf(b: &mut FingerprintBuilder, l: &Leaf) {
+    b.add(
+        l.key.as_bytes(),
+        l.value.as_bytes(),
+        l.created_index,
+        l.modified_index,
+        l.expiration.is_some(),
+    );
+}
+
+/// A `Read` over the chunks of a response body arriving on a channel.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
+}
+
+impl ChunkReader {
+    fn new(rx: std::sync::mpsc::Receiver<bytes::Bytes>) -> Self {
+        ChunkReader {
+            rx,
+            cur: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(c) => self.cur = c,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Parses a v2 GET response from `r`, visiting nodes as they complete.
+fn parse_walk<S, E: std::fmt::Display>(
+    r: impl std::io::Read,
+    mut state: S,
+    visit: fn(&mut S, Entry) -> Result<(), E>,
+) -> Result<S, Parse<E>> {
+    use serde::de::DeserializeSeed;
+    let mut de =
+        serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(1 << 16, r));
+    let mut failed = None;
+    let seed = ResponseSeed {
+        walk: Walk {
+            state: &mut state,
+            visit,
+            failed: &mut failed,
+        },
+    };
+    let parsed = seed.deserialize(&mut de);
+    if let Some(f) = failed {
+        return Err(Parse::Visit(f));
+    }
+    parsed.map_err(|x| Parse::Json(format!("reading the v2 store's JSON: {x}")))?;
+    Ok(state)
+}
+
+/// The visitor's state while parsing: a callback error stops the parse.
+struct Walk<'a, S, V> {
+    state: &'a mut S,
+    visit: fn(&mut S, Entry) -> Result<(), V>,
+    failed: &'a mut Option<V>,
+}
+
+impl<S, V: std::fmt::Display> Walk<'_, S, V> {
+    fn reborrow(&mut self) -> Walk<'_, S, V> {
+        Walk {
+            state: self.state,
+            visit: self.visit,
+            failed: self.failed,
+        }
+    }
+    fn emit<E: serde::de::Error>(&mut self, entry: Entry) -> Result<(), E> {
+        (self.visit)(self.state, entry).map_err(|x| {
+            let message = x.to_string();
+            *self.failed = Some(x);
+            E::custom(message)
+        })
+    }
+}
+
+/// `{"action": ..., "node": {...}}`: only `node` is walked.
+struct ResponseSeed<'a, S, V> {
+    walk: Walk<'a, S, V>,
+}
+
+impl<'de, S, V: std::fmt::Display> serde::de::DeserializeSeed<'de> for ResponseSeed<'_, S, V> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, S, V: std::fmt::Display> serde::de::Visitor<'de> for ResponseSeed<'_, S, V> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a v2 response")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut m: A) -> Result<(), A::Error> {
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            if k == "node" {
+                m.next_value_seed(NodeSeed {
+                    walk: self.walk.reborrow(),
+                })?;
+            } else {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One node: a leaf is visited when its object ends; a directory's children as they come.
+struct NodeSeed<'a, S, V> {
+    walk: Walk<'a, S, V>,
+}
+
+impl<'de, S, V: std::fmt::Display> serde::de::DeserializeSeed<'de> for NodeSeed<'_, S, V> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, S, V: std::fmt::Display> serde::de::Visitor<'de> for NodeSeed<'_, S, V> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a v2 node")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut m: A) -> Result<(), A::Error> {
+        let mut leaf = Leaf {
+            key: String::new(),
+            value: String::new(),
+            created_index: 0,
+            modified_index: 0,
+            expiration: None,
+            ttl: None,
+        };
+        let (mut has_key, mut dir, mut children) = (false, false, 0u64);
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            match k.as_ref() {
+                "key" => {
+                    leaf.key = m.next_value()?;
+                    has_key = true;
+                }
+                "value" => leaf.value = m.next_value()?,
+                "dir" => dir = m.next_value()?,
+                "expiration" => leaf.expiration = m.next_value()?,
+                "ttl" => leaf.ttl = m.next_value()?,
+                "createdIndex" => leaf.created_index = m.next_value()?,
+                "modifiedIndex" => leaf.modified_index = m.next_value()?,
+                "nodes" => {
+                    children = m.next_value_seed(NodesSeed {
+                        walk: self.walk.reborrow(),
+                    })?;
+                }
+                _ => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        match (dir, has_key) {
+            (true, true) if children == 0 => self.walk.emit(Entry::EmptyDir(leaf.key)),
+            (false, true) => self.walk.emit(Entry::Leaf(leaf)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A directory's `nodes`: returns how many there were.
+struct NodesSeed<'a, S, V> {
+    walk: Walk<'a, S, V>,
+}
+
+impl<'de, S, V: std::fmt::Display> serde::de::DeserializeSeed<'de> for NodesSeed<'_, S, V> {
+    type Value = u64;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, S, V: std::fmt::Display> serde::de::Visitor<'de> for NodesSeed<'_, S, V> {
+    type Value = u64;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of v2 nodes")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut s: A) -> Result<u64, A::Error> {
+        let mut n = 0;
+        while s
+            .next_element_seed(NodeSeed {
+                walk: self.walk.reborrow(),
+            })?
+            .is_some()
+        {
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
@@ -157,61 +444,83 @@ impl V2 {
 pub fn fingerprint_of(tree: &Tree) -> Fingerprint {
     let mut b = FingerprintBuilder::default();
     for l in &tree.leaves {
-        b.add(
-            l.key.as_bytes(),
-            l.value.as_bytes(),
-            l.created_index,
-            l.modified_index,
-            l.expiration.is_some(),
-        );
+        add_leaf(&mut b, l);
     }
     b.finish()
-}
-
-fn flatten(node: Node, tree: &mut Tree) {
-    if node.dir {
-        let key = node.key.clone();
-        if node.nodes.is_empty() {
-            if let Some(k) = key {
-                tree.empty_dirs.push(k);
-            }
-            return;
-        }
-        for child in node.nodes {
-            flatten(child, tree);
-        }
-    } else if let Some(key) = node.key {
-        tree.leaves.push(Leaf {
-            key,
-            value: node.value.unwrap_or_default(),
-            created_index: node.created_index,
-            modified_index: node.modified_index,
-            expiration: node.expiration,
-            ttl: node.ttl,
-        });
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn flatten_keeps_leaves_in_order_and_reports_empty_dirs() {
-        let body = r#"{"action":"get","node":{"dir":true,"nodes":[
+    const BODY: &str = r#"{"action":"get","node":{"dir":true,"nodes":[
             {"key":"/registry","dir":true,"nodes":[
                 {"key":"/registry/b","value":"2","modifiedIndex":5,"createdIndex":5},
                 {"key":"/registry/a","value":"1","expiration":"2036-01-01T00:00:00Z","ttl":100,"modifiedIndex":4,"createdIndex":4},
                 {"key":"/registry/emptydir","dir":true,"modifiedIndex":6,"createdIndex":6}]}]}}"#;
-        let resp: Response = serde_json::from_str(body).unwrap();
-        let mut tree = Tree::default();
-        flatten(resp.node, &mut tree);
-        tree.leaves.sort_by(|a, b| a.key.cmp(&b.key));
-        assert_eq!(tree.leaves.len(), 2);
-        assert_eq!(tree.leaves[0].key, "/registry/a");
-        assert_eq!(tree.leaves[0].ttl, Some(100));
+
+    /// Serves `bytes` a few at a time, as a response arrives in chunks.
+    struct Trickle<'a>(&'a [u8]);
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(7);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn collect(t: &mut Tree, e: Entry) -> Result<(), std::convert::Infallible> {
+        match e {
+            Entry::Leaf(l) => t.leaves.push(l),
+            Entry::EmptyDir(d) => t.empty_dirs.push(d),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_streamed_walk_visits_leaves_and_empty_dirs() {
+        let Ok(tree) = parse_walk(Trickle(BODY.as_bytes()), Tree::default(), collect) else {
+            panic!("the walk failed")
+        };
+        let keys: Vec<&str> = tree.leaves.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["/registry/b", "/registry/a"],
+            "tree order, as served"
+        );
+        assert_eq!(tree.leaves[1].ttl, Some(100));
+        assert_eq!(
+            tree.leaves[1].expiration.as_deref(),
+            Some("2036-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            (tree.leaves[0].created_index, tree.leaves[0].modified_index),
+            (5, 5)
+        );
         assert_eq!(tree.empty_dirs, ["/registry/emptydir"]);
         let fp = fingerprint_of(&tree);
         assert_eq!((fp.keys, fp.permanent), (2, 1));
+    }
+
+    #[test]
+    fn a_visit_error_ends_the_walk_with_that_error() {
+        fn stop(n: &mut u32, _: Entry) -> Result<(), &'static str> {
+            *n += 1;
+            Err("disk full")
+        }
+        let Err(Parse::Visit(err)) = parse_walk(Trickle(BODY.as_bytes()), 0u32, stop) else {
+            panic!("the visit's error did not end the walk")
+        };
+        assert_eq!(err, "disk full");
+    }
+
+    #[test]
+    fn a_truncated_response_is_an_error() {
+        let cut = &BODY.as_bytes()[..BODY.len() - 10];
+        let Err(Parse::Json(err)) = parse_walk(Trickle(cut), Tree::default(), collect) else {
+            panic!("a truncated response parsed")
+        };
+        assert!(err.contains("JSON"), "{err}");
     }
 }

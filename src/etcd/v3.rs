@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
-use super::fingerprint::{Fingerprint, FingerprintBuilder};
+use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 
 /// Keys fetched per range request while fingerprinting. Large: etcd counts the whole rest of
 /// the range for every request, so many small pages cost quadratic time. Halved when a page of
@@ -69,6 +69,24 @@ impl V3 {
         Ok(r.header().map(|h| h.revision()).unwrap_or_default())
     }
 
+    /// Puts a key and reads it back (a linearizable read): the proof that the member serves
+    /// writes and reads.
+    pub async fn put_and_read_back(&mut self, key: &[u8], value: &[u8]) -> Result<i64, V3Error> {
+        let rev = self.put(key, value).await?;
+        let r = self.client.get(key, None).await.map_err(err("get"))?;
+        match r.kvs().first() {
+            Some(kv) if kv.value() == value && kv.mod_revision() == rev => Ok(rev),
+            other => Err(V3Error {
+                op: "get",
+                message: format!(
+                    "read back {:?} at revision {:?} after writing revision {rev}",
+                    other.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                    other.map(|kv| kv.mod_revision())
+                ),
+            }),
+        }
+    }
+
     pub async fn delete(&mut self, key: &[u8]) -> Result<(), V3Error> {
         self.client.delete(key, None).await.map_err(err("delete"))?;
         Ok(())
@@ -119,10 +137,24 @@ impl V3 {
         }
     }
 
+    /// How many keys the store holds (a read served through the whole keyspace's index).
+    pub async fn count_keys(&mut self) -> Result<u64, V3Error> {
+        let opts = GetOptions::new().with_range(vec![0]).with_count_only();
+        let r = self
+            .client
+            .get(vec![0], Some(opts))
+            .await
+            .map_err(err("count"))?;
+        Ok(r.count().max(0) as u64)
+    }
+
     /// Fingerprint of the whole keyspace (probe keys excluded).
     pub async fn fingerprint(&mut self) -> Result<Fingerprint, V3Error> {
         let mut b = FingerprintBuilder::default();
+        let meter = crate::meter::Meter::count("comparing keys", crate::meter::Unit::Keys, None);
+        let read = meter.counter();
         self.for_each_key(|kv| {
+            read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             b.add(
                 &kv.key,
                 &kv.value,

@@ -112,6 +112,20 @@ fn cases() -> Vec<Case> {
         Case { name: "two minor rollbacks", current: "3.5.1/etcd3", target: "3.3.17/etcd3", bundle: K8S, facts: one(), want: Ok(vec![rb("3.5.1", "3.4.18"), rb("3.4.18", "3.3.17")]) },
         Case { name: "rollback runs an unbundled current patch with its minor's bundled patch", current: "3.5.3/etcd3", target: "3.4.23/etcd3", bundle: HERE, facts: one(), want: Ok(vec![rb("3.5.1", "3.4.23")]) },
         Case { name: "upgrade of a three-member cluster is allowed", current: "3.4.23/etcd3", target: "3.5.1/etcd3", bundle: HERE, facts: DataFacts { members: 3, boot_cluster_version_v2: false }, want: Ok(vec![up("3.4.23/etcd3", "3.5.1/etcd3")]) },
+        // Into 3.6 and 3.7 (no binaries here: the rules come from etcd's source and docs).
+        Case { name: "3.5.1 to 3.6 steps through the newest 3.5 >= 3.5.20 first", current: "3.5.1/etcd3", target: "3.6.0/etcd3", bundle: "3.4.23 3.5.1 3.5.30 3.6.0", facts: one(), want: Ok(vec![up("3.5.1/etcd3", "3.5.30/etcd3"), up("3.5.30/etcd3", "3.6.0/etcd3")]) },
+        Case { name: "3.4 to 3.6 passes 3.5 at the newest bundled patch", current: "3.4.23/etcd3", target: "3.6.0/etcd3", bundle: "3.4.23 3.5.1 3.5.30 3.6.0", facts: one(), want: Ok(vec![up("3.4.23/etcd3", "3.5.30/etcd3"), up("3.5.30/etcd3", "3.6.0/etcd3")]) },
+        Case { name: "3.5.20 goes straight to 3.6", current: "3.5.20/etcd3", target: "3.6.0/etcd3", bundle: "3.5.20 3.6.0", facts: one(), want: Ok(vec![up("3.5.20/etcd3", "3.6.0/etcd3")]) },
+        Case { name: "an unbundled 3.5.25 goes straight to 3.6", current: "3.5.25/etcd3", target: "3.6.0/etcd3", bundle: "3.5.1 3.6.0", facts: one(), want: Ok(vec![up("3.5.25/etcd3", "3.6.0/etcd3")]) },
+        Case { name: "3.5.30 to 3.7 passes 3.6", current: "3.5.30/etcd3", target: "3.7.0/etcd3", bundle: "3.5.30 3.6.14 3.7.0", facts: one(), want: Ok(vec![up("3.5.30/etcd3", "3.6.14/etcd3"), up("3.6.14/etcd3", "3.7.0/etcd3")]) },
+        Case { name: "3.6.5 to 3.7 steps through a 3.6 >= 3.6.11", current: "3.6.5/etcd3", target: "3.7.0/etcd3", bundle: "3.6.5 3.6.14 3.7.0", facts: one(), want: Ok(vec![up("3.6.5/etcd3", "3.6.14/etcd3"), up("3.6.14/etcd3", "3.7.0/etcd3")]) },
+        Case { name: "3.6.5 to 3.7 without a 3.6 >= 3.6.11 is refused", current: "3.6.5/etcd3", target: "3.7.0/etcd3", bundle: "3.6.5 3.7.0", facts: one(), want: Err(|e| matches!(e, PlanError::PatchTooOld { .. })) },
+        Case { name: "a three-member 3.5.30 cluster member goes to 3.6", current: "3.5.30/etcd3", target: "3.6.0/etcd3", bundle: "3.5.30 3.6.0", facts: DataFacts { members: 3, boot_cluster_version_v2: false }, want: Ok(vec![up("3.5.30/etcd3", "3.6.0/etcd3")]) },
+        Case { name: "3.5.1 to 3.6 without a 3.5 >= 3.5.20 is refused", current: "3.5.1/etcd3", target: "3.6.0/etcd3", bundle: "3.5.1 3.6.0", facts: one(), want: Err(|e| matches!(e, PlanError::PatchTooOld { .. })) },
+        Case { name: "3.4 to 3.6 with only 3.5.1 is refused", current: "3.4.23/etcd3", target: "3.6.0/etcd3", bundle: "3.4.23 3.5.1 3.6.0", facts: one(), want: Err(|e| matches!(e, PlanError::PatchTooOld { .. })) },
+        Case { name: "rollback from 3.6 is refused with etcd's downgrade path", current: "3.6.0/etcd3", target: "3.5.30/etcd3", bundle: "3.5.30 3.6.0", facts: one(), want: Err(|e| matches!(e, PlanError::RollbackFrom36 { .. })) },
+        Case { name: "rollback from 3.7 is refused too", current: "3.7.0/etcd3", target: "3.6.0/etcd3", bundle: "3.6.0 3.7.0", facts: one(), want: Err(|e| matches!(e, PlanError::RollbackFrom36 { .. })) },
+        Case { name: "a release newer than the known table is refused", current: "3.7.0/etcd3", target: "3.8.0/etcd3", bundle: "3.7.0 3.8.0", facts: one(), want: Err(|e| matches!(e, PlanError::UnknownRelease { .. })) },
         // Errors.
         Case { name: "target not bundled", current: "3.4.23/etcd3", target: "3.6.0/etcd3", bundle: HERE, facts: one(), want: Err(|e| matches!(e, PlanError::TargetNotBundled { .. })) },
         Case { name: "target not bundled on rollback", current: "3.5.1/etcd3", target: "3.4.18/etcd3", bundle: HERE, facts: one(), want: Err(|e| matches!(e, PlanError::TargetNotBundled { .. })) },
@@ -125,7 +139,7 @@ fn cases() -> Vec<Case> {
         Case { name: "2.3 to 2.2 is refused", current: "2.3.7/etcd2", target: "2.2.1/etcd2", bundle: K8S, facts: one(), want: Err(|e| matches!(e, PlanError::Unsupported { .. })) },
         Case { name: "etcd3 on a 2.x release is unservable", current: "3.0.17/etcd3", target: "2.2.1/etcd3", bundle: K8S, facts: one(), want: Err(|e| matches!(e, PlanError::StorageUnservable { .. })) },
         Case { name: "etcd2 on 3.6 is unservable", current: "3.5.1/etcd2", target: "3.6.0/etcd2", bundle: "3.5.1 3.6.0", facts: one(), want: Err(|e| matches!(e, PlanError::StorageUnservable { .. })) },
-        Case { name: "etcd2 data through 3.6 is unservable", current: "3.5.1/etcd2", target: "3.6.0/etcd3", bundle: "3.5.1 3.6.0", facts: one(), want: Err(|e| matches!(e, PlanError::NoStorageMigrationRelease { .. })) },
+        Case { name: "etcd2 data through 3.6 is unservable", current: "3.5.1/etcd2", target: "3.6.0/etcd3", bundle: "3.5.1 3.5.30 3.6.0", facts: one(), want: Err(|e| matches!(e, PlanError::NoStorageMigrationRelease { .. })) },
         Case { name: "storage migration needs 3.0-3.4", current: "3.5.1/etcd2", target: "3.5.1/etcd3", bundle: HERE, facts: one(), want: Err(|e| matches!(e, PlanError::NoStorageMigrationRelease { .. })) },
         Case { name: "storage migration moves to the first step when the current minor is not bundled", current: "3.3.17/etcd2", target: "3.4.23/etcd3", bundle: HERE, facts: one(), want: Ok(vec![mig("3.3.17/etcd2", "3.4.23", false)]) },
         Case { name: "rollback from an unbundled current minor", current: "3.5.3/etcd3", target: "3.4.23/etcd3", bundle: "3.4.23", facts: one(), want: Err(|e| matches!(e, PlanError::CurrentMinorNotBundled { .. })) },
@@ -169,6 +183,49 @@ fn skipped_patches_and_known_bad_releases_are_noted() {
 }
 
 #[test]
+fn leaving_35_below_the_guides_patch_is_noted() {
+    let p = plan(
+        vf("3.5.1/etcd3"),
+        vf("3.6.0/etcd3"),
+        &bundle("3.5.1 3.5.30 3.6.0"),
+        one(),
+    )
+    .unwrap();
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| matches!(n, Note::Below35Advice { version } if *version == v("3.5.30"))),
+        "{:?}",
+        p.notes
+    );
+    let p = plan(
+        vf("3.5.1/etcd3"),
+        vf("3.6.0/etcd3"),
+        &bundle("3.5.1 3.5.33 3.6.0"),
+        one(),
+    )
+    .unwrap();
+    assert!(
+        !p.notes
+            .iter()
+            .any(|n| matches!(n, Note::Below35Advice { .. })),
+        "{:?}",
+        p.notes
+    );
+    let e = plan(
+        vf("3.5.1/etcd3"),
+        vf("3.6.0/etcd3"),
+        &bundle("3.5.1 3.6.0"),
+        one(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("before 3.6") && e.to_string().contains("etcd-io/etcd#19557"),
+        "{e}"
+    );
+}
+
+#[test]
 fn errors_name_the_remedy() {
     let e = plan(vf("3.4.23/etcd3"), vf("3.6.0/etcd3"), &bundle(HERE), one()).unwrap_err();
     assert!(e.to_string().contains("bundled: 3.4.23 3.5.0 3.5.1"), "{e}");
@@ -201,7 +258,7 @@ fn plan_display_reads_as_a_path() {
 
 const UNIVERSE: &[&str] = &[
     "2.2.1", "2.3.7", "3.0.17", "3.1.20", "3.2.32", "3.3.17", "3.3.27", "3.4.18", "3.4.23",
-    "3.5.0", "3.5.1", "3.5.9", "3.6.0",
+    "3.5.0", "3.5.1", "3.5.9", "3.5.30", "3.6.0", "3.6.14", "3.7.0",
 ];
 
 fn arb_versionfile() -> impl Strategy<Value = VersionFile> {
@@ -255,6 +312,16 @@ proptest! {
                 prop_assert!(!s.rewrites_member_alone());
             }
             at = next;
+        }
+        // A minor is left for the next only from its required patch (3.5.20, 3.6.11).
+        let mut at = current;
+        for s in &p.steps {
+            for (min, _) in LEAVE_MINOR_FROM {
+                if s.runs().minor_line() > min.minor_line() && at.version.minor_line() == min.minor_line() {
+                    prop_assert!(at.version >= *min, "{} leaves {} from {}", s, min.minor_line(), at);
+                }
+            }
+            at = s.outcome();
         }
         // 3.5+ never starts on data whose first-seen cluster version is 2.x.
         let mut fixed = !v2boot;

@@ -1,75 +1,96 @@
-//! Rollback 3.N -> 3.N-1: snapshot save with 3.N, snapshot restore with 3.N-1's tool (etcdutl
-//! for 3.5+) into staging under the same name, peer URLs and initial cluster, start 3.N-1 on it
-//! to prove it serves the same keys, then swap it in; the old dir becomes a backup.
+//! Rollback 3.N -> 3.N-1: restore the member's backend with 3.N-1's tool (etcdutl for 3.5+) into
+//! staging under the same name, peer URLs and initial cluster, prove that every revision came
+//! through and that 3.N-1 serves it, then swap it in; the old dir becomes a backup.
+//!
+//! A backend etcd stopped cleanly holds every write, and it is what `snapshot save` would
+//! stream: it is restored from the data dir itself (`--skip-hash-check`, read only), with no
+//! start of 3.N. After an unclean stop (the WAL holds writes the backend lacks) 3.N is started
+//! to apply them and a snapshot is saved from it, as etcd documents.
+//!
 //! The restored member gets new member and cluster ids (etcd's restore always does), which is
 //! why a multi-member cluster cannot be rolled back member by member.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::etcd::ctl;
-use crate::etcd::fingerprint::Fingerprint;
-use crate::etcd::server::EtcdServer;
+use crate::etcd::server::{EtcdServer, Stopped};
 use crate::fsutil;
+use crate::layout::{backend_of, member_of};
+use crate::storage::keydigest::RevRange;
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
-use super::swap::Stage;
-use super::{verify_against, Ctx, StepError, StepReport};
+use super::backend::{self, Digested, PendingScan};
+use super::{Baseline, Ctx, StepError, StepReport};
+use crate::staging::Stage;
 
-/// Runs `from` on the data, saves a snapshot, restores it with `to`'s tools, proves it with `to`.
+/// Where the snapshot to restore comes from.
+struct Source {
+    file: PathBuf,
+    copied_from_data_dir: bool,
+    /// The stop of 3.N when it had to run to save one.
+    saved: Option<Stopped>,
+}
+
+/// Rolls the data at `from` back to `to`.
 pub async fn run(
     ctx: &Ctx<'_>,
     from: EtcdVersion,
     to: EtcdVersion,
-    baseline: Option<&Fingerprint>,
+    _baseline: Option<&Baseline>,
 ) -> Result<StepReport, StepError> {
-    let cfg = ctx.config;
     let work = ctx.work_dir();
     fsutil::create_dir_mode(&work, 0o700)?;
-    let snapshot = work.join(format!("snapshot-{from}.db"));
-    let restored = work.join("restored");
-    fsutil::remove_tree(&snapshot)?;
+    let saved_file = ctx.layout.saved_snapshot(from);
+    let restored = ctx.layout.restored();
+    fsutil::remove_tree(&saved_file)?;
     fsutil::remove_tree(&restored)?;
-
-    // 1. Save a snapshot with the current release.
-    let t = Instant::now();
-    let db_size = std::fs::metadata(ctx.data_dir.join("member/snap/db"))
+    let member = ctx.layout.member();
+    let db_size = std::fs::metadata(ctx.layout.backend())
         .map(|m| m.len())
         .unwrap_or(0);
-    fsutil::ensure_space(&work, 3 * db_size)?;
-    let mut srv = EtcdServer::start(ctx.launch_v3(cfg, ctx.data_dir, from))?;
-    let mut api = srv.ready().await?;
-    // What the restored member must serve: the baseline read offline before the step, else
-    // what this etcd serves now.
-    let before = match baseline {
-        Some(b) => b.clone(),
-        None => srv.fingerprint(&mut api).await?,
-    };
-    ctl::snapshot_save(ctx.bundle, cfg, from, &srv.client_url, &snapshot).await?;
-    srv.stop();
+    fsutil::ensure_space(&work, 2 * db_size)?;
+
+    // 1. The snapshot: the backend itself, or one saved from 3.N.
+    let t = Instant::now();
+    let source = snapshot_source(ctx, from, &member, &saved_file).await?;
+    let before = PendingScan::start(
+        &source.file,
+        RevRange::ALL,
+        "reading the backend to roll back",
+    )?;
     let save_ms = t.elapsed().as_millis() as u64;
     fail::fail_point!("minor-rollback-after-save");
 
-    // 2. Restore with the older release's tool into staging.
+    // 2. Restore with the older release's tool into staging, while the source is read.
     let t = Instant::now();
-    let stage = Stage::begin(ctx.data_dir)?;
-    ctl::snapshot_restore(ctx.bundle, cfg, to, &snapshot, &restored).await?;
-    fsutil::rename_durable(&restored.join("member"), &stage.member())?;
+    let stage = Stage::begin(ctx.layout)?;
+    let restoring = ctl::snapshot_restore(
+        ctx.bundle,
+        ctx.config,
+        to,
+        &source.file,
+        &restored,
+        source.copied_from_data_dir,
+    );
+    let meter = crate::meter::Meter::file(
+        "restoring the snapshot",
+        backend_of(&restored),
+        Some(db_size),
+    );
+    let restore_result = restoring.await;
+    meter.finish();
+    restore_result?;
+    let before = before.finish().await?;
+    fsutil::rename_durable(&member_of(&restored), &stage.member())?;
     fsutil::remove_tree(&restored)?;
     fsutil::fsync_tree(&stage.path)?;
     let restore_ms = t.elapsed().as_millis() as u64;
     fail::fail_point!("minor-rollback-after-restore");
 
-    // 3. Prove it with the older release.
+    // 3. Every revision came through, and the older release serves it.
     let t = Instant::now();
-    let mut srv = EtcdServer::start(ctx.launch_v3(cfg, &stage.path, to))?;
-    let mut api = srv.ready().await?;
-    let after = srv.fingerprint(&mut api).await?;
-    srv.stop();
-    verify_against(
-        &format!("{to}/etcd3 restored from {from}'s snapshot"),
-        Some(&before),
-        &after,
-    )?;
+    let (keys, proved) = prove(ctx, to, &stage.path, &before).await?;
     let prove_ms = t.elapsed().as_millis() as u64;
     fail::fail_point!("minor-rollback-before-swap");
 
@@ -84,16 +105,99 @@ pub async fn run(
             storage: Storage::Etcd3,
         },
     )?;
-    fsutil::remove_tree(&snapshot)?;
+    fsutil::remove_tree(&saved_file)?;
 
     let mut report = StepReport {
-        fingerprint: Some(after),
+        baseline: Some(Baseline::Backend(Digested {
+            range: backend::closed(RevRange::ALL, &before),
+            digest: before,
+        })),
+        keys: Some(keys),
         ..Default::default()
     };
     let d = &mut report.detail;
+    if let Some(s) = source.saved {
+        s.record(d);
+    }
+    proved.record(d);
+    d.insert(
+        "restored_from".into(),
+        if source.copied_from_data_dir {
+            "the backend (clean stop)"
+        } else {
+            "a snapshot saved by the newer release"
+        }
+        .into(),
+    );
     d.insert("snapshot_save_ms".into(), save_ms.into());
     d.insert("snapshot_restore_ms".into(), restore_ms.into());
     d.insert("prove_ms".into(), prove_ms.into());
     d.insert("backup".into(), backup.display().to_string().into());
     Ok(report)
+}
+
+/// The backend itself when it holds every write; else a snapshot saved from `from`, which
+/// applies the WAL's tail when it starts.
+async fn snapshot_source(
+    ctx: &Ctx<'_>,
+    from: EtcdVersion,
+    member: &Path,
+    saved_file: &Path,
+) -> Result<Source, StepError> {
+    let summary = crate::datadir::member_summary(member)?;
+    let db = crate::storage::bbolt::Db::open(backend_of(ctx.data_dir))
+        .map_err(|e| StepError::read("opening", member, e))?;
+    let lag = crate::datadir::unapplied_writes(&summary, &db)
+        .map_err(|e| StepError::read("reading the backend of", member, e))?;
+    drop(db);
+    let Some(lag) = lag else {
+        tracing::info!("the backend holds every write (clean stop): restoring it directly");
+        return Ok(Source {
+            file: backend_of(ctx.data_dir),
+            copied_from_data_dir: true,
+            saved: None,
+        });
+    };
+    tracing::warn!("{lag}; starting etcd-{from} to apply them and saving a snapshot from it");
+    let mut srv = EtcdServer::start(ctx.launch_v3(ctx.config, ctx.data_dir, from))?;
+    let api = srv.ready().await?;
+    drop(api);
+    let meter = crate::meter::Meter::file("saving a snapshot", saved_file.to_path_buf(), None);
+    let saved = ctl::snapshot_save(ctx.bundle, ctx.config, from, &srv.client_url, saved_file).await;
+    meter.finish();
+    let stopped = srv.stop(None).await;
+    saved?;
+    Ok(Source {
+        file: saved_file.to_path_buf(),
+        copied_from_data_dir: false,
+        saved: Some(stopped),
+    })
+}
+
+/// Reads the restored backend (prepared before `to` starts on it) and compares it with the
+/// source, then proves a write and a read with `to`. Returns the keys served.
+async fn prove(
+    ctx: &Ctx<'_>,
+    to: EtcdVersion,
+    staged: &Path,
+    before: &crate::storage::keydigest::KeyDigest,
+) -> Result<(u64, Stopped), StepError> {
+    let db = backend_of(staged);
+    let after = PendingScan::start(&db, RevRange::ALL, "reading the restored backend")?;
+    let mut srv = EtcdServer::start(ctx.launch_v3(ctx.config, staged, to))?;
+    let after = after.finish().await?;
+    let label = format!("{to}/etcd3 restored");
+    backend::compare(
+        &label,
+        &Digested {
+            range: backend::closed(RevRange::ALL, before),
+            digest: *before,
+        },
+        &after,
+    )?;
+    let mut api = srv.ready().await?;
+    let keys = srv.count_keys(&mut api).await?;
+    let stopped = srv.stop(Some(api)).await;
+    tracing::info!(keys, "etcd {to} serves the restored data");
+    Ok((keys, stopped))
 }

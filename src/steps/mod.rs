@@ -1,9 +1,8 @@
 //! One module per kind of step. Each runs against real etcd processes through `etcd/` and
 //! leaves recording version.txt to the executor (or, for staged steps, to the swap).
 
-pub mod backup;
+pub mod backend;
 pub mod minor_rollback;
-pub mod swap;
 pub mod to_etcd2;
 pub mod to_etcd3;
 pub mod upgrade;
@@ -16,15 +15,19 @@ use crate::config::Config;
 use crate::datadir::DataDirError;
 use crate::etcd::bundle::Bundle;
 use crate::etcd::ctl::CtlError;
-use crate::etcd::fingerprint::Fingerprint;
 use crate::etcd::server::{EtcdError, Launch};
+use crate::fingerprint::Fingerprint;
 use crate::fsutil::FsError;
+use crate::layout::Layout;
 use crate::progress::ProgressError;
+use crate::version::EtcdVersion;
 
 /// What every step gets.
 pub struct Ctx<'a> {
     pub config: &'a Config,
     pub bundle: &'a Bundle,
+    /// The data dir and its side paths.
+    pub layout: &'a Layout,
     pub data_dir: &'a Path,
     /// Members in the cluster: with more than one, other members take writes during our step,
     /// so key counts are not compared.
@@ -33,7 +36,7 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub fn work_dir(&self) -> PathBuf {
-        crate::datadir::work_dir(self.data_dir)
+        self.layout.work_dir()
     }
 
     /// Starting etcd `version` as this member on `data_dir`, v3 store, nothing extra (callers
@@ -74,18 +77,137 @@ pub enum StepError {
     #[error("after {step} the data does not match what was there before: {what}; nothing was recorded, the data dir \
              is as of the last recorded version")]
     Verify { step: String, what: String },
-    #[error("{0}")]
-    Other(String),
+    /// Reading a member's files (WAL, backend, what the step wrote) failed.
+    #[error("{what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A thread of the step ended in a panic.
+    #[error("the thread {what} panicked")]
+    ThreadPanicked { what: &'static str },
+    #[error("{member} holds a cluster of {members} members")]
+    ClusterOfMany { member: PathBuf, members: usize },
+    #[error("etcd {release} ran on {data_dir} but did not commit its backend: {lag}")]
+    BackendNotCommitted {
+        release: EtcdVersion,
+        data_dir: PathBuf,
+        lag: crate::datadir::UnappliedWrites,
+    },
+    #[error("writing the v2 member for {member}: {source}")]
+    V2Write {
+        member: PathBuf,
+        source: crate::storage::v2member::V2MemberError,
+    },
+    #[error(
+        "the v2 member written does not read back as written (snapshot {term}/{index}, marker found: {marker}, ids {ids:?})"
+    )]
+    ReadBack {
+        term: u64,
+        index: u64,
+        marker: bool,
+        ids: Option<(u64, u64)>,
+    },
+    #[error("the pass at {at} did not cut a snapshot: etcd 3.5+ would still boot this data as a 2.x cluster")]
+    NoSnapshotCut { at: crate::version::VersionFile },
+    #[error(transparent)]
+    Capture(#[from] to_etcd3::CaptureError),
+    #[error("{label} serves no v3 API")]
+    NoV3Api { label: String },
+    #[error("{label}: reattaching TTLs: {source}")]
+    Reattach {
+        label: String,
+        source: to_etcd3::CaptureError,
+    },
     /// The step found, before touching the data dir, that it must not run (exit 2).
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(Refusal),
+}
+
+/// Why a step (or a run) must not go ahead: found before anything was touched (exit 2).
+#[derive(Debug, Error)]
+pub enum Refusal {
+    #[error("{}", found.message(prefix))]
+    Unrepresentable {
+        prefix: String,
+        found: crate::storage::v2export::Unrepresentable,
+    },
+    #[error("rollback to etcd2 refused, nothing was changed: {source}")]
+    V2Store {
+        source: crate::storage::v2member::V2MemberError,
+    },
+    #[error(
+        "rollback to etcd2 refused, nothing was changed: {lag}. Put etcd-{release} in {bin_dir} so that etcd-migrate lets \
+         it apply them first, or start etcd {release} on {data_dir} once and stop it with SIGTERM; then roll back again"
+    )]
+    WalTail {
+        lag: crate::datadir::UnappliedWrites,
+        release: EtcdVersion,
+        bin_dir: PathBuf,
+        data_dir: PathBuf,
+    },
+    #[error("cannot read {member}: {source}")]
+    Unreadable {
+        member: PathBuf,
+        source: crate::storage::mvcc::MvccError,
+    },
+    #[error(
+        "data dir {data_dir} is the root of a mounted volume; this step builds the new data beside it and swaps it in by \
+         rename, which needs the data dir to be a directory inside the volume (mount its parent instead)"
+    )]
+    NotSwappable { data_dir: PathBuf },
+}
+
+impl StepError {
+    /// A failed read of `path`, saying what was being read.
+    pub fn read(
+        what: &'static str,
+        path: &Path,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StepError {
+        StepError::Read {
+            what,
+            path: path.to_path_buf(),
+            source: source.into(),
+        }
+    }
+}
+
+/// What the step after is compared with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Baseline {
+    /// Live keys and values as served (v2 stores, and etcd3 data no step read offline).
+    Keys(Fingerprint),
+    /// Revisions of the etcd3 backend, read offline.
+    Backend(backend::Digested),
+}
+
+impl Baseline {
+    /// The live-key fingerprint, when that is what this baseline holds.
+    pub fn keys(&self) -> Option<&Fingerprint> {
+        match self {
+            Baseline::Keys(f) => Some(f),
+            Baseline::Backend(_) => None,
+        }
+    }
+    /// The backend digest, when that is what this baseline holds.
+    pub fn backend(&self) -> Option<&backend::Digested> {
+        match self {
+            Baseline::Backend(d) => Some(d),
+            Baseline::Keys(_) => None,
+        }
+    }
 }
 
 /// What a step did, for the log and the journal.
 #[derive(Debug, Clone, Default)]
 pub struct StepReport {
-    /// The store after the step, when it was read.
-    pub fingerprint: Option<Fingerprint>,
+    /// What the step after compares with, when this one established it.
+    pub baseline: Option<Baseline>,
+    /// Keys the data holds after the step, when counted.
+    pub keys: Option<u64>,
     /// Extra facts (TTL counts, backup path, sub-step timings).
     pub detail: serde_json::Map<String, serde_json::Value>,
 }
@@ -96,7 +218,7 @@ pub fn verify_against(
     before: Option<&Fingerprint>,
     after: &Fingerprint,
 ) -> Result<(), StepError> {
-    use crate::etcd::fingerprint::{compare, Comparison};
+    use crate::fingerprint::{compare, Comparison};
     let Some(before) = before else {
         tracing::info!(
             step,

@@ -25,6 +25,42 @@ pub fn bundle() -> PathBuf {
     b
 }
 
+/// The etcd versions in the bundle (every `etcd-<X.Y.Z>`), oldest first.
+pub fn bundled_versions() -> Vec<String> {
+    let mut v: Vec<(Vec<u32>, String)> = std::fs::read_dir(bundle())
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().into_owned();
+            let ver = name.strip_prefix("etcd-")?.to_string();
+            let key: Vec<u32> = ver
+                .split('.')
+                .map(|p| p.parse().ok())
+                .collect::<Option<_>>()?;
+            (key.len() == 3).then_some((key, ver))
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+/// The newest etcd 3.5 in the bundle: Debian's current one (`make bundle` fetches it), read
+/// from the bundle so that a newer Debian upload needs no change here.
+pub fn newest_35() -> String {
+    bundled_versions()
+        .into_iter()
+        .rfind(|v| v.starts_with("3.5."))
+        .expect("no etcd 3.5 in the bundle: run `make bundle`")
+}
+
+/// The journal of a data dir, one JSON value per completed step or event.
+pub fn journal(data_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(data_dir.join("etcd-migrate.journal"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// ../shared/fixtures.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
@@ -679,7 +715,15 @@ pub async fn v2_leaves(client_url: &str) -> BTreeMap<String, (String, bool)> {
 /// native-rollback inputs written here (3.0.17 cannot be run here): the backend and WAL formats
 /// are the same. The keys it acknowledged, and how many the backend holds.
 pub async fn killed_before_backend_commit(dir: &Path) -> (BTreeMap<Vec<u8>, Kv>, usize) {
-    let mut spec = MemberSpec::new("3.4.23", dir, "m1");
+    let r = killed_at("3.4.23", dir).await;
+    std::fs::write(dir.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    r
+}
+
+/// A member of `version` killed with nothing committed to its backend (its writes only in the
+/// WAL), recorded as `<version>/etcd3`: the keys acknowledged, and how many the backend holds.
+pub async fn killed_at(version: &str, dir: &Path) -> (BTreeMap<Vec<u8>, Kv>, usize) {
+    let mut spec = MemberSpec::new(version, dir, "m1");
     // Nothing is committed to the backend until the batch interval or the limit: never here.
     spec.extra = vec![
         "--backend-batch-interval=10m".into(),
@@ -694,7 +738,7 @@ pub async fn killed_before_backend_commit(dir: &Path) -> (BTreeMap<Vec<u8>, Kv>,
         .unwrap();
     let acked = dump(&mut c).await;
     drop(m); // SIGKILL
-    std::fs::write(dir.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    std::fs::write(dir.join("version.txt"), format!("{version}/etcd3\n")).unwrap();
     use etcd_migrate::storage::{bbolt::Db, mvcc::LiveIndex};
     let db = Db::open(dir.join("member/snap/db")).unwrap();
     let in_backend = LiveIndex::build(&db).unwrap().len();

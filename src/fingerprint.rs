@@ -1,7 +1,6 @@
 //! A summary of a store's keys that two steps can compare: counts and digests.
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Keys whose name starts with this are ours (health probes), never the user's.
 pub const PROBE_PREFIX: &str = "/etcd-migrate-probe";
@@ -13,9 +12,9 @@ pub struct Fingerprint {
     pub keys: u64,
     /// Keys without a TTL (v2) or lease (v3).
     pub permanent: u64,
-    /// Digest over (key, value) of every key, in key order.
+    /// Digest over (key, value) of every key.
     pub content: String,
-    /// Digest over (key, value, create revision, mod revision) of permanent keys, in key order.
+    /// Digest over (key, value, create revision, mod revision) of permanent keys.
     pub permanent_digest: String,
 }
 
@@ -26,50 +25,41 @@ impl Fingerprint {
     }
 }
 
-/// Builds a fingerprint from keys fed in key order.
+/// Builds a fingerprint from keys fed in any order: each digest is the sum, modulo 2^128, of
+/// a 128-bit hash (XXH3) per key, so a v2 store walked in tree order and a v3 store read in key
+/// order compare, and nothing has to be sorted or held.
 #[derive(Default)]
 pub struct FingerprintBuilder {
     keys: u64,
     permanent: u64,
-    content: Sha256,
-    permanent_digest: Sha256,
-}
-
-fn feed(h: &mut Sha256, bytes: &[u8]) {
-    h.update((bytes.len() as u64).to_le_bytes());
-    h.update(bytes);
+    content: u128,
+    permanent_digest: u128,
 }
 
 impl FingerprintBuilder {
     /// Adds one key; probe keys are skipped.
     pub fn add(&mut self, key: &[u8], value: &[u8], create: i64, modified: i64, expiring: bool) {
+        use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
         if key.starts_with(PROBE_PREFIX.as_bytes()) {
             return;
         }
         self.keys += 1;
-        feed(&mut self.content, key);
-        feed(&mut self.content, value);
+        let seed = xxh3_64(key);
+        self.content = self.content.wrapping_add(xxh3_128_with_seed(value, seed));
         if !expiring {
             self.permanent += 1;
-            feed(&mut self.permanent_digest, key);
-            feed(&mut self.permanent_digest, value);
-            self.permanent_digest.update(create.to_le_bytes());
-            self.permanent_digest.update(modified.to_le_bytes());
+            let revs = [create.to_le_bytes(), modified.to_le_bytes()].concat();
+            let h = xxh3_128_with_seed(value, seed ^ xxh3_64(&revs));
+            self.permanent_digest = self.permanent_digest.wrapping_add(h);
         }
     }
 
     pub fn finish(self) -> Fingerprint {
-        let hex = |h: Sha256| {
-            h.finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        };
         Fingerprint {
             keys: self.keys,
             permanent: self.permanent,
-            content: hex(self.content),
-            permanent_digest: hex(self.permanent_digest),
+            content: format!("{:032x}", self.content),
+            permanent_digest: format!("{:032x}", self.permanent_digest),
         }
     }
 }
@@ -128,6 +118,25 @@ mod tests {
         let a = fp(&[("/a", "1", false)]);
         let b = fp(&[("/a", "1", false), ("/etcd-migrate-probe-m1", "x", false)]);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn order_does_not_matter_but_every_part_of_a_key_does() {
+        let a = fp(&[("/a", "1", false), ("/b", "2", true)]);
+        let mut b = FingerprintBuilder::default();
+        b.add(b"/b", b"2", 2, 2, true);
+        b.add(b"/a", b"1", 1, 1, false);
+        assert_eq!(a, b.finish(), "the same keys in another order");
+        let mut c = FingerprintBuilder::default();
+        c.add(b"/b", b"2", 2, 2, true);
+        c.add(b"/a", b"1", 1, 9, false);
+        assert_ne!(
+            a.permanent_digest,
+            c.finish().permanent_digest,
+            "a revision differs"
+        );
+        let swapped = fp(&[("/a", "2", false), ("/b", "1", true)]);
+        assert_ne!(a.content, swapped.content, "values moved between keys");
     }
 
     #[test]
