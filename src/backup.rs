@@ -143,6 +143,19 @@ pub enum RestoreError {
     Progress(#[from] progress::ProgressError),
 }
 
+impl RestoreError {
+    /// 2 not a restorable backup (nothing touched); 3 the data dir is busy; 1 the restore failed.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RestoreError::NotABackup { .. }
+            | RestoreError::Unrecorded { .. }
+            | RestoreError::DataDir(_) => 2,
+            RestoreError::Busy(_) | RestoreError::InUse { .. } => 3,
+            RestoreError::Fs(_) | RestoreError::Progress(_) => 1,
+        }
+    }
+}
+
 /// The backup `arg` names: a path, or a name beside the data dir.
 fn chosen(layout: &Layout, arg: &Path) -> Result<Backup, RestoreError> {
     let path = if arg.is_absolute() || arg.components().count() > 1 {

@@ -178,6 +178,52 @@ impl Resolver<'_> {
             .filter(|v| !v.is_empty())
             .or_else(|| self.env.get(env))
     }
+
+    /// A path from the flag or its env var.
+    fn path(&self, flag_value: Option<&PathBuf>, env: &str) -> Option<PathBuf> {
+        self.pick(flag_value.map(|p| p.to_string_lossy().into_owned()), env)
+            .map(PathBuf::from)
+    }
+
+    /// One of a few words, each naming a value; unset is `choices[0]`.
+    fn choice<T: Copy>(
+        &self,
+        flag_value: Option<String>,
+        flag: &'static str,
+        env: &'static str,
+        choices: &[(&str, T)],
+        expected: &str,
+    ) -> Result<T, ConfigError> {
+        match self.pick(flag_value, env) {
+            None => Ok(choices[0].1),
+            Some(word) => choices
+                .iter()
+                .find(|(w, _)| *w == word)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| invalid(flag, Some(env), &word, expected)),
+        }
+    }
+
+    /// A non-zero duration like `90s`, `2m` or `500ms`.
+    fn duration(
+        &self,
+        flag_value: Option<String>,
+        flag: &'static str,
+        env: &'static str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match self.pick(flag_value, env) {
+            None => Ok(default),
+            Some(s) => parse_duration(&s).filter(|d| !d.is_zero()).ok_or_else(|| {
+                invalid(
+                    flag,
+                    Some(env),
+                    &s,
+                    "expected a duration like 90s, 2m or 500ms",
+                )
+            }),
+        }
+    }
 }
 
 fn invalid(
@@ -232,31 +278,90 @@ fn default_name(env: &Env) -> String {
 }
 
 /// Resolves the options against the environment. `needs_target` is false for `status` and
-/// `restore`, which ignore the target.
+/// `restore`, which ignore the target. Checked in the order the options are listed in `--help`,
+/// so the first bad one is the one named.
 pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, ConfigError> {
     let r = Resolver { env };
-    let data_dir = r
-        .pick(
-            opts.data_dir
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned()),
-            "DATA_DIRECTORY",
-        )
-        .map(PathBuf::from)
-        .ok_or(ConfigError::Missing {
-            flag: "--data-dir",
-            env: "DATA_DIRECTORY",
-        })?;
+    let data_dir =
+        r.path(opts.data_dir.as_ref(), "DATA_DIRECTORY")
+            .ok_or(ConfigError::Missing {
+                flag: "--data-dir",
+                env: "DATA_DIRECTORY",
+            })?;
     let target = if needs_target {
         Some(resolve_target(opts, &r)?)
     } else {
         None
     };
-    let events = data_dir.to_string_lossy().contains("event");
+    let member = resolve_member(opts, &r, data_dir.to_string_lossy().contains("event"))?;
+    let ttl = resolve_ttl(opts, &r)?;
+    let bin_dir = r
+        .path(opts.bin_dir.as_ref(), "ETCD_BIN_DIR")
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin"));
+    let bundled_versions = resolve_bundled_versions(opts, &r)?;
+    let extra_args = resolve_extra_args(opts, &r)?;
+    let health_timeout = r.duration(
+        opts.health_timeout.clone(),
+        "--health-timeout",
+        "HEALTH_TIMEOUT",
+        Duration::from_secs(120),
+    )?;
+    let stop_grace = r.duration(
+        opts.stop_grace.clone(),
+        "--stop-grace",
+        "STOP_GRACE",
+        Duration::from_secs(30),
+    )?;
+    let backup_retention = resolve_backup_retention(opts, &r)?;
+    let log_format = r.choice(
+        opts.log_format.clone(),
+        "--log-format",
+        "LOG_FORMAT",
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        "expected text or json",
+    )?;
+    let child_output = ChildOutput {
+        logged: r.choice(
+            opts.child_output.clone(),
+            "--child-output",
+            "CHILD_OUTPUT",
+            &[("all", true), ("quiet", false)],
+            "expected all or quiet",
+        )?,
+        secrets: secrets_in(&extra_args).into(),
+    };
+    let child_env = env
+        .vars
+        .iter()
+        .filter(|(k, _)| !OWN_VARIABLES.iter().any(|o| k == o))
+        .cloned()
+        .collect();
+    Ok(Config {
+        data_dir,
+        target,
+        member,
+        data_prefix: ttl.data_prefix,
+        ttl_keys_directory: ttl.keys_directory,
+        ttl_scope: ttl.scope,
+        ttl_granularity_secs: ttl.granularity_secs,
+        bin_dir,
+        bundled_versions,
+        extra_args,
+        health_timeout,
+        stop_grace,
+        backup_retention,
+        log_format,
+        child_output,
+        child_env,
+    })
+}
 
+/// This member's name and URLs. The events data dir (a second etcd on the same host) gets its
+/// own default ports.
+fn resolve_member(opts: &Opts, r: &Resolver, events: bool) -> Result<Member, ConfigError> {
     let name = r
         .pick(opts.name.clone(), "ETCD_NAME")
-        .unwrap_or_else(|| default_name(env));
+        .unwrap_or_else(|| default_name(r.env));
     if name.contains([',', '=']) || name.chars().any(char::is_whitespace) {
         return Err(invalid(
             "--name",
@@ -267,27 +372,7 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
     }
     let port = opts.port.unwrap_or(if events { 18631 } else { 18629 });
     let peer_port = opts.peer_port.unwrap_or(if events { 2381 } else { 2380 });
-    let client_urls_raw = r
-        .pick(opts.listen_client_urls.clone(), "LISTEN_CLIENT_URLS")
-        .unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
-    let client_urls: Vec<String> = client_urls_raw
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
-    for u in &client_urls {
-        match split_url(u) {
-            Some(("http", "127.0.0.1", p)) if p != 0 => {}
-            _ => {
-                return Err(invalid(
-                    "--listen-client-urls",
-                    Some("LISTEN_CLIENT_URLS"),
-                    &client_urls_raw,
-                    "each step's etcd must listen for clients on http://127.0.0.1:<port> only, so no client reaches \
-                     half-migrated data",
-                ))
-            }
-        }
-    }
+    let client_urls = resolve_client_urls(opts, r, port)?;
     let listen_peer_urls = r
         .pick(opts.listen_peer_urls.clone(), "LISTEN_PEER_URLS")
         .unwrap_or_else(|| format!("http://localhost:{peer_port}"));
@@ -307,7 +392,47 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         .pick(opts.initial_cluster.clone(), "INITIAL_CLUSTER")
         .unwrap_or_else(|| format!("{name}=http://localhost:{peer_port}"));
     check_initial_cluster(&initial_cluster, &name)?;
+    Ok(Member {
+        name,
+        client_urls,
+        listen_peer_urls,
+        advertise_peer_urls,
+        initial_cluster,
+    })
+}
 
+/// The private client URLs each step's etcd listens on: loopback only.
+fn resolve_client_urls(opts: &Opts, r: &Resolver, port: u16) -> Result<Vec<String>, ConfigError> {
+    let raw = r
+        .pick(opts.listen_client_urls.clone(), "LISTEN_CLIENT_URLS")
+        .unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
+    let urls: Vec<String> = raw.split(',').map(|s| s.trim().to_string()).collect();
+    for u in &urls {
+        match split_url(u) {
+            Some(("http", "127.0.0.1", p)) if p != 0 => {}
+            _ => {
+                return Err(invalid(
+                    "--listen-client-urls",
+                    Some("LISTEN_CLIENT_URLS"),
+                    &raw,
+                    "each step's etcd must listen for clients on http://127.0.0.1:<port> only, so no client reaches \
+                     half-migrated data",
+                ))
+            }
+        }
+    }
+    Ok(urls)
+}
+
+/// Where Kubernetes keeps its keys, and which v2 TTLs the storage migration carries over.
+struct TtlOptions {
+    data_prefix: String,
+    keys_directory: String,
+    scope: TtlScope,
+    granularity_secs: u64,
+}
+
+fn resolve_ttl(opts: &Opts, r: &Resolver) -> Result<TtlOptions, ConfigError> {
     let data_prefix = r
         .pick(opts.etcd_data_prefix.clone(), "ETCD_DATA_PREFIX")
         .unwrap_or_else(|| "/registry".into());
@@ -319,22 +444,17 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
             "must start with '/'",
         ));
     }
-    let ttl_keys_directory = r
+    let keys_directory = r
         .pick(opts.ttl_keys_directory.clone(), "TTL_KEYS_DIRECTORY")
         .unwrap_or_else(|| format!("{}/events", data_prefix.trim_end_matches('/')));
-    let ttl_scope = match r.pick(opts.ttl_scope.clone(), "TTL_SCOPE").as_deref() {
-        None | Some("all") => TtlScope::All,
-        Some("directory") => TtlScope::Directory,
-        Some(other) => {
-            return Err(invalid(
-                "--ttl-scope",
-                Some("TTL_SCOPE"),
-                other,
-                "expected all or directory",
-            ))
-        }
-    };
-    let ttl_granularity_secs = match r.pick(opts.ttl_granularity.clone(), "TTL_GRANULARITY") {
+    let scope = r.choice(
+        opts.ttl_scope.clone(),
+        "--ttl-scope",
+        "TTL_SCOPE",
+        &[("all", TtlScope::All), ("directory", TtlScope::Directory)],
+        "expected all or directory",
+    )?;
+    let granularity_secs = match r.pick(opts.ttl_granularity.clone(), "TTL_GRANULARITY") {
         None => 1,
         Some(s) => match parse_duration(&s).map(|d| d.as_secs()) {
             Some(n) if n >= 1 => n,
@@ -348,35 +468,61 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
             }
         },
     };
-    let bin_dir = r
-        .pick(
-            opts.bin_dir
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned()),
-            "ETCD_BIN_DIR",
-        )
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/local/bin"));
-    let bundled_versions = match r.pick(opts.bundled_versions.clone(), "BUNDLED_VERSIONS") {
-        None => None,
-        Some(list) => Some(
-            list.split([' ', ','])
-                .filter(|s| !s.is_empty())
-                .map(|s| {
-                    s.parse().map_err(|e: crate::version::ParseError| {
-                        invalid(
-                            "--bundled-versions",
-                            Some("BUNDLED_VERSIONS"),
-                            &list,
-                            e.to_string(),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+    Ok(TtlOptions {
+        data_prefix,
+        keys_directory,
+        scope,
+        granularity_secs,
+    })
+}
+
+fn resolve_bundled_versions(
+    opts: &Opts,
+    r: &Resolver,
+) -> Result<Option<Vec<EtcdVersion>>, ConfigError> {
+    let Some(list) = r.pick(opts.bundled_versions.clone(), "BUNDLED_VERSIONS") else {
+        return Ok(None);
     };
-    let extra_args = match r.pick(opts.etcd_server_extra_args.clone(), "ETCD_CREDS") {
-        None => Vec::new(),
+    list.split([' ', ','])
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|e: crate::version::ParseError| {
+                invalid(
+                    "--bundled-versions",
+                    Some("BUNDLED_VERSIONS"),
+                    &list,
+                    e.to_string(),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// How many backups to keep; unset keeps every one.
+fn resolve_backup_retention(opts: &Opts, r: &Resolver) -> Result<Option<usize>, ConfigError> {
+    match r.pick(opts.backup_retention.clone(), "BACKUP_RETENTION") {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(Some)
+            .ok_or_else(|| {
+                invalid(
+                    "--backup-retention",
+                    Some("BACKUP_RETENTION"),
+                    &s,
+                    "expected a whole number >= 1",
+                )
+            }),
+    }
+}
+
+/// ETCD_CREDS, shell-split into etcd flags.
+fn resolve_extra_args(opts: &Opts, r: &Resolver) -> Result<Vec<String>, ConfigError> {
+    match r.pick(opts.etcd_server_extra_args.clone(), "ETCD_CREDS") {
+        None => Ok(Vec::new()),
         Some(s) => shell_words::split(&s).map_err(|e| {
             // The value may hold secrets: name the problem, not the content.
             invalid(
@@ -385,104 +531,8 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
                 "<not shown>",
                 format!("cannot be shell-split: {e}"),
             )
-        })?,
-    };
-    let duration = |flag: &'static str,
-                    env_name: &'static str,
-                    v: Option<String>,
-                    default: Duration| match r.pick(v, env_name) {
-        None => Ok(default),
-        Some(s) => parse_duration(&s).filter(|d| !d.is_zero()).ok_or_else(|| {
-            invalid(
-                flag,
-                Some(env_name),
-                &s,
-                "expected a duration like 90s, 2m or 500ms",
-            )
         }),
-    };
-    let health_timeout = duration(
-        "--health-timeout",
-        "HEALTH_TIMEOUT",
-        opts.health_timeout.clone(),
-        Duration::from_secs(120),
-    )?;
-    let stop_grace = duration(
-        "--stop-grace",
-        "STOP_GRACE",
-        opts.stop_grace.clone(),
-        Duration::from_secs(30),
-    )?;
-    let backup_retention = match r.pick(opts.backup_retention.clone(), "BACKUP_RETENTION") {
-        None => None,
-        Some(s) => Some(s.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-            invalid(
-                "--backup-retention",
-                Some("BACKUP_RETENTION"),
-                &s,
-                "expected a whole number >= 1",
-            )
-        })?),
-    };
-    let log_format = match r.pick(opts.log_format.clone(), "LOG_FORMAT").as_deref() {
-        None | Some("text") => LogFormat::Text,
-        Some("json") => LogFormat::Json,
-        Some(other) => {
-            return Err(invalid(
-                "--log-format",
-                Some("LOG_FORMAT"),
-                other,
-                "expected text or json",
-            ))
-        }
-    };
-    let child_output_logged = match r.pick(opts.child_output.clone(), "CHILD_OUTPUT").as_deref() {
-        None | Some("all") => true,
-        Some("quiet") => false,
-        Some(other) => {
-            return Err(invalid(
-                "--child-output",
-                Some("CHILD_OUTPUT"),
-                other,
-                "expected all or quiet",
-            ))
-        }
-    };
-    let child_env = env
-        .vars
-        .iter()
-        .filter(|(k, _)| !OWN_VARIABLES.iter().any(|o| k == o))
-        .cloned()
-        .collect();
-
-    let child_output = ChildOutput {
-        logged: child_output_logged,
-        secrets: secrets_in(&extra_args).into(),
-    };
-    Ok(Config {
-        data_dir,
-        target,
-        member: Member {
-            name,
-            client_urls,
-            listen_peer_urls,
-            advertise_peer_urls,
-            initial_cluster,
-        },
-        data_prefix,
-        ttl_keys_directory,
-        ttl_scope,
-        ttl_granularity_secs,
-        bin_dir,
-        bundled_versions,
-        extra_args,
-        health_timeout,
-        stop_grace,
-        backup_retention,
-        log_format,
-        child_output,
-        child_env,
-    })
+    }
 }
 
 fn resolve_target(opts: &Opts, r: &Resolver) -> Result<VersionFile, ConfigError> {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::fsutil::{self, FsError};
-use crate::layout::{member_of, Layout};
+use crate::layout::{member_of, snap_dir, wal_dir, Layout};
 use crate::plan::DataFacts;
 use crate::progress::{self, ProgressError};
 use crate::storage::walinfo::MemberSummary;
@@ -111,13 +111,13 @@ fn is_legacy_v2(dir: &Path, top: &[String]) -> Result<bool, DataDirError> {
         return Ok(false);
     }
     let member = member_of(dir);
-    let wal = member.join("wal");
+    let wal = wal_dir(&member);
     if !wal.is_dir() || crate::layout::backend_of(dir).exists() {
         return Ok(false);
     }
     let wals = list(&wal)?;
-    let snaps = if member.join("snap").is_dir() {
-        list(&member.join("snap"))?
+    let snaps = if snap_dir(&member).is_dir() {
+        list(&snap_dir(&member))?
     } else {
         Vec::new()
     };
@@ -193,7 +193,7 @@ fn check_consistent(path: &Path, v: VersionFile, has_member: bool) -> Result<(),
             why,
         })
     };
-    if !member_of(path).join("wal").is_dir() {
+    if !wal_dir(&member_of(path)).is_dir() {
         return inconsistent("member/wal is missing");
     }
     let has_db = crate::layout::backend_of(path).is_file();
@@ -320,7 +320,7 @@ pub fn in_use_by(path: &Path) -> Option<String> {
             db.display()
         ));
     }
-    let wals = fs::read_dir(member.join("wal")).ok()?;
+    let wals = fs::read_dir(wal_dir(&member)).ok()?;
     for e in wals.filter_map(|e| e.ok()) {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "wal") && (locked_ofd(&p) || locked_flock(&p)) {
@@ -331,40 +331,6 @@ pub fn in_use_by(path: &Path) -> Option<String> {
         }
     }
     None
-}
-
-/// The processes that hold a lock (flock, POSIX or OFD) on `path`, from `/proc/locks`; empty
-/// when none does or the file is absent. Waiters (`->` lines) are not holders.
-pub fn lock_holders(path: &Path) -> Vec<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = fs::metadata(path) else {
-        return Vec::new();
-    };
-    let (dev, ino) = (meta.dev(), meta.ino());
-    let id = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
-    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
-    parse_lock_holders(&locks, &id)
-}
-
-/// Holders of the file `dev_ino` (`maj:min:inode`, hex device numbers as `/proc/locks` prints
-/// them) in the text of `/proc/locks`.
-fn parse_lock_holders(locks: &str, dev_ino: &str) -> Vec<u32> {
-    let mut pids: Vec<u32> = locks
-        .lines()
-        .filter_map(|line| {
-            // "1: FLOCK  ADVISORY  WRITE 4242 fd:01:123 0 EOF"; a waiter has "->" after "1:".
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            match fields.as_slice() {
-                [_, kind, _, _, pid, file, ..] if !kind.starts_with("->") && *file == dev_ino => {
-                    pid.parse().ok()
-                }
-                _ => None,
-            }
-        })
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
 }
 
 fn locked_flock(p: &Path) -> bool {
@@ -459,32 +425,6 @@ pub fn lock_holder(layout: &Layout) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lock_holders_are_read_from_proc_locks_without_waiters() {
-        let locks = "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF\n\
-                     1: -> FLOCK  ADVISORY  WRITE 5151 fd:01:1234 0 EOF\n\
-                     2: OFDLCK ADVISORY  WRITE -1 fd:01:99 0 EOF\n\
-                     3: POSIX  ADVISORY  WRITE 77 fd:01:1234 0 EOF\n\
-                     4: FLOCK  ADVISORY  WRITE 88 fd:02:1234 0 EOF\n";
-        assert_eq!(parse_lock_holders(locks, "fd:01:1234"), vec![77, 4242]);
-        assert_eq!(parse_lock_holders(locks, "fd:01:5"), Vec::<u32>::new());
-        assert_eq!(parse_lock_holders("", "fd:01:1234"), Vec::<u32>::new());
-    }
-
-    #[test]
-    fn lock_holders_of_a_file_we_flock_name_us() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("db");
-        fs::write(&p, b"x").unwrap();
-        assert!(lock_holders(&p).is_empty());
-        let f = File::open(&p).unwrap();
-        let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
-        assert_eq!(lock_holders(&p), vec![std::process::id()]);
-        drop(held);
-        assert!(lock_holders(&p).is_empty());
-        assert!(lock_holders(&d.path().join("absent")).is_empty());
-    }
 
     #[test]
     fn missing_and_empty_dirs_are_fresh() {

@@ -389,6 +389,40 @@ pub fn remove_tree(path: &Path) -> Result<(), FsError> {
     }
 }
 
+/// The processes that hold a lock (flock, POSIX or OFD) on `path`, from `/proc/locks`; empty
+/// when none does or the file is absent. Waiters (`->` lines) are not holders.
+pub fn lock_holders(path: &Path) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let id = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    parse_lock_holders(&locks, &id)
+}
+
+/// Holders of the file `dev_ino` (`maj:min:inode`, hex device numbers as `/proc/locks` prints
+/// them) in the text of `/proc/locks`.
+fn parse_lock_holders(locks: &str, dev_ino: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = locks
+        .lines()
+        .filter_map(|line| {
+            // "1: FLOCK  ADVISORY  WRITE 4242 fd:01:123 0 EOF"; a waiter has "->" after "1:".
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [_, kind, _, _, pid, file, ..] if !kind.starts_with("->") && *file == dev_ino => {
+                    pid.parse().ok()
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,5 +506,31 @@ mod tests {
         );
         assert!(e.is_no_space());
         ensure_space(d.path(), 1).unwrap();
+    }
+
+    #[test]
+    fn lock_holders_are_read_from_proc_locks_without_waiters() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF\n\
+                     1: -> FLOCK  ADVISORY  WRITE 5151 fd:01:1234 0 EOF\n\
+                     2: OFDLCK ADVISORY  WRITE -1 fd:01:99 0 EOF\n\
+                     3: POSIX  ADVISORY  WRITE 77 fd:01:1234 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 88 fd:02:1234 0 EOF\n";
+        assert_eq!(parse_lock_holders(locks, "fd:01:1234"), vec![77, 4242]);
+        assert_eq!(parse_lock_holders(locks, "fd:01:5"), Vec::<u32>::new());
+        assert_eq!(parse_lock_holders("", "fd:01:1234"), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn lock_holders_of_a_file_we_flock_name_us() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("db");
+        std::fs::write(&p, b"x").unwrap();
+        assert!(lock_holders(&p).is_empty());
+        let f = std::fs::File::open(&p).unwrap();
+        let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+        assert_eq!(lock_holders(&p), vec![std::process::id()]);
+        drop(held);
+        assert!(lock_holders(&p).is_empty());
+        assert!(lock_holders(&d.path().join("absent")).is_empty());
     }
 }

@@ -179,7 +179,17 @@ pub fn member_of(data_dir: &Path) -> PathBuf {
 
 /// The v3 backend of any data dir.
 pub fn backend_of(data_dir: &Path) -> PathBuf {
-    member_of(data_dir).join("snap/db")
+    snap_dir(&member_of(data_dir)).join("db")
+}
+
+/// A member dir's WAL directory.
+pub fn wal_dir(member: &Path) -> PathBuf {
+    member.join("wal")
+}
+
+/// A member dir's snapshot directory (v2 `.snap` files and the v3 backend).
+pub fn snap_dir(member: &Path) -> PathBuf {
+    member.join("snap")
 }
 
 /// The directory holding `path` (`.` for a bare name).

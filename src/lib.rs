@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod layout;
 pub mod meter;
 pub mod plan;
+pub mod preflight;
 pub mod progress;
 pub mod release;
 pub mod report;

@@ -77,7 +77,11 @@ fn check_exec_flags(
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    run::check_flags_known(target.version, &args, "the etcd flags after `run --`")
+    etcd_migrate::preflight::check_flags_known(
+        target.version,
+        &args,
+        "the etcd flags after `run --`",
+    )
 }
 
 /// One thread: children are spawned from the main thread, so their parent-death signal fires

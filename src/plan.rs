@@ -469,6 +469,61 @@ fn leave_minor_from(
     Ok(())
 }
 
+/// The forward walk's state: the steps so far and where they leave the data.
+struct Forward<'a> {
+    bundled: &'a BundledVersions,
+    steps: Vec<Step>,
+    at: VersionFile,
+    /// The storage is etcd3 by now (or was never to be migrated).
+    migrated: bool,
+    /// The data would boot as a 2.x cluster on 3.5+: a snapshot must be cut before 3.5.
+    need_snapshot_fix: bool,
+}
+
+impl Forward<'_> {
+    /// etcd2 -> etcd3 at release `v`.
+    fn migrate_storage(&mut self, v: EtcdVersion) {
+        self.steps.push(Step::MigrateStorage {
+            from: self.at,
+            at: v,
+            cut_snapshot: false,
+        });
+        self.at = VersionFile {
+            version: v,
+            storage: Storage::Etcd3,
+        };
+        self.migrated = true;
+        self.need_snapshot_fix = true;
+    }
+
+    /// One release up, in the storage the data is in.
+    fn upgrade(&mut self, v: EtcdVersion) -> Result<(), PlanError> {
+        let storage = self.at.storage;
+        storage_servable(v, storage).map_err(|why| PlanError::StorageUnservable {
+            version: v,
+            storage,
+            why,
+        })?;
+        let crossing_into_35 =
+            self.at.version < EtcdVersion::new(3, 5, 0) && v >= EtcdVersion::new(3, 5, 0);
+        if crossing_into_35 && self.need_snapshot_fix {
+            mark_snapshot_cut(&mut self.steps, self.at, self.bundled)?;
+            self.need_snapshot_fix = false;
+        }
+        let to = VersionFile {
+            version: v,
+            storage,
+        };
+        self.steps.push(Step::Upgrade {
+            from: self.at,
+            to,
+            cut_snapshot: false,
+        });
+        self.at = to;
+        Ok(())
+    }
+}
+
 fn plan_forward(
     current: VersionFile,
     target: VersionFile,
@@ -482,81 +537,39 @@ fn plan_forward(
         });
     }
     let versions = forward_versions(current.version, target.version, bundled)?;
-    let mut steps = Vec::new();
-    let mut at = current;
-    let mut need_snapshot_fix = facts.boot_cluster_version_v2;
     let migrate_storage = current.storage == Storage::Etcd2 && target.storage == Storage::Etcd3;
-
-    // etcd2 -> etcd3 happens at the first 3.0-3.4 release: the current one if it qualifies.
-    let mut migrated = !migrate_storage;
+    let mut walk = Forward {
+        bundled,
+        steps: Vec::new(),
+        at: current,
+        // etcd2 -> etcd3 happens at the first 3.0-3.4 release: the current one if it qualifies.
+        migrated: !migrate_storage,
+        need_snapshot_fix: facts.boot_cluster_version_v2,
+    };
     // When the current minor is not bundled, the first step's release migrates instead.
     let current_runner = runner_for(current.version, bundled)
         .ok()
         .filter(|_| has_etcdctl_migrate(current.version));
     if let (true, Some(runner)) = (migrate_storage, current_runner) {
-        steps.push(Step::MigrateStorage {
-            from: current,
-            at: runner,
-            cut_snapshot: false,
-        });
-        at = VersionFile {
-            version: runner,
-            storage: Storage::Etcd3,
-        };
-        migrated = true;
-        need_snapshot_fix = true;
+        walk.migrate_storage(runner);
     }
+    let no_release = PlanError::NoStorageMigrationRelease {
+        from: current,
+        to: target,
+    };
     for v in versions {
-        if !migrated && has_etcdctl_migrate(v) {
-            steps.push(Step::MigrateStorage {
-                from: at,
-                at: v,
-                cut_snapshot: false,
-            });
-            at = VersionFile {
-                version: v,
-                storage: Storage::Etcd3,
-            };
-            migrated = true;
-            need_snapshot_fix = true;
-            continue;
+        if !walk.migrated && has_etcdctl_migrate(v) {
+            walk.migrate_storage(v);
+        } else if !walk.migrated && v.major >= 3 {
+            return Err(no_release);
+        } else {
+            walk.upgrade(v)?;
         }
-        if !migrated && v.major >= 3 {
-            return Err(PlanError::NoStorageMigrationRelease {
-                from: current,
-                to: target,
-            });
-        }
-        let storage = at.storage;
-        storage_servable(v, storage).map_err(|why| PlanError::StorageUnservable {
-            version: v,
-            storage,
-            why,
-        })?;
-        let crossing_into_35 =
-            at.version < EtcdVersion::new(3, 5, 0) && v >= EtcdVersion::new(3, 5, 0);
-        if crossing_into_35 && need_snapshot_fix {
-            mark_snapshot_cut(&mut steps, at, bundled)?;
-            need_snapshot_fix = false;
-        }
-        let to = VersionFile {
-            version: v,
-            storage,
-        };
-        steps.push(Step::Upgrade {
-            from: at,
-            to,
-            cut_snapshot: false,
-        });
-        at = to;
     }
-    if !migrated {
-        return Err(PlanError::NoStorageMigrationRelease {
-            from: current,
-            to: target,
-        });
+    if !walk.migrated {
+        return Err(no_release);
     }
-    Ok(steps)
+    Ok(walk.steps)
 }
 
 /// Makes the step before the first 3.5+ step cut a snapshot, or adds a pass at the current

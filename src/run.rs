@@ -1,23 +1,23 @@
 //! Wiring: config -> inspect -> plan -> lock -> steps -> record, and `run`'s final exec.
 
 use std::ffi::OsString;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::config::{split_url, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::datadir::{self, Busy, DataDirError, Inspection};
 use crate::etcd::bundle::{Bundle, BundleError};
 use crate::executor::{self, EtcdOps};
 use crate::fsutil::FsError;
 use crate::layout::Layout;
 use crate::plan::{self, Plan, PlanError, Step};
+use crate::preflight;
 use crate::progress::{self, JournalEntry, ProgressError};
 use crate::release::Tool;
 use crate::staging;
-use crate::steps::{self, Ctx, Refusal, StepError};
+use crate::steps::{Ctx, Refusal, StepError};
 use crate::version::{EtcdVersion, VersionFile};
 
 /// Why a run ended without doing everything. Each maps to an exit code.
@@ -69,6 +69,8 @@ pub enum RunError {
     Progress(#[from] ProgressError),
     #[error(transparent)]
     Restore(#[from] crate::backup::RestoreError),
+    #[error("cannot encode the report: {0}")]
+    Report(serde_json::Error),
     #[error("cannot exec {path}: {source}")]
     Exec {
         path: PathBuf,
@@ -88,7 +90,13 @@ impl RunError {
             | RunError::UnknownFlags { .. }
             | RunError::Refused(_) => 2,
             RunError::Busy(_) | RunError::InUse { .. } => 3,
-            _ => 1,
+            RunError::Step { .. }
+            | RunError::Interrupted { .. }
+            | RunError::Fs(_)
+            | RunError::Progress(_)
+            | RunError::Report(_)
+            | RunError::Exec { .. } => 1,
+            RunError::Restore(e) => e.exit_code(),
         }
     }
 }
@@ -178,54 +186,6 @@ pub(crate) fn plan_with_interrupted(
     }
 }
 
-/// Refuses, before anything is touched, flags that `release` is known not to accept.
-pub fn check_flags_known(
-    release: EtcdVersion,
-    args: &[String],
-    whence: &'static str,
-) -> Result<(), RunError> {
-    match crate::release::Release::new(release).unknown_flags(args) {
-        Some(flags) if !flags.is_empty() => Err(RunError::UnknownFlags {
-            release,
-            flags,
-            whence,
-        }),
-        _ => Ok(()),
-    }
-}
-
-fn check_ports_free(config: &Config) -> Result<(), RunError> {
-    for url in &config.member.client_urls {
-        if let Some((_, host, port)) = split_url(url) {
-            if TcpListener::bind((host, port)).is_err() {
-                return Err(RunError::PortTaken { port });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A data dir that is the root of a mount cannot be swapped by rename; staged steps need its parent.
-fn check_swappable(layout: &Layout, steps: &[Step]) -> Result<(), RunError> {
-    use std::os::unix::fs::MetadataExt;
-    if !steps.iter().any(|s| s.rewrites_member_alone()) {
-        return Ok(());
-    }
-    let data_dir = layout.data_dir();
-    let (Ok(d), Ok(p)) = (
-        std::fs::metadata(data_dir),
-        std::fs::metadata(layout.parent()),
-    ) else {
-        return Ok(());
-    };
-    if d.dev() != p.dev() {
-        return Err(RunError::Refused(Refusal::NotSwappable {
-            data_dir: data_dir.to_path_buf(),
-        }));
-    }
-    Ok(())
-}
-
 /// What a run does once the data is at the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -260,7 +220,7 @@ pub async fn migrate<O: EtcdOps>(
         tracing::info!(version = %target, elapsed_ms = t0.elapsed().as_millis() as u64, "data is already at the target; nothing to do");
         return Ok(target);
     }
-    preflight(config, &prepared, mode)?;
+    preflight::preflight(config, &prepared, mode)?;
     let _lock = datadir::lock(&layout, mode.name())??;
     if let Some(what) = datadir::in_use_by(layout.data_dir()) {
         return Err(RunError::InUse {
@@ -277,13 +237,13 @@ pub async fn migrate<O: EtcdOps>(
     if plan.steps.is_empty() {
         return Ok(target);
     }
-    refuse_unrepresentable(config, &plan)?;
+    preflight::refuse_unrepresentable(config, &plan)?;
     if plan
         .steps
         .iter()
         .any(|s| !matches!(s, Step::RollbackToEtcd2 { .. }))
     {
-        check_ports_free(config)?;
+        preflight::check_ports_free(config)?;
     }
     let ctx = Ctx {
         config,
@@ -296,41 +256,6 @@ pub async fn migrate<O: EtcdOps>(
     tracing::info!(version = %target, steps = plan.steps.len(), elapsed_ms = t0.elapsed().as_millis() as u64,
         peak_rss_mb = crate::meter::own_peak_rss_mb(), etcd_peak_rss_mb = crate::meter::children_peak_rss_mb(), "migration complete");
     Ok(target)
-}
-
-/// Everything checked before the lock is taken and anything touched: the plan's notes, its
-/// binaries and flags, that a staged step can swap, and for `run` the binary it execs.
-fn preflight(config: &Config, prepared: &Prepared, mode: Mode) -> Result<(), RunError> {
-    let target = prepared.target;
-    match &prepared.plan {
-        Some(p) => {
-            for note in &p.notes {
-                tracing::warn!("{note}");
-            }
-            prepared
-                .bundle
-                .preflight(p.steps.iter().flat_map(Step::tools))?;
-            for step in &p.steps {
-                check_flags_known(step.runs(), &config.extra_args, "ETCD_CREDS")?;
-            }
-            check_swappable(&config.layout(), &p.steps)?;
-        }
-        None if !prepared.bundle.versions.contains(target.version) => {
-            return Err(PlanError::TargetNotBundled {
-                target: target.version,
-                bundled: prepared.bundle.versions.clone(),
-            }
-            .into());
-        }
-        None => {}
-    }
-    if mode == Mode::Run {
-        // `run` ends in exec etcd-<target>: make sure it is there before touching anything.
-        prepared
-            .bundle
-            .preflight([(Tool::Etcd, target.version, format!("exec etcd {target}"))])?;
-    }
-    Ok(())
 }
 
 fn record_fresh(
@@ -346,25 +271,6 @@ fn record_fresh(
     )?;
     tracing::info!(version = %target, "no etcd data yet: recorded the target; etcd creates the data on first start");
     Ok(target)
-}
-
-/// The native rollback refuses data a v2 store cannot hold (Kubernetes protobuf values first of
-/// all) before touching anything. Minor rollbacks before it keep every value, so the current
-/// data is what is checked.
-fn refuse_unrepresentable(config: &Config, plan: &Plan) -> Result<(), RunError> {
-    // As the first step the native rollback checks while it writes, into staging, and refuses
-    // (exit 2, data dir untouched) on the first problem; only after other steps must it be
-    // checked before anything runs.
-    let later = plan
-        .steps
-        .iter()
-        .skip(1)
-        .any(|s| matches!(s, Step::RollbackToEtcd2 { .. }));
-    if !later {
-        return Ok(());
-    }
-    steps::to_etcd2::refuse_unrepresentable(&config.layout().member(), &config.data_prefix)
-        .map_err(RunError::Refused)
 }
 
 /// Replaces this process with `etcd-<target>` and the pod's flags, in a scrubbed environment.

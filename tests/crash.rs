@@ -18,17 +18,10 @@ use common::*;
 /// key -> (value, has a TTL or lease).
 type Content = BTreeMap<String, (String, bool)>;
 
-fn recorded(dir: &Path) -> String {
-    fs::read_to_string(dir.join("version.txt"))
-        .unwrap()
-        .trim_end()
-        .to_string()
-}
-
 /// What a data dir serves, read by the version it records, on a throwaway copy.
 async fn content(dir: &Path, name: &str, scratch: &Path) -> Content {
     cp_dir(dir, scratch);
-    let vf = recorded(scratch);
+    let vf = recorded_version(scratch);
     let (version, storage) = vf.split_once('/').unwrap();
     let v3 = |m: BTreeMap<Vec<u8>, Kv>| -> Content {
         m.into_iter()
@@ -94,7 +87,7 @@ async fn content(dir: &Path, name: &str, scratch: &Path) -> Content {
     }
 }
 
-/// etcd processes whose command line names `dir`.
+/// Live etcd processes whose command line names `dir`.
 fn etcds_on(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
     fs::read_dir("/proc")
@@ -103,34 +96,29 @@ fn etcds_on(dir: &Path) -> Vec<u32> {
         .filter(|pid| {
             let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd);
-            cmd.contains("/etcd-")
-                && cmd.contains(&needle)
-                && !fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .unwrap_or_default()
-                    .contains(") Z ")
+            cmd.contains("/etcd-") && cmd.contains(&needle) && !exited(*pid)
         })
         .collect()
 }
 
 fn wait_no_etcd(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !etcds_on(dir).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "etcd still running on {}: {:?}",
-            dir.display(),
-            etcds_on(dir)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        format_args!("no etcd on {}", dir.display()),
+        Duration::from_secs(5),
+        || etcds_on(dir).is_empty().then_some(()),
+    );
+}
+
+/// etcd-migrate's work area beside `data` (`<data>.etcd-migrate`).
+fn work_area(data: &Path) -> PathBuf {
+    let mut name = data.file_name().unwrap().to_os_string();
+    name.push(".etcd-migrate");
+    data.with_file_name(name)
 }
 
 /// Nothing of ours is left in or beside the data dir but the lock file and backups.
 fn nothing_left_behind(data: &Path) {
-    let work = data.with_file_name(format!(
-        "{}.etcd-migrate",
-        data.file_name().unwrap().to_string_lossy()
-    ));
+    let work = work_area(data);
     let left: Vec<String> = fs::read_dir(&work)
         .map(|rd| {
             rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -173,13 +161,10 @@ fn env_for(s: &Scenario, data: &Path) -> MigrateEnv {
 /// After a crash: version.txt names data its version serves, with every key of the source.
 async fn check_after_crash(s: &Scenario, data: &Path, scratch: &Path, what: &str) {
     wait_no_etcd(data);
-    let rec = recorded(data);
+    let rec = recorded_version(data);
     // An in-place upgrade under way: its release may have written the data, which is what the
     // intent in the work area says; the next run finishes that step first.
-    let work = data.with_file_name(format!(
-        "{}.etcd-migrate",
-        data.file_name().unwrap().to_string_lossy()
-    ));
+    let work = work_area(data);
     let interrupted_in_place = work.join("in-place.json").exists();
     if !interrupted_in_place {
         let got = content(data, s.member, scratch).await;
@@ -218,14 +203,11 @@ async fn crash_at_failpoints(s: &Scenario, root: &Path) -> (usize, usize) {
             text(&out)
         );
         check_after_crash(s, &data, &root.join("scratch"), fp).await;
-        let out = env.run(&["migrate"]);
-        assert!(
-            out.status.success(),
-            "{}: rerun after {fp}: {}",
-            s.name,
-            text(&out)
+        env.run_ok(&["migrate"], &format!("{}: rerun after {fp}", s.name));
+        assert_eq!(
+            recorded_version(&data),
+            format!("{}/{}", s.target.0, s.target.1)
         );
-        assert_eq!(recorded(&data), format!("{}/{}", s.target.0, s.target.1));
         wait_no_etcd(&data);
         nothing_left_behind(&data);
         let got = content(&data, s.member, &root.join("scratch")).await;
@@ -259,6 +241,7 @@ async fn random_kills(s: &Scenario, root: &Path, n: usize, seed: u64) -> (usize,
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // The kill lands at a chosen moment of the run: time must pass, there is nothing to await.
         std::thread::sleep(at);
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         child.wait().unwrap();
@@ -269,12 +252,9 @@ async fn random_kills(s: &Scenario, root: &Path, n: usize, seed: u64) -> (usize,
             &format!("kill -9 at {at:?}"),
         )
         .await;
-        let out = env.run(&["migrate"]);
-        assert!(
-            out.status.success(),
-            "{}: rerun after kill -9 at {at:?}: {}",
-            s.name,
-            text(&out)
+        env.run_ok(
+            &["migrate"],
+            &format!("{}: rerun after kill -9 at {at:?}", s.name),
         );
         wait_no_etcd(&data);
         nothing_left_behind(&data);
@@ -314,9 +294,8 @@ async fn reference(
         duration: Duration::ZERO,
     };
     let t = Instant::now();
-    let out = env_for(&s, &data).run(&["migrate"]);
+    env_for(&s, &data).run_ok(&["migrate"], name);
     s.duration = t.elapsed();
-    assert!(out.status.success(), "{name}: {}", text(&out));
     s.reference = content(&data, member, &root.join("scratch")).await;
     s
 }
@@ -332,7 +311,7 @@ async fn storage_scenario(root: &Path) -> Scenario {
     m.wait_healthy(Duration::from_secs(30));
     seed_v2(&m.client_url, 200, 2600, 20, 5).await;
     m.stop();
-    fs::write(data.join("version.txt"), "3.4.23/etcd2\n").unwrap();
+    record_version(&data, "3.4.23/etcd2");
     let fps = vec![
         ("copy-tree-mid-copy", "1*off->panic"),
         ("to-etcd3-before-migrate", "panic"),
@@ -358,7 +337,7 @@ async fn native_rollback_scenario(root: &Path) -> Scenario {
     let dir = root.join("src-rollback");
     fs::create_dir_all(&dir).unwrap();
     let data = untar_fixture("etcd-3.0.17-v3", &dir);
-    fs::write(data.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    record_version(&data, "3.0.17/etcd3");
     let fps = vec![
         ("to-etcd2-before-write", "panic"),
         ("to-etcd2-mid-write", "30*off->panic"),
@@ -382,11 +361,7 @@ async fn native_rollback_scenario(root: &Path) -> Scenario {
 async fn minor_rollback_scenario(root: &Path) -> Scenario {
     let dir = root.join("src-minor");
     let data = dir.join("data");
-    let m = Member::start("3.5.1", &data, "m1");
-    let mut c = m.client().await;
-    seed(&mut c, 300, 7).await;
-    m.stop();
-    fs::write(data.join("version.txt"), "3.5.1/etcd3\n").unwrap();
+    seeded_member("3.5.1", &data, "m1", 300, 7).await;
     let fps = vec![
         ("minor-rollback-after-save", "panic"),
         ("minor-rollback-after-restore", "panic"),

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -32,21 +32,14 @@ fn recorded_stops(data: &Path) -> Vec<(String, u64, u64)> {
 async fn every_bundled_release_stops_without_the_client_stall() {
     let t = tempfile::tempdir().unwrap();
     let seed_dir = t.path().join("seed");
-    let m = Member::start("3.4.23", &seed_dir, "m1");
-    let mut c = m.client().await;
-    seed(&mut c, 50, 10).await;
-    let before = dump(&mut c).await;
-    drop(c);
-    m.stop();
-    fs::write(seed_dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    let (before, _) = seeded_member("3.4.23", &seed_dir, "m1", 50, 10).await;
 
     let mut stops: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for v in bundled_versions().iter().filter(|v| v.starts_with("3.5.")) {
         let data = t.path().join(format!("data-{v}"));
         cp_dir(&seed_dir, &data);
         for target in [v.as_str(), "3.4.23"] {
-            let out = MigrateEnv::new(&data, "m1", target, "etcd3").run(&["migrate"]);
-            assert!(out.status.success(), "to {target}: {}", text(&out));
+            MigrateEnv::new(&data, "m1", target, "etcd3").run_ok(&["migrate"], target);
         }
         let recorded = recorded_stops(&data);
         for (etcd, stop_ms, close_ms) in &recorded {
@@ -100,12 +93,13 @@ fn bin_dir_with(dir: &Path, real: &[&str], fake: &[&str]) {
     }
 }
 
-/// A cleanly stopped single member at `version` with a few keys, recorded as such.
-async fn member_at(version: &str, dir: &Path) {
-    let m = Member::start(version, dir, "m1");
-    seed(&mut m.client().await, 20, 0).await;
-    m.stop();
-    fs::write(dir.join("version.txt"), format!("{version}/etcd3\n")).unwrap();
+/// A cleanly stopped single member `m1` at `version` with a few keys, recorded as such, in
+/// `<tempdir>/data`.
+async fn member_at(version: &str) -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    seeded_member(version, &data, "m1", 20, 0).await;
+    (t, data)
 }
 
 fn plan_steps(env: &MigrateEnv) -> Result<Vec<String>, String> {
@@ -114,20 +108,13 @@ fn plan_steps(env: &MigrateEnv) -> Result<Vec<String>, String> {
         return Err(format!("exit {:?}: {}", out.status.code(), text(&out)));
     }
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    Ok(plan["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["outcome"].as_str().unwrap().to_string())
-        .collect())
+    Ok(field_of_each(&plan["steps"], "outcome"))
 }
 
 #[tokio::test]
 async fn plan_to_36_passes_the_newest_35_and_is_refused_without_one() {
     let new = newest_35();
-    let t = tempfile::tempdir().unwrap();
-    let data = t.path().join("data");
-    member_at("3.5.1", &data).await;
+    let (t, data) = member_at("3.5.1").await;
     let with = t.path().join("with");
     bin_dir_with(
         &with,
@@ -153,32 +140,25 @@ async fn plan_to_36_passes_the_newest_35_and_is_refused_without_one() {
 
     let without = t.path().join("without");
     bin_dir_with(&without, &["3.4.23", "3.5.1"], &["3.6.0"]);
-    let h0 = tree_hash(&data);
     let mut env = MigrateEnv::new(&data, "m1", "3.6.0", "etcd3");
     env.set("ETCD_BIN_DIR", without.to_str().unwrap());
-    let err = plan_steps(&env).unwrap_err();
-    assert!(
-        err.starts_with("exit Some(2)") && err.contains("3.5.20"),
-        "{err}"
-    );
-    let out = env.run(&["migrate"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert_eq!(
-        tree_hash(&data),
-        h0,
-        "a refused migrate changed the data dir"
-    );
+    let plan_then_migrate = || {
+        let err = plan_steps(&env).unwrap_err();
+        assert!(
+            err.starts_with("exit Some(2)") && err.contains("3.5.20"),
+            "{err}"
+        );
+        env.run(&["migrate"])
+    };
+    assert_refused_untouched("to 3.6 without 3.5.20", &data, plan_then_migrate, 2, &[]);
 }
 
 #[tokio::test]
 async fn flags_a_release_lacks_and_unknown_releases_are_refused_untouched() {
     let new = newest_35();
-    let t = tempfile::tempdir().unwrap();
-    let data = t.path().join("data");
-    member_at(&new, &data).await;
+    let (t, data) = member_at(&new).await;
     let bin = t.path().join("bin");
     bin_dir_with(&bin, &[&new], &["3.6.0", "3.8.0"]);
-    let h0 = tree_hash(&data);
     let env = |target: &str| {
         let mut e = MigrateEnv::new(&data, "m1", target, "etcd3");
         e.set("ETCD_BIN_DIR", bin.to_str().unwrap());
@@ -188,50 +168,48 @@ async fn flags_a_release_lacks_and_unknown_releases_are_refused_untouched() {
     // ETCD_CREDS with a flag 3.6 removed: refused before the 3.6 step starts.
     let mut e = env("3.6.0");
     e.set("ETCD_CREDS", "--enable-v2=true --peer-client-cert-auth");
-    let out = e.run(&["migrate"]);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{log}");
-    assert!(
-        log.contains("etcd 3.6.0 does not accept --enable-v2") && log.contains("ETCD_CREDS"),
-        "{log}"
+    assert_refused_untouched(
+        "a removed flag in ETCD_CREDS",
+        &data,
+        || e.run(&["migrate"]),
+        2,
+        &["etcd 3.6.0 does not accept --enable-v2", "ETCD_CREDS"],
     );
     // The same flag among the pod's own flags of `run`.
-    let out = env("3.6.0").run(&["run", "--", "--name", "m1", "--enable-v2=true"]);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{log}");
-    assert!(log.contains("the etcd flags after `run --`"), "{log}");
-    // A release past the known table.
-    let out = env("3.8.0").run(&["migrate"]);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{log}");
-    assert!(
-        log.contains("newer than any release etcd-migrate knows"),
-        "{log}"
+    assert_refused_untouched(
+        "a removed flag after `run --`",
+        &data,
+        || env("3.6.0").run(&["run", "--", "--name", "m1", "--enable-v2=true"]),
+        2,
+        &["the etcd flags after `run --`"],
     );
-    assert_eq!(tree_hash(&data), h0, "a refusal changed the data dir");
+    // A release past the known table.
+    assert_refused_untouched(
+        "a release past the known table",
+        &data,
+        || env("3.8.0").run(&["migrate"]),
+        2,
+        &["newer than any release etcd-migrate knows"],
+    );
 }
 
 #[tokio::test]
 async fn rollback_from_36_is_refused_with_etcds_downgrade_path() {
     let new = newest_35();
-    let t = tempfile::tempdir().unwrap();
-    let data = t.path().join("data");
-    member_at(&new, &data).await;
+    let (t, data) = member_at(&new).await;
     // What a 3.6 member's data dir would record (no 3.6 binary can write one here).
-    fs::write(data.join("version.txt"), "3.6.0/etcd3\n").unwrap();
+    record_version(&data, "3.6.0/etcd3");
     let bin = t.path().join("bin");
     bin_dir_with(&bin, &[&new], &["3.6.0"]);
-    let h0 = tree_hash(&data);
     let mut e = MigrateEnv::new(&data, "m1", &new, "etcd3");
     e.set("ETCD_BIN_DIR", bin.to_str().unwrap());
-    let out = e.run(&["migrate"]);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{log}");
-    assert!(
-        log.contains("etcdctl downgrade validate 3.5") && log.contains("Rolling back from 3.6"),
-        "{log}"
+    assert_refused_untouched(
+        "rollback from 3.6",
+        &data,
+        || e.run(&["migrate"]),
+        2,
+        &["etcdctl downgrade validate 3.5", "Rolling back from 3.6"],
     );
-    assert_eq!(tree_hash(&data), h0);
 }
 
 /// After a kill the backend lacks the writes only the WAL holds: the minor rollback starts the
@@ -246,8 +224,7 @@ async fn minor_rollback_after_a_kill_saves_from_the_release_that_applies_the_wal
         in_backend < acked.len(),
         "the kill left every write in the backend"
     );
-    let out = MigrateEnv::new(&data, "m1", "3.4.23", "etcd3").run(&["migrate"]);
-    assert!(out.status.success(), "{}", text(&out));
+    MigrateEnv::new(&data, "m1", "3.4.23", "etcd3").run_ok(&["migrate"], "rollback");
     let step = journal(&data)
         .into_iter()
         .rfind(|e| e["event"] == "step")

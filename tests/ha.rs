@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -53,20 +53,8 @@ impl Tls {
 }
 
 /// Three members' specs on one machine.
-fn cluster_specs(root: &Path, version: &str, scheme: &str) -> Vec<MemberSpec> {
-    let mut specs: Vec<MemberSpec> = ["m1", "m2", "m3"]
-        .iter()
-        .map(|n| MemberSpec::new(version, &root.join(n), n))
-        .collect();
-    let ic = specs
-        .iter()
-        .map(|s| format!("{}={scheme}://127.0.0.1:{}", s.name, s.peer_port))
-        .collect::<Vec<_>>()
-        .join(",");
-    for s in &mut specs {
-        s.initial_cluster = Some(ic.clone());
-    }
-    specs
+fn three_member_specs(root: &Path, version: &str, scheme: &str) -> Vec<MemberSpec> {
+    cluster_specs(root, version, &["m1", "m2", "m3"], scheme)
 }
 
 fn with_scheme(flags: Vec<String>, scheme: &str) -> Vec<String> {
@@ -128,34 +116,29 @@ impl Drop for Procs {
 }
 
 fn stop(c: &mut Child) {
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = c.kill();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    stop_child(c, Duration::from_secs(20));
 }
 
-fn wait_version(url: &str, want: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if http_get(url, "/version").is_some_and(|v| v.contains(want)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
+/// Waits until the member at `url` reports `want` on /version.
+fn wait_version(url: &str, want: &str, timeout: Duration, log: &Path) {
+    wait_until(
+        format_args!("{url}/version to say {want}; log:\n{}", LogTail(log, 15)),
+        timeout,
+        || http_get(url, "/version").filter(|v| v.contains(want)),
+    );
 }
 
-fn migrate_env(
-    spec: &MemberSpec,
-    specs: &[MemberSpec],
-    target: &str,
-    scheme: &str,
-    tls: Option<&Tls>,
-) -> MigrateEnv {
+/// Waits until a put of `key` = `value` through `c` succeeds.
+async fn wait_put(
+    c: &mut etcd_client::Client,
+    (key, value): (&str, &str),
+    what: &str,
+    timeout: Duration,
+) {
+    wait_until_async(what, timeout, async || c.put(key, value, None).await.ok()).await;
+}
+
+fn migrate_env(spec: &MemberSpec, target: &str, scheme: &str, tls: Option<&Tls>) -> MigrateEnv {
     let mut env = MigrateEnv::new(&spec.data_dir, &spec.name, target, "etcd3");
     let ic = with_scheme(vec![spec.initial_cluster.clone().unwrap()], scheme).remove(0);
     let peer = format!("{scheme}://127.0.0.1:{}", spec.peer_port);
@@ -165,7 +148,6 @@ fn migrate_env(
     if let Some(t) = tls {
         env.set("ETCD_CREDS", &t.flags(&spec.name).join(" "));
     }
-    let _ = specs;
     env
 }
 
@@ -173,7 +155,7 @@ fn migrate_env(
 async fn rolling_upgrade(scheme: &str) {
     let t = tempfile::tempdir().unwrap();
     let tls = (scheme == "https").then(|| Tls::make(t.path(), &["m1", "m2", "m3"]));
-    let specs = cluster_specs(t.path(), "3.4.23", scheme);
+    let specs = three_member_specs(t.path(), "3.4.23", scheme);
     let mut procs = Procs(
         specs
             .iter()
@@ -181,21 +163,17 @@ async fn rolling_upgrade(scheme: &str) {
             .collect(),
     );
     for s in &specs {
-        assert!(wait_version(
-            &s.client_url(),
-            "3.4.23",
-            Duration::from_secs(30)
-        ));
+        let log = s.data_dir.with_extension(format!("{}.log", s.version));
+        wait_version(&s.client_url(), "3.4.23", Duration::from_secs(30), &log);
     }
     let endpoints: Vec<String> = specs.iter().map(|s| s.client_url()).collect();
     let mut c = etcd_client::Client::connect(endpoints.clone(), None)
         .await
         .unwrap();
-    while c.put("/registry/warmup", "1", None).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let warm = Duration::from_secs(30);
+    wait_put(&mut c, ("/registry/warmup", "1"), "a quorum write", warm).await;
     for s in &specs {
-        fs::write(s.data_dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+        record_version(&s.data_dir, "3.4.23/etcd3");
     }
 
     // A client that keeps writing through the members that are up.
@@ -220,6 +198,7 @@ async fn rolling_upgrade(scheme: &str) {
                     Ok(_) => acked.lock().unwrap().push(k),
                     Err(_) => failures += 1,
                 }
+                // Pacing, not waiting: a steady trickle of writes across the rolling restarts.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             failures
@@ -228,7 +207,7 @@ async fn rolling_upgrade(scheme: &str) {
 
     for (i, s) in specs.iter().enumerate() {
         stop(&mut procs.0[i]);
-        let env = migrate_env(s, &specs, "3.5.1", scheme, tls.as_ref());
+        let env = migrate_env(s, "3.5.1", scheme, tls.as_ref());
         let run_flags: Vec<String> = member_flags(s, scheme, tls.as_ref())
             .into_iter()
             .map(|f| {
@@ -239,26 +218,17 @@ async fn rolling_upgrade(scheme: &str) {
                 }
             })
             .collect();
-        let mut args: Vec<&str> = vec!["run", "--"];
-        args.extend(run_flags.iter().map(|f| f.as_str()));
         let log = s.data_dir.with_extension("migrate.log");
         let child = env
-            .command(&args)
+            .run_command(&run_flags)
             .stdout(fs::File::create(&log).unwrap())
             .stderr(fs::File::create(log.with_extension("err")).unwrap())
             .spawn()
             .unwrap();
         procs.0[i] = child;
-        assert!(
-            wait_version(
-                &s.client_url(),
-                "\"etcdserver\":\"3.5.1\"",
-                Duration::from_secs(60)
-            ),
-            "{} not serving as 3.5.1: {}",
-            s.name,
-            tail(&log.with_extension("err"), 15)
-        );
+        let served = "\"etcdserver\":\"3.5.1\"";
+        let err = log.with_extension("err");
+        wait_version(&s.client_url(), served, Duration::from_secs(60), &err);
         assert_eq!(
             fs::read_to_string(s.data_dir.join("version.txt")).unwrap(),
             "3.5.1/etcd3\n"
@@ -268,23 +238,9 @@ async fn rolling_upgrade(scheme: &str) {
             let mut one = etcd_client::Client::connect([e.as_str()], None)
                 .await
                 .unwrap();
-            let mut ok = false;
-            for _ in 0..100 {
-                if one
-                    .put(format!("/registry/health/{}", s.name), "ok", None)
-                    .await
-                    .is_ok()
-                {
-                    ok = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            assert!(
-                ok,
-                "cluster not healthy through {e} after rolling {}",
-                s.name
-            );
+            let what = format!("a quorum write through {e} after rolling {}", s.name);
+            let key = format!("/registry/health/{}", s.name);
+            wait_put(&mut one, (&key, "ok"), &what, Duration::from_secs(10)).await;
         }
         let log = fs::read_to_string(log.with_extension("err")).unwrap();
         assert!(
@@ -295,43 +251,31 @@ async fn rolling_upgrade(scheme: &str) {
     }
     // Let the writer go on through the rolled cluster until it has a fair number of writes (a
     // busy machine rolls three members in under a second and writes slowly).
-    let until = Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().len() <= 50 && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_async(
+        "more than 50 writes through the rolling cluster",
+        Duration::from_secs(30),
+        async || (acked.lock().unwrap().len() > 50).then_some(()),
+    )
+    .await;
     stop_writer.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 50,
-        "the writer got writes through: {}",
-        acked.len()
-    );
     // A fresh client: every member has restarted since `c` connected.
     drop(c);
     let mut c = etcd_client::Client::connect(endpoints.clone(), None)
         .await
         .unwrap();
-    let mut settled = false;
-    for _ in 0..50 {
-        if c.get(
-            "/registry/w/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_count_only(),
-            ),
-        )
-        .await
-        .is_ok()
-        {
-            settled = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(settled, "the rolled cluster serves reads");
+    wait_until_async(
+        "the rolled cluster to serve reads",
+        Duration::from_secs(10),
+        async || {
+            let count = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_count_only();
+            c.get("/registry/w/", Some(count)).await.ok()
+        },
+    )
+    .await;
     let present: BTreeSet<String> = dump(&mut c)
         .await
         .into_keys()
@@ -341,16 +285,15 @@ async fn rolling_upgrade(scheme: &str) {
     for k in &acked {
         assert!(present.contains(k), "acknowledged write {k} lost");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_get(&specs[0].client_url(), "/version")
-        .is_some_and(|v| v.contains("\"etcdcluster\":\"3.5.0\""))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "cluster version never reached 3.5"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until_async(
+        "the cluster version to reach 3.5",
+        Duration::from_secs(30),
+        async || {
+            http_get(&specs[0].client_url(), "/version")
+                .filter(|v| v.contains("\"etcdcluster\":\"3.5.0\""))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,20 +308,17 @@ async fn three_member_rolling_upgrade_with_peer_mtls_from_etcd_creds() {
 
 /// A stopped three-member 3.4.23 cluster with a few keys.
 async fn stopped_cluster(root: &Path) -> Vec<MemberSpec> {
-    let specs = cluster_specs(root, "3.4.23", "http");
+    let specs = three_member_specs(root, "3.4.23", "http");
     let mut procs = Procs(specs.iter().map(|s| spawn_member(s, &s.flags())).collect());
     let endpoints: Vec<String> = specs.iter().map(|s| s.client_url()).collect();
     let mut c = etcd_client::Client::connect(endpoints, None).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.put("/registry/a", "1", None).await.is_err() {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let quorum = Duration::from_secs(30);
+    wait_put(&mut c, ("/registry/a", "1"), "a quorum write", quorum).await;
     for p in &mut procs.0 {
         stop(p);
     }
     for s in &specs {
-        fs::write(s.data_dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+        record_version(&s.data_dir, "3.4.23/etcd3");
     }
     specs
 }
@@ -388,7 +328,7 @@ async fn a_member_whose_peers_are_down_times_out_naming_them_then_completes() {
     let t = tempfile::tempdir().unwrap();
     let specs = stopped_cluster(t.path()).await;
     let m1 = &specs[0];
-    let mut env = migrate_env(m1, &specs, "3.5.1", "http", None);
+    let mut env = migrate_env(m1, "3.5.1", "http", None);
     env.set("HEALTH_TIMEOUT", "6s");
     let before = fs::read_to_string(m1.data_dir.join("version.txt")).unwrap();
     let out = env.run(&["migrate"]);
@@ -415,8 +355,7 @@ async fn a_member_whose_peers_are_down_times_out_naming_them_then_completes() {
             .map(|s| spawn_member(s, &s.flags()))
             .collect(),
     );
-    let out = env.run(&["migrate"]);
-    assert!(out.status.success(), "{}", text(&out));
+    env.run_ok(&["migrate"], "rerun with the peers back");
     assert_eq!(
         fs::read_to_string(m1.data_dir.join("version.txt")).unwrap(),
         "3.5.1/etcd3\n"
@@ -441,7 +380,7 @@ async fn rewriting_one_members_data_is_refused_on_a_cluster_untouched() {
             })
             .collect();
         for (s, h) in specs.iter().zip(&hashes) {
-            let mut env = migrate_env(s, &specs, target, "http", None);
+            let mut env = migrate_env(s, target, "http", None);
             env.set("TARGET_STORAGE", storage);
             if target == "3.3.27" {
                 env.set("BUNDLED_VERSIONS", "3.3.27 3.4.23");
@@ -465,7 +404,7 @@ async fn rewriting_one_members_data_is_refused_on_a_cluster_untouched() {
     }
     // plan and status show the member count and what is allowed.
     fs::write(specs[0].data_dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
-    let env = migrate_env(&specs[0], &specs, "3.5.1", "http", None);
+    let env = migrate_env(&specs[0], "3.5.1", "http", None);
     let plan: serde_json::Value =
         serde_json::from_slice(&env.run(&["plan", "--output", "json"]).stdout).unwrap();
     assert_eq!(plan["members"], 3);

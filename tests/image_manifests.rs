@@ -17,11 +17,11 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use etcd_client::{Client, ConnectOptions, PutOptions};
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, Volume};
 use serde_json::Value;
 
 /// How long a pod may take from start to serving: a migration runs first.
@@ -468,15 +468,9 @@ fn official_versions_form_a_complete_upgrade_chain() {
     let data = untar_fixture("etcd-2.2.1-v2", t.path());
     let mut env = MigrateEnv::new(&data, "etcd-test", &newest, "etcd3");
     env.set("BUNDLED_VERSIONS", &official.join(" "));
-    let out = env.run(&["plan", "--output", "json"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = env.run_ok(&["plan", "--output", "json"], "plan");
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let outcomes: Vec<String> = plan["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["outcome"].as_str().unwrap().to_string())
-        .collect();
+    let outcomes = field_of_each(&plan["steps"], "outcome");
     let visited: BTreeSet<String> = outcomes
         .iter()
         .map(|o| o.split('/').next().unwrap().to_string())
@@ -865,13 +859,7 @@ fn rendered_manifests_are_kubernetes_pods_with_the_env_contract() {
         // The data root is a hostPath mounted at /var/etcd.
         let mounts = c.volume_mounts.as_ref().unwrap();
         let varetcd = mounts.iter().find(|m| m.mount_path == "/var/etcd").unwrap();
-        let vol = spec
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == varetcd.name)
-            .unwrap();
+        let vol = volume(pod, &varetcd.name);
         assert_eq!(
             vol.host_path.as_ref().unwrap().path,
             s.vars["ETCD_DATA_ROOT"]
@@ -924,18 +912,25 @@ fn probes_use_flags_the_target_etcdctl_knows() {
 #[test]
 fn default_settings_render_kube_up_ports_and_the_path_rule() {
     let t = tempfile::tempdir().unwrap();
+    // The script with a clean environment, given only the node's hostname.
+    let render = |args: &[&std::ffi::OsStr]| {
+        let o = Command::new(repo().join("scripts/render-manifests.sh"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("ETCD_HOSTNAME", "master-1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+    };
     let out = t.path().join("m");
-    let o = Command::new(repo().join("scripts/render-manifests.sh"))
-        .arg("--settings")
-        .arg(repo().join("manifests/settings.env"))
-        .arg("--out")
-        .arg(&out)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ETCD_HOSTNAME", "master-1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let settings = repo().join("manifests/settings.env");
+    render(&[
+        "--settings".as_ref(),
+        settings.as_ref(),
+        "--out".as_ref(),
+        out.as_ref(),
+    ]);
     let main = load_pod(&out.join("etcd.manifest"));
     let events = load_pod(&out.join("etcd-events.manifest"));
     let ports = |p: &Pod| -> Vec<i32> {
@@ -954,15 +949,7 @@ fn default_settings_render_kube_up_ports_and_the_path_rule() {
     assert_eq!(env_of(&events)["LISTEN_CLIENT_URLS"], "");
     // The example file holds the script's defaults: rendering without it gives the same pods.
     let out2 = t.path().join("m2");
-    let o = Command::new(repo().join("scripts/render-manifests.sh"))
-        .arg("--out")
-        .arg(&out2)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ETCD_HOSTNAME", "master-1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    render(&["--out".as_ref(), out2.as_ref()]);
     for m in ["etcd.manifest", "etcd-events.manifest"] {
         assert_eq!(
             fs::read_to_string(out.join(m)).unwrap(),
@@ -1046,17 +1033,19 @@ struct ContainerRun {
     env: Vec<(String, String)>,
 }
 
+/// The pod's volume `name`.
+fn volume<'a>(pod: &'a Pod, name: &str) -> &'a Volume {
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    volumes
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
 fn path_maps(pod: &Pod, root: &Path) -> Vec<(String, String)> {
-    let spec = pod.spec.as_ref().unwrap();
     let mut maps = Vec::new();
     for m in container(pod).volume_mounts.as_ref().unwrap() {
-        let vol = spec
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == m.name)
-            .unwrap();
+        let vol = volume(pod, &m.name);
         let host = &vol.host_path.as_ref().unwrap().path;
         fs::create_dir_all(host).unwrap(); // type DirectoryOrCreate
         maps.push((m.mount_path.clone(), host.clone()));
@@ -1160,67 +1149,59 @@ impl PodProcess {
 
     /// Waits until a write succeeds on the pod's client port; panics if the pod exits first.
     async fn wait_serving(&mut self) -> Client {
-        let deadline = Instant::now() + SERVE_TIMEOUT;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "the pod exited ({st}) before serving; log:\n{}",
-                    self.log_tail()
-                );
-            }
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(Duration::from_millis(500))
-                .with_timeout(Duration::from_secs(3));
-            match Client::connect([self.client_url.as_str()], Some(opts)).await {
-                Ok(mut c) => match c.put("/e2e/probe", "1", None).await {
-                    Ok(_) => {
-                        c.delete("/e2e/probe", None).await.unwrap();
-                        return c;
-                    }
-                    Err(e) => last = e.to_string(),
-                },
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "the pod did not serve on {} within {SERVE_TIMEOUT:?} ({last}); log:\n{}",
-            self.client_url,
-            self.log_tail()
-        );
+        let last = std::cell::RefCell::new(String::new());
+        let url = self.client_url.clone();
+        let child = self.child.as_mut().unwrap();
+        let mut c = wait_until_async(
+            format_args!(
+                "the pod to serve on {url} (last error: {}); log:\n{}",
+                Lazy(|| last.borrow().clone()),
+                LogTail(&self.log, 40)
+            ),
+            SERVE_TIMEOUT,
+            async || {
+                assert_running(child, &self.log);
+                let opts = ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_millis(500))
+                    .with_timeout(Duration::from_secs(3));
+                let r = match Client::connect([url.as_str()], Some(opts)).await {
+                    Ok(mut c) => c.put("/e2e/probe", "1", None).await.map(|_| c),
+                    Err(e) => Err(e),
+                };
+                r.map_err(|e| *last.borrow_mut() = e.to_string()).ok()
+            },
+        )
+        .await;
+        c.delete("/e2e/probe", None).await.unwrap();
+        c
     }
 
     /// Waits for the pod to exit by itself.
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.kill_group();
-                self.child = None;
-                return st;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the pod did not exit; log:\n{}", self.log_tail());
+        let child = self.child.as_mut().unwrap();
+        let st = wait_until(
+            format_args!("the pod to exit; log:\n{}", LogTail(&self.log, 40)),
+            timeout,
+            || child.try_wait().unwrap(),
+        );
+        self.kill_group();
+        self.child = None;
+        st
     }
 
     /// The kubelet's stop: SIGTERM, the grace period, SIGKILL.
     fn stop(&mut self) -> ExitStatus {
         let pid = self.pid() as i32;
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.kill_group();
-                self.child = None;
-                return st;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.as_mut().unwrap();
+        let Some(st) = poll(Duration::from_secs(60), || child.try_wait().unwrap()) else {
+            self.kill_group();
+            let st = self.child.take().unwrap().wait().unwrap();
+            panic!("the pod ignored SIGTERM ({st}); log:\n{}", self.log_tail());
+        };
         self.kill_group();
-        let st = self.child.take().unwrap().wait().unwrap();
-        panic!("the pod ignored SIGTERM ({st}); log:\n{}", self.log_tail());
+        self.child = None;
+        st
     }
 
     fn kill_group(&self) {
@@ -1290,13 +1271,6 @@ async fn seed_registry(c: &mut Client) -> usize {
     n
 }
 
-fn version_txt(data_dir: &Path) -> String {
-    fs::read_to_string(data_dir.join("version.txt"))
-        .unwrap()
-        .trim_end()
-        .to_string()
-}
-
 async fn served_version(c: &mut Client) -> String {
     c.status().await.unwrap().version().to_string()
 }
@@ -1351,7 +1325,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
     let (pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, "3.4.23");
-    assert_eq!(version_txt(&data), "3.4.23/etcd3");
+    assert_eq!(recorded_version(&data), "3.4.23/etcd3");
     let pid = p.pid();
     let listening: BTreeSet<String> = listening_addrs(pid).into_iter().collect();
     assert_eq!(
@@ -1379,7 +1353,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
     let (pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, new35());
-    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
+    assert_eq!(recorded_version(&data), format!("{}/etcd3", new35()));
     assert_same_keys(&before, &dump(&mut c).await, "after the upgrade");
     assert!(
         liveness_probe_passes(&pod),
@@ -1398,7 +1372,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
     let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, "3.4.23");
-    assert_eq!(version_txt(&data), "3.4.23/etcd3");
+    assert_eq!(recorded_version(&data), "3.4.23/etcd3");
     assert_same_keys(&before, &dump(&mut c).await, "after the rollback");
     // The rollback kept a backup of the the newest 3.5 data, listed by status.
     let status = run_ok(
@@ -1409,12 +1383,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
         "status",
     );
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    let backups: Vec<String> = status["backups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["version"].as_str().unwrap().to_string())
-        .collect();
+    let backups = field_of_each(&status["backups"], "version");
     assert!(backups.contains(&format!("{}/etcd3", new35())), "{status}");
     let kinds: Vec<&str> = status["last_steps"]
         .as_array()
@@ -1431,7 +1400,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
     let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, new35());
-    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
+    assert_eq!(recorded_version(&data), format!("{}/etcd3", new35()));
     assert_same_keys(&before, &dump(&mut c).await, "forward again");
     drop(c);
 
@@ -1454,7 +1423,7 @@ async fn kubelet_runs_the_rendered_pod_fresh_upgrade_rollback_and_forward() {
             .env_clear(),
         "restore",
     );
-    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
+    assert_eq!(recorded_version(&data), format!("{}/etcd3", new35()));
     let (_pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, new35());
@@ -1493,7 +1462,7 @@ async fn etcd_and_etcd_events_run_side_by_side_and_upgrade_together() {
         clients.push(p.wait_serving().await);
     }
     for (i, (name, port, peer, dir)) in pods.iter().enumerate() {
-        assert_eq!(version_txt(&root.join(dir)), "3.4.23/etcd3", "{name}");
+        assert_eq!(recorded_version(&root.join(dir)), "3.4.23/etcd3", "{name}");
         let listening: BTreeSet<String> = listening_addrs(running[i].1.pid()).into_iter().collect();
         assert_eq!(
             listening,
@@ -1533,7 +1502,7 @@ async fn etcd_and_etcd_events_run_side_by_side_and_upgrade_together() {
         let mut c = running[i].1.wait_serving().await;
         assert_eq!(served_version(&mut c).await, new35(), "{name}");
         assert_eq!(
-            version_txt(&root.join(dir)),
+            recorded_version(&root.join(dir)),
             format!("{}/etcd3", new35()),
             "{name}"
         );
@@ -1588,7 +1557,7 @@ async fn kubernetes_style_sh_c_command_with_the_shim_works() {
     let mut p = PodProcess::start(&shim_run(&pod, "/usr/local/bin/etcd", &[]), &log, port);
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, new35());
-    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
+    assert_eq!(recorded_version(&data), format!("{}/etcd3", new35()));
     seed_registry(&mut c).await;
     let before = dump(&mut c).await;
     p.stop();
@@ -1607,7 +1576,7 @@ async fn kubernetes_style_sh_c_command_with_the_shim_works() {
         "{log_text}"
     );
     assert_eq!(tree_hash(&data), untouched);
-    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
+    assert_eq!(recorded_version(&data), format!("{}/etcd3", new35()));
 
     // DO_NOT_MOVE_BINARIES=true and `exec etcd-3.4.23`: the shim rolls back, etcd 3.4.23 serves.
     let mut p = PodProcess::start(
@@ -1621,7 +1590,7 @@ async fn kubernetes_style_sh_c_command_with_the_shim_works() {
     );
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, "3.4.23");
-    assert_eq!(version_txt(&data), "3.4.23/etcd3");
+    assert_eq!(recorded_version(&data), "3.4.23/etcd3");
     assert_same_keys(&before, &dump(&mut c).await, "after the shim's rollback");
     p.stop();
 }
@@ -1663,15 +1632,7 @@ fn descendants(pid: u32) -> Vec<u32> {
         let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let ppid: u32 = stat
-            .rsplit_once(") ")
-            .and_then(|(_, r)| r.split(' ').nth(1))
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        if ppid == pid {
+        if parent_pid(child) == Some(pid) {
             out.push(child);
             out.extend(descendants(child));
         }
@@ -1783,7 +1744,7 @@ async fn image_built_with_buildah_matches_the_rootfs_and_runs_the_pod_as_non_roo
     let before = dump(&mut c).await;
     drop(c);
     m.stop();
-    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    record_version(&data, "3.4.23/etcd3");
     run_ok(
         Command::new("chown")
             .args(["-R", "65532:65532"])
@@ -1823,7 +1784,7 @@ async fn image_built_with_buildah_matches_the_rootfs_and_runs_the_pod_as_non_roo
     let mut c = p.wait_serving().await;
     assert_eq!(served_version(&mut c).await, new35());
     assert_same_keys(&before, &dump(&mut c).await, "upgraded inside the image");
-    assert_eq!(version_txt(&data), format!("{}/etcd3", new35()));
+    assert_eq!(recorded_version(&data), format!("{}/etcd3", new35()));
     // etcd runs as the image's user and the data it wrote is that user's.
     let etcd_pid = descendants(buildah_pid)
         .into_iter()
@@ -1841,15 +1802,11 @@ async fn image_built_with_buildah_matches_the_rootfs_and_runs_the_pod_as_non_roo
     // buildah passes SIGTERM on to the container's process, which stops cleanly.
     let in_container = descendants(buildah_pid);
     p.stop();
-    std::thread::sleep(Duration::from_millis(200));
-    for pid in in_container {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists()
-                || fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| s.contains(") Z ")),
-            "process {pid} of the container outlived buildah run"
-        );
-    }
+    wait_until(
+        format_args!("the container's processes {in_container:?} to exit with buildah run"),
+        Duration::from_secs(5),
+        || in_container.iter().all(|pid| exited(*pid)).then_some(()),
+    );
 }
 
 /// A `buildah run` pod: on drop, also kills what runs inside the container, which may live in

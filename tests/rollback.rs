@@ -5,18 +5,11 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use etcd_migrate::storage::{raftpb, snap, v2store, wal};
+use etcd_migrate::storage::{raftpb, snap, v2store};
 use serde_json::Value;
-
-fn version(dir: &Path) -> String {
-    fs::read_to_string(dir.join("version.txt"))
-        .unwrap()
-        .trim_end()
-        .to_string()
-}
 
 /// key -> (value, lease TTL) from a 3.0.17 fixture's keys.json.
 fn fixture_values(name: &str) -> BTreeMap<String, (String, Option<i64>)> {
@@ -51,23 +44,15 @@ fn newest_snap_json(member: &Path) -> Value {
     serde_json::from_slice(&f.data.unwrap_or_default()).unwrap()
 }
 
-fn record_types(member: &Path) -> Vec<i64> {
-    wal::WalReader::open(&member.join("wal"))
-        .unwrap()
-        .map(|r| r.unwrap().record.r#type)
-        .collect()
-}
-
 #[tokio::test]
 async fn native_rollback_of_the_3017_fixtures_is_read_back_by_etcds_own_v2_reader() {
     for fixture in ["etcd-3.0.17-v3", "etcd-3.0.17-from-2.2.1"] {
         let t = tempfile::tempdir().unwrap();
         let data = untar_fixture(fixture, t.path());
-        fs::write(data.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+        record_version(&data, "3.0.17/etcd3");
         let env = MigrateEnv::new(&data, "etcd-test", "2.2.1", "etcd2");
-        let out = env.run(&["migrate"]);
-        assert!(out.status.success(), "{fixture}: {}", text(&out));
-        assert_eq!(version(&data), "2.2.1/etcd2");
+        env.run_ok(&["migrate"], fixture);
+        assert_eq!(recorded_version(&data), "2.2.1/etcd2");
         assert!(
             !data.join("member/snap/db").exists(),
             "no v3 backend in a 2.2.1 dir"
@@ -127,28 +112,22 @@ async fn native_rollback_of_the_3017_fixtures_is_read_back_by_etcds_own_v2_reade
         );
 
         // The WAL: a 2.2.1 WAL's first records, then the snapshot marker and HardState 2.2.1 writes.
-        let types = record_types(&data.join("member"));
-        let real_types = record_types(&real_dir.join("data/member"));
-        use raftpb::{
-            RECORD_CRC as C, RECORD_METADATA as M, RECORD_SNAPSHOT as S, RECORD_STATE as H,
-        };
-        assert_eq!(types, [C, M, S, S, H], "{fixture}");
+        let types = wal_record_types(&data.join("member/wal"));
+        let real_types = wal_record_types(&real_dir.join("data/member/wal"));
+        assert_eq!(types, WAL_221_RECORDS, "{fixture}");
         assert_eq!(
-            &real_types[..3],
-            &[C, M, S],
+            real_types[..3],
+            WAL_221_RECORDS[..3],
             "a real 2.2.1 WAL starts the same way"
         );
-        assert!(real_types.contains(&S) && real_types.contains(&H));
+        assert!(
+            real_types.contains(&raftpb::RECORD_SNAPSHOT)
+                && real_types.contains(&raftpb::RECORD_STATE)
+        );
 
         // etcd's own v2 reader: etcdctl-3.4.23 migrate, then etcd 3.4.23 serves every key.
         let check = t.path().join("check");
-        assert!(std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&data)
-            .arg(&check)
-            .status()
-            .unwrap()
-            .success());
+        cp_dir(&data, &check);
         fs::remove_file(check.join("version.txt")).unwrap();
         let st = std::process::Command::new(bundle().join("etcdctl-3.4.23"))
             .args(["migrate", "--data-dir"])
@@ -178,16 +157,7 @@ async fn native_rollback_of_the_3017_fixtures_is_read_back_by_etcds_own_v2_reade
         );
         m.stop();
         // The old data is kept as a backup.
-        let st = env.run(&["status", "--output", "json"]);
-        let st: Value = serde_json::from_slice(&st.stdout).unwrap();
-        assert!(
-            st["backups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|b| b["version"] == "3.0.17/etcd3"),
-            "{st}"
-        );
+        assert_backup_kept(&env, "3.0.17/etcd3");
     }
 }
 
@@ -195,20 +165,14 @@ async fn native_rollback_of_the_3017_fixtures_is_read_back_by_etcds_own_v2_reade
 fn native_rollback_refuses_protobuf_values_untouched() {
     let t = tempfile::tempdir().unwrap();
     let data = untar_fixture("etcd-3.0.17-v3-protobuf", t.path());
-    fs::write(data.join("version.txt"), "3.0.17/etcd3\n").unwrap();
-    let before = tree_hash(&data);
+    record_version(&data, "3.0.17/etcd3");
     let env = MigrateEnv::new(&data, "etcd-test", "2.2.1", "etcd2");
-    let out = env.run(&["migrate"]);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{log}");
-    assert!(
-        log.contains("STORAGE_MEDIA_TYPE=application/json") && log.contains("protobuf"),
-        "{log}"
-    );
-    assert_eq!(
-        tree_hash(&data),
-        before,
-        "the data dir is byte-for-byte unchanged"
+    assert_refused_untouched(
+        "protobuf values",
+        &data,
+        || env.run(&["migrate"]),
+        2,
+        &["STORAGE_MEDIA_TYPE=application/json", "protobuf"],
     );
     assert!(!t.path().join("data.etcd-migrate/staging").exists());
 }
@@ -230,7 +194,7 @@ async fn seeded_351(dir: &Path, n: usize) -> BTreeMap<Vec<u8>, Kv> {
     }
     let before = dump(&mut c).await;
     m.stop();
-    fs::write(dir.join("version.txt"), "3.5.1/etcd3\n").unwrap();
+    record_version(dir, "3.5.1/etcd3");
     before
 }
 
@@ -240,10 +204,9 @@ async fn minor_rollback_351_to_3423_keeps_keys_revisions_and_leases_and_goes_bac
     let data = t.path().join("data");
     let before = seeded_351(&data, 10_000).await;
     let env = MigrateEnv::new(&data, "m1", "3.4.23", "etcd3");
-    let out = env.run(&["migrate"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = env.run_ok(&["migrate"], "rollback");
     assert!(text(&out).contains("rollback 3.5.1/etcd3 -> 3.4.23/etcd3"));
-    assert_eq!(version(&data), "3.4.23/etcd3");
+    assert_eq!(recorded_version(&data), "3.4.23/etcd3");
     let m = Member::start("3.4.23", &data, "m1");
     let mut c = m.client().await;
     assert_eq!(
@@ -266,9 +229,8 @@ async fn minor_rollback_351_to_3423_keeps_keys_revisions_and_leases_and_goes_bac
 
     let mut env = env;
     env.set("TARGET_VERSION", "3.5.1");
-    let out = env.run(&["migrate"]);
-    assert!(out.status.success(), "round trip: {}", text(&out));
-    assert_eq!(version(&data), "3.5.1/etcd3");
+    env.run_ok(&["migrate"], "round trip");
+    assert_eq!(recorded_version(&data), "3.5.1/etcd3");
     let m = Member::start("3.5.1", &data, "m1");
     assert_eq!(
         dump(&mut m.client().await).await,
@@ -279,27 +241,21 @@ async fn minor_rollback_351_to_3423_keeps_keys_revisions_and_leases_and_goes_bac
 
 /// `run -- <flags>` until the member serves, then SIGTERM (the kubelet stopping the pod).
 fn run_pod(env: &MigrateEnv, spec: &MemberSpec, log: &Path) {
-    let mut args = vec!["run", "--"];
-    let flags = spec.flags();
-    args.extend(flags.iter().map(|s| s.as_str()));
+    let err = log.with_extension("err");
     let mut child = env
-        .command(&args)
+        .run_command(&spec.flags())
         .stdout(fs::File::create(log).unwrap())
-        .stderr(fs::File::create(log.with_extension("err")).unwrap())
+        .stderr(fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while http_get(&spec.client_url(), "/health").is_none_or(|b| !b.contains("true")) {
-        assert!(
-            Instant::now() < deadline,
-            "pod never served: {}",
-            tail(&log.with_extension("err"), 20)
-        );
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("pod exited {st}: {}", tail(&log.with_extension("err"), 20));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        format_args!("the pod to serve; log:\n{}", LogTail(&err, 20)),
+        Duration::from_secs(90),
+        || {
+            assert_running(&mut child, &err);
+            http_get(&spec.client_url(), "/health").filter(|b| b.contains("true"))
+        },
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
 }
@@ -313,29 +269,25 @@ async fn manual_rollback_by_env_serves_every_key_on_3423() {
     let mut spec = MemberSpec::new("3.5.1", &data, "m1");
     spec.peer_port = env.peer_port;
     run_pod(&env, &spec, &t.path().join("pod1.log"));
-    assert_eq!(version(&data), "3.5.1/etcd3");
+    assert_eq!(recorded_version(&data), "3.5.1/etcd3");
     // The operator edits TARGET_VERSION in the manifest; the kubelet restarts the pod.
     env.set("TARGET_VERSION", "3.4.23");
-    let mut args = vec!["run", "--"];
-    let flags = spec.flags();
-    args.extend(flags.iter().map(|s| s.as_str()));
     let log = t.path().join("pod2.err");
     let mut child = env
-        .command(&args)
+        .run_command(&spec.flags())
         .stdout(std::process::Stdio::null())
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let served = loop {
-        if let Some(v) = http_get(&spec.client_url(), "/version") {
-            break v;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "{}", tail(&log, 20));
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let served = wait_until(
+        format_args!("the pod to serve; log:\n{}", LogTail(&log, 20)),
+        Duration::from_secs(90),
+        || {
+            assert_running(&mut child, &log);
+            http_get(&spec.client_url(), "/version")
+        },
+    );
     assert!(served.contains("\"etcdserver\":\"3.4.23\""), "{served}");
     assert!(fs::read_link(format!("/proc/{pid}/exe"))
         .unwrap()
@@ -346,7 +298,7 @@ async fn manual_rollback_by_env_serves_every_key_on_3423() {
     assert_eq!(dump(&mut c).await, before, "etcd-3.4.23 serves every key");
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     child.wait().unwrap();
-    assert_eq!(version(&data), "3.4.23/etcd3");
+    assert_eq!(recorded_version(&data), "3.4.23/etcd3");
 }
 
 /// The v2 store of a rolled-back dir: key -> value.
@@ -376,23 +328,19 @@ async fn native_rollback_of_a_backend_behind_its_wal_applies_the_wal_first_or_re
     );
 
     // Without etcd-3.0.17 to replay the WAL: refused, exit 2, nothing changed.
-    let before = tree_hash(&data);
     let env = MigrateEnv::new(&data, "m1", "2.2.1", "etcd2");
-    let out = env.run(&["migrate"]);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{log}");
-    assert!(
-        log.contains("has applied the log up to index")
-            && log.contains("Put etcd-3.0.17 in")
-            && log.contains("nothing was changed"),
-        "{log}"
+    assert_refused_untouched(
+        "without etcd-3.0.17",
+        &data,
+        || env.run(&["migrate"]),
+        2,
+        &[
+            "has applied the log up to index",
+            "Put etcd-3.0.17 in",
+            "nothing was changed",
+        ],
     );
-    assert_eq!(
-        tree_hash(&data),
-        before,
-        "the data dir is byte-for-byte unchanged"
-    );
-    assert_eq!(version(&data), "3.0.17/etcd3");
+    assert_eq!(recorded_version(&data), "3.0.17/etcd3");
 
     // With it (here 3.4.23's binary, which wrote the data, under the 3.0.17 name): it applies
     // the WAL's writes, stops cleanly, and the rollback keeps every acknowledged key.
@@ -401,14 +349,12 @@ async fn native_rollback_of_a_backend_behind_its_wal_applies_the_wal_first_or_re
     std::os::unix::fs::symlink(bundle().join("etcd-3.4.23"), bin.join("etcd-3.0.17")).unwrap();
     let mut env = env;
     env.set("ETCD_BIN_DIR", bin.to_str().unwrap());
-    let out = env.run(&["migrate"]);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = text(&env.run_ok(&["migrate"], "with etcd-3.0.17"));
     assert!(
         log.contains("starting etcd-3.0.17 once to apply them"),
         "{log}"
     );
-    assert_eq!(version(&data), "2.2.1/etcd2");
+    assert_eq!(recorded_version(&data), "2.2.1/etcd2");
     let want: BTreeMap<Vec<u8>, Vec<u8>> = acked.into_iter().map(|(k, v)| (k, v.value)).collect();
     assert_eq!(v2_keys(&data), want, "every acknowledged key and value");
 }

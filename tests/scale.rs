@@ -84,7 +84,7 @@ async fn big_member(dir: &Path, keys: usize) {
     while set.join_next().await.is_some() {}
     drop(c);
     m.stop();
-    fs::write(dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    record_version(dir, "3.4.23/etcd3");
 }
 
 fn capped_run(env: &MigrateEnv, cap_mb: u64) -> std::process::Output {

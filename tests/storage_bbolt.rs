@@ -18,7 +18,7 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde_json::Value as Json;
 
-use common::{bundle, tail, Member};
+use common::{bundle, wait_until, LogTail, Member};
 use etcd_migrate::storage::bbolt::{Db, Value};
 use etcd_migrate::storage::mvcc::{self, KeyValue, LiveIndex, MvccError};
 
@@ -48,23 +48,16 @@ impl Etcd {
             member: Some(member),
             version,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !etcd.try_ctl(&["endpoint", "health"], None).0 {
-            assert!(
-                Instant::now() < deadline,
-                "etcd-{version} not healthy:\n{}",
-                etcd.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = etcd.member.as_ref().unwrap().log.clone();
+        wait_until(
+            format_args!(
+                "etcdctl to find etcd-{version} healthy; log:\n{}",
+                LogTail(&log, 20)
+            ),
+            Duration::from_secs(30),
+            || etcd.try_ctl(&["endpoint", "health"], None).0.then_some(()),
+        );
         etcd
-    }
-
-    fn log_tail(&self) -> String {
-        self.member
-            .as_ref()
-            .map(|m| tail(&m.log, 20))
-            .unwrap_or_default()
     }
 
     fn try_ctl(&self, args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
@@ -131,25 +124,29 @@ impl Etcd {
         let member = self.member.take().unwrap();
         let pid = Pid::from_raw(member.pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            // WNOWAIT: look at the exit status without reaping; `Member::stop` reaps.
-            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-            match waitid(Id::Pid(pid), flags).unwrap() {
-                WaitStatus::StillAlive => {}
-                WaitStatus::Exited(_, code) => {
-                    assert!(code == 0, "etcd exited with exit status: {code}");
-                    break;
+        // WNOWAIT: look at the exit status without reaping; `Member::stop` reaps (and the
+        // harness kills it on drop if this panics).
+        let status = wait_until(
+            format_args!(
+                "etcd-{} to exit on SIGTERM; log:\n{}",
+                self.version,
+                LogTail(&member.log, 20)
+            ),
+            Duration::from_secs(30),
+            || {
+                let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+                match waitid(Id::Pid(pid), flags).unwrap() {
+                    WaitStatus::StillAlive => None,
+                    st => Some(st),
                 }
-                WaitStatus::Signaled(..) => break,
-                other => panic!("etcd-{}: unexpected wait status {other:?}", self.version),
+            },
+        );
+        match status {
+            WaitStatus::Exited(_, code) => {
+                assert!(code == 0, "etcd exited with exit status: {code}")
             }
-            if Instant::now() > deadline {
-                let log = tail(&member.log, 20);
-                drop(member);
-                panic!("etcd-{} ignored SIGTERM:\n{log}", self.version);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            WaitStatus::Signaled(..) => {}
+            other => panic!("etcd-{}: unexpected wait status {other:?}", self.version),
         }
         member.stop();
     }

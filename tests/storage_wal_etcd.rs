@@ -9,16 +9,17 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use etcd_migrate::storage::raftpb::{RECORD_CRC, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE};
 use etcd_migrate::storage::v2member::{write_v2_member, V2MemberParams};
 use etcd_migrate::storage::v2store::{V2Key, V2MemberInfo};
-use etcd_migrate::storage::wal::WalReader;
 use etcd_migrate::storage::walinfo::summarize;
 
-use common::{as_v2_keys, bundle, fixture_keys, unpack, Member, MemberSpec};
+use common::{
+    as_v2_keys, bundle, cluster_specs, fixture_keys, unpack, wait_until, wal_record_types, Lazy,
+    Member, MemberSpec, WAL_221_RECORDS,
+};
 
 /// SIGKILL and reap (the harness's drop): the data dir as a crash leaves it.
 fn kill(m: Member) {
@@ -52,17 +53,20 @@ fn ctl(m: &Member, args: &[&str]) -> Result<String, String> {
 
 /// Waits until a linearizable v3 read through etcdctl succeeds.
 fn wait_ready(m: &Member) {
-    let t0 = Instant::now();
-    loop {
-        let out = ctl(m, &["get", "/readiness-probe"]);
-        if out.is_ok() {
-            return;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            panic!("etcd not ready: {:?}\nlog:\n{}", out, log_text(m));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let last = std::cell::RefCell::new(String::new());
+    wait_until(
+        format_args!(
+            "a linearizable read through etcdctl ({}); log:\n{}",
+            Lazy(|| last.borrow().clone()),
+            Lazy(|| log_text(m))
+        ),
+        Duration::from_secs(30),
+        || {
+            ctl(m, &["get", "/readiness-probe"])
+                .map_err(|e| *last.borrow_mut() = e)
+                .ok()
+        },
+    );
 }
 
 /// Starts a member from `spec`, waits for /health and a linearizable read.
@@ -123,9 +127,10 @@ fn with_fresh_etcd(version: &str, f: impl FnOnce(&Member)) -> (tempfile::TempDir
     (t, data)
 }
 
-#[test]
-fn fresh_3_4_23_member() {
-    let (_t, data) = with_fresh_etcd("3.4.23", |e| {
+/// The WAL summary of a fresh `etcd-test` member of `version` after five puts, checked for
+/// what every fresh single member has.
+fn fresh_member_summary(version: &str) -> etcd_migrate::storage::walinfo::MemberSummary {
+    let (_t, data) = with_fresh_etcd(version, |e| {
         for i in 0..5 {
             put(e, &format!("/k{i}"), "v");
         }
@@ -134,28 +139,27 @@ fn fresh_3_4_23_member() {
     assert_ne!(s.node_id, 0);
     assert_ne!(s.cluster_id, 0);
     assert_eq!(s.member_count, 1);
-    assert!(s.snapshot.is_none());
     assert!(s.entry_count >= 8, "{}", s.entry_count);
-    let v = s.boot_cluster_version.clone().unwrap();
-    assert_eq!(v, "3.4.0");
     assert_eq!(s.member_info[0].name, "etcd-test");
-    assert_eq!(summarize(&data.join("member")).unwrap(), s);
+    assert_eq!(
+        summarize(&data.join("member")).unwrap(),
+        s,
+        "summarize is repeatable"
+    );
+    s
+}
+
+#[test]
+fn fresh_3_4_23_member() {
+    let s = fresh_member_summary("3.4.23");
+    assert!(s.snapshot.is_none());
+    assert_eq!(s.boot_cluster_version.as_deref(), Some("3.4.0"));
 }
 
 #[test]
 fn fresh_3_5_1_member() {
-    let (_t, data) = with_fresh_etcd("3.5.1", |e| {
-        for i in 0..5 {
-            put(e, &format!("/k{i}"), "v");
-        }
-    });
-    let s = summarize(&data.join("member")).unwrap();
-    assert_ne!(s.node_id, 0);
-    assert_ne!(s.cluster_id, 0);
-    assert_eq!(s.member_count, 1);
-    assert!(s.entry_count >= 8, "{}", s.entry_count);
+    let s = fresh_member_summary("3.5.1");
     assert_eq!(s.boot_cluster_version.as_deref(), Some("3.5.0"));
-    assert_eq!(s.member_info[0].name, "etcd-test");
     assert_eq!(s.member_info[0].client_urls.len(), 1);
 }
 
@@ -199,21 +203,8 @@ fn migrated_2_2_1_with_new_snapshot_boots_at_3_4() {
 #[test]
 fn three_member_3_4_23_cluster() {
     let t = tempfile::tempdir().unwrap();
-    let names = ["m1", "m2", "m3"];
-    let dirs: Vec<_> = names.iter().map(|n| t.path().join(n)).collect();
-    let mut specs: Vec<MemberSpec> = names
-        .iter()
-        .zip(&dirs)
-        .map(|(n, d)| MemberSpec::new("3.4.23", d, n))
-        .collect();
-    let ic = specs
-        .iter()
-        .map(|s| format!("{}={}", s.name, s.peer_url()))
-        .collect::<Vec<_>>()
-        .join(",");
-    for s in &mut specs {
-        s.initial_cluster = Some(ic.clone());
-    }
+    let specs = cluster_specs(t.path(), "3.4.23", &["m1", "m2", "m3"], "http");
+    let dirs: Vec<_> = specs.iter().map(|s| s.data_dir.clone()).collect();
     // All three are spawned before any waits: the cluster needs a quorum to serve.
     let members: Vec<Member> = specs.into_iter().map(Member::spawn).collect();
     for m in &members {
@@ -283,20 +274,7 @@ fn rollback_round_trip(keys_fixture: &str, identity_fixture: &str) {
 
     // The WAL we wrote has the record sequence of a 2.2.1 member restored
     // from a snapshot.
-    let types: Vec<i64> = WalReader::open(&data.join("member/wal"))
-        .unwrap()
-        .map(|r| r.unwrap().record.r#type)
-        .collect();
-    assert_eq!(
-        types,
-        vec![
-            RECORD_CRC,
-            RECORD_METADATA,
-            RECORD_SNAPSHOT,
-            RECORD_SNAPSHOT,
-            RECORD_STATE
-        ]
-    );
+    assert_eq!(wal_record_types(&data.join("member/wal")), WAL_221_RECORDS);
 
     let out = migrate(&data);
     assert!(out.contains("finished transforming keys"), "{out}");

@@ -8,8 +8,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use etcd_migrate::storage::raftpb::{
-    HardState, Metadata, WalSnapshot, RECORD_CRC, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT,
-    RECORD_STATE,
+    HardState, Metadata, WalSnapshot, RECORD_ENTRY, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE,
 };
 use etcd_migrate::storage::snap::{self, decode_snap_file, list_snap_files, read_snap_file};
 use etcd_migrate::storage::v2member::{write_v2_member, V2MemberParams};
@@ -20,7 +19,7 @@ use etcd_migrate::storage::wal::{self, encode_v2_wal, WalError, WalReader};
 use etcd_migrate::storage::walinfo::summarize;
 use prost::Message;
 
-use common::{as_v2_keys, fixture_keys, unpack};
+use common::{as_v2_keys, fixture_keys, unpack, WAL_221_RECORDS};
 
 fn records(dir: &Path) -> Vec<wal::RecordAt> {
     WalReader::open(dir)
@@ -278,16 +277,7 @@ fn written_wal_starts_like_the_real_one() {
     )
     .unwrap();
     let mine = records(t.path());
-    assert_eq!(
-        types(&mine),
-        vec![
-            RECORD_CRC,
-            RECORD_METADATA,
-            RECORD_SNAPSHOT,
-            RECORD_SNAPSHOT,
-            RECORD_STATE
-        ]
-    );
+    assert_eq!(types(&mine), WAL_221_RECORDS);
     assert_eq!(types(&mine)[..3], types(&real)[..3]);
     assert_eq!(types(&real)[3], RECORD_ENTRY);
     // Our later records have the same encoding as 2.2.1's of the same type:

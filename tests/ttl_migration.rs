@@ -57,19 +57,12 @@ async fn seeded_v2_dir(
     m.wait_healthy(std::time::Duration::from_secs(30));
     seed_v2(&m.client_url, permanent, events, masterleases, outside).await;
     m.stop();
-    fs::write(dir.join("version.txt"), "3.4.23/etcd2\n").unwrap();
+    record_version(dir, "3.4.23/etcd2");
 }
 
 /// Reads what v2 holds right now without changing the data: on a throwaway copy.
 async fn v2_now(dir: &Path, scratch: &Path) -> (V2Snapshot, Instant) {
-    let _ = fs::remove_dir_all(scratch);
-    assert!(std::process::Command::new("cp")
-        .arg("-a")
-        .arg(dir)
-        .arg(scratch)
-        .status()
-        .unwrap()
-        .success());
+    cp_dir(dir, scratch);
     let mut spec = MemberSpec::new("3.4.23", scratch, "m1");
     spec.extra.push("--enable-v2=true".into());
     let m = Member::spawn(spec);
@@ -81,9 +74,8 @@ async fn v2_now(dir: &Path, scratch: &Path) -> (V2Snapshot, Instant) {
 }
 
 fn journal_detail(data: &Path) -> Value {
-    let j = fs::read_to_string(data.join("etcd-migrate.journal")).unwrap();
-    j.lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    journal(data)
+        .into_iter()
         .find(|e| e["kind"] == "migrate-storage")
         .expect("a migrate-storage journal entry")["detail"]
         .clone()
@@ -180,24 +172,13 @@ async fn etcd2_to_etcd3_keeps_every_key_and_each_keys_remaining_ttl() {
 
     for (target, scope) in [("3.4.23", "all"), ("3.5.1", "all"), ("3.4.23", "directory")] {
         let data = t.path().join(format!("data-{target}-{scope}"));
-        assert!(std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&seed)
-            .arg(&data)
-            .status()
-            .unwrap()
-            .success());
+        cp_dir(&seed, &data);
         let (before, captured_at) = v2_now(&data, &t.path().join("scratch")).await;
         assert_eq!(before.len(), 25110);
         let mut env = MigrateEnv::new(&data, "m1", target, "etcd3");
         env.set("TTL_SCOPE", scope);
-        let out = env.run(&["migrate"]);
-        let log = text(&out);
-        assert!(out.status.success(), "{target} {scope}: {log}");
-        assert_eq!(
-            fs::read_to_string(data.join("version.txt")).unwrap().trim(),
-            format!("{target}/etcd3")
-        );
+        let log = text(&env.run_ok(&["migrate"], &format!("{target} {scope}")));
+        assert_eq!(recorded_version(&data), format!("{target}/etcd3"));
         assert!(log.contains("captured v2 keys and TTLs"), "{log}");
         assert!(
             log.contains("prefix=/registry/events ttl_keys=20000"),
@@ -229,16 +210,7 @@ async fn etcd2_to_etcd3_keeps_every_key_and_each_keys_remaining_ttl() {
             assert_eq!(detail["ttl_keys_leased"], 20110);
         }
         // status reports the step and the backup of the etcd2 data.
-        let st = env.run(&["status", "--output", "json"]);
-        let st: Value = serde_json::from_slice(&st.stdout).unwrap();
-        assert!(
-            st["backups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|b| b["version"] == "3.4.23/etcd2"),
-            "{st}"
-        );
+        assert_backup_kept(&env, "3.4.23/etcd2");
         let _ = fs::remove_dir_all(t.path().join("scratch"));
         let _ = fs::remove_dir_all(&data);
     }
@@ -260,14 +232,9 @@ async fn real_221_fixtures_go_through_etcdctl_migrate_and_keep_every_key() {
             let t = tempfile::tempdir().unwrap();
             let data = untar_fixture(fixture, t.path());
             // No 2.x/3.0-3.3 binaries here: 3.4.23 takes the place of the first 3.x release.
-            fs::write(data.join("version.txt"), "3.4.23/etcd2\n").unwrap();
+            record_version(&data, "3.4.23/etcd2");
             let env = MigrateEnv::new(&data, "etcd-test", target, "etcd3");
-            let out = env.run(&["migrate"]);
-            assert!(
-                out.status.success(),
-                "{fixture} -> {target}: {}",
-                text(&out)
-            );
+            let out = env.run_ok(&["migrate"], &format!("{fixture} -> {target}"));
             if target == "3.5.1" {
                 assert!(
                     text(&out).contains("3.4.23/etcd2 -> 3.4.23/etcd3")

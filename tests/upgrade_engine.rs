@@ -4,26 +4,14 @@ mod common;
 
 use std::fs;
 use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-fn read_version(dir: &Path) -> String {
-    fs::read_to_string(dir.join("version.txt"))
-        .unwrap()
-        .trim_end()
-        .to_string()
-}
-
 /// A 3.4.23 data dir holding `n` keys (every 10th on a lease), stopped cleanly, recorded.
 async fn seeded_34(dir: &Path, n: usize) -> (std::collections::BTreeMap<Vec<u8>, Kv>, Vec<i64>) {
-    let m = Member::start("3.4.23", dir, "m1");
-    let mut c = m.client().await;
-    let leases = seed(&mut c, n, 10).await;
-    let before = dump(&mut c).await;
-    m.stop();
-    fs::write(dir.join("version.txt"), "3.4.23/etcd3\n").unwrap();
-    (before, leases)
+    seeded_member("3.4.23", dir, "m1", n, 10).await
 }
 
 #[tokio::test]
@@ -34,10 +22,8 @@ async fn upgrade_34_to_351_keeps_every_key_revision_and_lease() {
     assert_eq!(before.len(), 1000);
 
     let env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
-    let out = env.run(&["migrate"]);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
-    assert_eq!(read_version(&data), "3.5.1/etcd3");
+    let log = text(&env.run_ok(&["migrate"], "migrate"));
+    assert_eq!(recorded_version(&data), "3.5.1/etcd3");
     assert!(
         log.contains("step 1/1: 3.4.23 -> 3.5.1/etcd3"),
         "the log shows the step:\n{log}"
@@ -70,18 +56,12 @@ async fn upgrade_34_to_351_keeps_every_key_revision_and_lease() {
 async fn patch_step_then_rerun_at_target_starts_no_etcd() {
     let t = tempfile::tempdir().unwrap();
     let data = t.path().join("data");
-    let m = Member::start("3.5.0", &data, "m1");
-    let mut c = m.client().await;
-    seed(&mut c, 50, 0).await;
-    let before = dump(&mut c).await;
-    m.stop();
-    fs::write(data.join("version.txt"), "3.5.0/etcd3\n").unwrap();
+    let (before, _) = seeded_member("3.5.0", &data, "m1", 50, 0).await;
 
     let env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
-    let out = env.run(&[]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = env.run_ok(&[], "migrate by default");
     assert!(text(&out).contains("step 1/1: 3.5.0 -> 3.5.1/etcd3"));
-    assert_eq!(read_version(&data), "3.5.1/etcd3");
+    assert_eq!(recorded_version(&data), "3.5.1/etcd3");
 
     let hash = tree_hash(&data);
     let t0 = Instant::now();
@@ -112,7 +92,7 @@ fn fresh_dir_records_the_target_without_starting_etcd() {
         let log = text(&out);
         assert!(out.status.success(), "{log}");
         assert!(!log.contains("starting etcd"), "{log}");
-        assert_eq!(read_version(&data), "3.5.1/etcd3");
+        assert_eq!(recorded_version(&data), "3.5.1/etcd3");
         assert!(!data.join("member").exists());
     }
 }
@@ -128,14 +108,12 @@ async fn run_execs_the_target_etcd_in_the_same_process() {
         s.peer_port = env.peer_port;
         s
     };
-    let mut args = vec!["run", "--"];
-    let flags = spec.flags();
-    args.extend(flags.iter().map(|s| s.as_str()));
     let log = t.path().join("run.log");
+    let err = t.path().join("run.err");
     let mut child = env
-        .command(&args)
+        .run_command(&spec.flags())
         .stdout(fs::File::create(&log).unwrap())
-        .stderr(fs::File::create(t.path().join("run.err")).unwrap())
+        .stderr(fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
     let pid = child.id();
@@ -146,21 +124,14 @@ async fn run_execs_the_target_etcd_in_the_same_process() {
         }
     }
     let _kill = Kill(pid);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut served = None;
-    while Instant::now() < deadline {
-        if let Some(v) = http_get(&spec.client_url(), "/version") {
-            served = Some(v);
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "run exited: {}",
-            tail(&t.path().join("run.err"), 20)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let served = served.expect("etcd serving on the manifest's client URL");
+    let served = wait_until(
+        "etcd serving on the manifest's client URL",
+        Duration::from_secs(60),
+        || {
+            assert_running(&mut child, &err);
+            http_get(&spec.client_url(), "/version")
+        },
+    );
     assert!(served.contains("\"etcdserver\":\"3.5.1\""), "{served}");
     let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert!(
@@ -168,7 +139,7 @@ async fn run_execs_the_target_etcd_in_the_same_process() {
         "PID {pid} runs {}",
         exe.display()
     );
-    assert_eq!(read_version(&data), "3.5.1/etcd3");
+    assert_eq!(recorded_version(&data), "3.5.1/etcd3");
     let mut c = etcd_client::Client::connect([spec.client_url()], None)
         .await
         .unwrap();
@@ -201,22 +172,14 @@ fn legacy_221_dirs_are_detected_and_planned_through_every_minor() {
         let hash = tree_hash(&data);
         let mut env = MigrateEnv::new(&data, "etcd-test", "3.5.1", "etcd3");
         env.set("ETCD_BIN_DIR", bin.to_str().unwrap());
-        let out = env.run(&["plan", "--output", "json"]);
-        assert!(out.status.success(), "{}", text(&out));
+        let out = env.run_ok(&["plan", "--output", "json"], fixture);
         let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(p["current"], "2.2.1/etcd2");
         assert_eq!(p["legacy_default"], true);
-        let path: Vec<String> = p["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| {
-                format!(
-                    "{}:{}",
-                    s["kind"].as_str().unwrap(),
-                    s["outcome"].as_str().unwrap()
-                )
-            })
+        let path: Vec<String> = field_of_each(&p["steps"], "kind")
+            .into_iter()
+            .zip(field_of_each(&p["steps"], "outcome"))
+            .map(|(kind, outcome)| format!("{kind}:{outcome}"))
             .collect();
         assert_eq!(
             path,
@@ -240,8 +203,7 @@ fn legacy_221_dirs_are_detected_and_planned_through_every_minor() {
             steps[5]["cut_snapshot"], true,
             "the 3.4 step cuts a snapshot before 3.5"
         );
-        let text_out = env.run(&["plan"]);
-        let s = text(&text_out);
+        let s = text(&env.run(&["plan"]));
         assert!(
             s.contains("2.3.7 -> 3.0.17/etcd2, then storage etcd2 -> etcd3 at 3.0.17"),
             "{s}"
@@ -256,30 +218,18 @@ async fn kill_9_mid_step_leaves_no_orphan_and_the_rerun_completes() {
     let data = t.path().join("data");
     let (before, _) = seeded_34(&data, 300).await;
     let env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
-    let mut child = env
-        .command(&["migrate"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
     // Catch the step's etcd while it runs, check it listens on loopback only, then kill -9 us.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut etcd = None;
-    while Instant::now() < deadline && etcd.is_none() {
-        etcd = etcd_children(Some(pid)).first().copied();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let etcd = etcd.expect("the step's etcd appeared");
-    let mut addrs = Vec::new();
-    while Instant::now() < deadline
-        && !addrs
-            .iter()
-            .any(|a: &String| a.ends_with(&format!(":{}", env.port)))
-    {
-        addrs = listening_addrs(etcd);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (mut child, etcd) = migrate_until_step_etcd(&env, Stdio::null);
+    let pid = child.id();
+    let addrs = wait_until(
+        format_args!("the step's etcd {etcd} to listen on port {}", env.port),
+        Duration::from_secs(30),
+        || {
+            let addrs = listening_addrs(etcd);
+            let port = format!(":{}", env.port);
+            addrs.iter().any(|a| a.ends_with(&port)).then_some(addrs)
+        },
+    );
     assert!(
         addrs
             .iter()
@@ -292,26 +242,19 @@ async fn kill_9_mid_step_leaves_no_orphan_and_the_rerun_completes() {
     );
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     child.wait().unwrap();
-    let gone = Instant::now() + Duration::from_secs(5);
-    while Path::new(&format!("/proc/{etcd}")).exists() && Instant::now() < gone {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(
-        !Path::new(&format!("/proc/{etcd}")).exists()
-            || fs::read_to_string(format!("/proc/{etcd}/stat"))
-                .unwrap_or_default()
-                .contains(") Z"),
-        "etcd {etcd} outlived a kill -9 of etcd-migrate"
+    wait_until(
+        format_args!("etcd {etcd} to exit after a kill -9 of etcd-migrate"),
+        Duration::from_secs(5),
+        || exited(etcd).then_some(()),
     );
     assert_eq!(
-        read_version(&data),
+        recorded_version(&data),
         "3.4.23/etcd3",
         "nothing recorded by the killed run"
     );
 
-    let out = env.run(&["migrate"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(read_version(&data), "3.5.1/etcd3");
+    env.run_ok(&["migrate"], "rerun");
+    assert_eq!(recorded_version(&data), "3.5.1/etcd3");
     let m = Member::start("3.5.1", &data, "m1");
     assert_eq!(dump(&mut m.client().await).await, before, "nothing lost");
 }
@@ -322,20 +265,8 @@ async fn sigterm_stops_the_step_and_records_nothing() {
     let data = t.path().join("data");
     seeded_34(&data, 20).await;
     let env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
-    let child = env
-        .command(&["migrate"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (child, etcd) = migrate_until_step_etcd(&env, Stdio::piped);
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut etcd = None;
-    while Instant::now() < deadline && etcd.is_none() {
-        etcd = etcd_children(Some(pid)).first().copied();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let etcd = etcd.expect("the step's etcd appeared");
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     assert_step_failed(&out, &["stopped by SIGTERM"], &data);
@@ -345,6 +276,20 @@ async fn sigterm_stops_the_step_and_records_nothing() {
     );
 }
 
+/// `migrate` started with its output to `out()`, and its step's etcd once it appears.
+fn migrate_until_step_etcd(env: &MigrateEnv, out: fn() -> Stdio) -> (Child, u32) {
+    let child = env
+        .command(&["migrate"])
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .unwrap();
+    let etcd = wait_until("the step's etcd", Duration::from_secs(30), || {
+        etcd_children(Some(child.id())).first().copied()
+    });
+    (child, etcd)
+}
+
 /// The run failed (exit 1) saying each of `says`, and version.txt still names 3.4.23.
 fn assert_step_failed(out: &std::process::Output, says: &[&str], data: &Path) {
     let log = text(out);
@@ -352,81 +297,7 @@ fn assert_step_failed(out: &std::process::Output, says: &[&str], data: &Path) {
     for s in says {
         assert!(log.contains(s), "no {s:?} in:\n{log}");
     }
-    assert_eq!(read_version(data), "3.4.23/etcd3");
-}
-
-#[tokio::test]
-async fn bad_input_exits_with_its_code_and_leaves_the_dir_untouched() {
-    let t = tempfile::tempdir().unwrap();
-    let data = t.path().join("data");
-    seeded_34(&data, 5).await;
-    let h0 = tree_hash(&data);
-    let base = || MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
-    let mut checked = 0;
-    let mut check = |name: &str, env: &MigrateEnv, want_code: i32, want_msg: &str| {
-        let before = tree_hash(&data);
-        let out = env.run(&["migrate"]);
-        let log = text(&out);
-        assert_eq!(out.status.code(), Some(want_code), "{name}: {log}");
-        assert!(
-            log.contains(want_msg),
-            "{name}: message should name {want_msg:?}:\n{log}"
-        );
-        assert_eq!(tree_hash(&data), before, "{name}: data dir changed");
-        checked += 1;
-    };
-    for tv in ["3.5", "v3.5.1", "abc"] {
-        let mut e = base();
-        e.set("TARGET_VERSION", tv);
-        check(&format!("TARGET_VERSION={tv}"), &e, 2, "TARGET_VERSION");
-    }
-    let mut e = base();
-    e.set("TARGET_VERSION", "");
-    check("TARGET_VERSION empty", &e, 2, "TARGET_VERSION");
-    let mut e = base();
-    e.set("TARGET_STORAGE", "etcd4");
-    check("TARGET_STORAGE=etcd4", &e, 2, "etcd2 or etcd3");
-    for (content, label) in [
-        ("garbage\n", "garbage"),
-        ("", "empty"),
-        ("3.4.23/etcd5\n", "etcd5"),
-    ] {
-        fs::write(data.join("version.txt"), content).unwrap();
-        check(&format!("version.txt {label}"), &base(), 2, "version.txt");
-        fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
-    }
-    let file = t.path().join("a-file");
-    fs::write(&file, "x").unwrap();
-    let mut e = base();
-    e.set("DATA_DIRECTORY", file.to_str().unwrap());
-    let out = e.run(&["migrate"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("not a directory"));
-    assert_eq!(fs::read_to_string(&file).unwrap(), "x");
-    let bin = t.path().join("bin-without-351");
-    fs::create_dir(&bin).unwrap();
-    fs::copy(bundle().join("etcd-3.4.23"), bin.join("etcd-3.4.23")).unwrap();
-    fs::write(bin.join("etcd-3.5.1"), "").unwrap();
-    let mut e = base();
-    e.set("ETCD_BIN_DIR", bin.to_str().unwrap());
-    check("etcd-3.5.1 not executable", &e, 2, "etcd-3.5.1");
-    fs::remove_file(bin.join("etcd-3.5.1")).unwrap();
-    e.set("BUNDLED_VERSIONS", "3.4.23 3.5.1");
-    check("etcd-3.5.1 missing", &e, 2, "does not exist");
-    // The private port already taken.
-    let e = base();
-    let _hold = std::net::TcpListener::bind(("127.0.0.1", e.port)).unwrap();
-    check("private port taken", &e, 2, &format!("port {}", e.port));
-    // An etcd running on the dir.
-    let m = Member::start("3.4.23", &data, "m1");
-    let before = tree_hash(&data);
-    let out = base().run(&["migrate"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(text(&out).contains("in use"), "{}", text(&out));
-    m.stop();
-    let _ = before;
-    assert!(checked >= 10);
-    let _ = h0;
+    assert_eq!(recorded_version(data), "3.4.23/etcd3");
 }
 
 #[tokio::test]
@@ -436,8 +307,7 @@ async fn json_logs_are_one_object_per_line() {
     seeded_34(&data, 10).await;
     let mut env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
     env.set("LOG_FORMAT", "json");
-    let out = env.run(&["migrate"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = env.run_ok(&["migrate"], "migrate");
     let stderr = String::from_utf8(out.stderr).unwrap();
     let mut steps = 0;
     for line in stderr.lines() {
@@ -469,34 +339,29 @@ async fn a_step_whose_etcd_changes_old_revisions_fails_and_records_nothing() {
     seed(&mut c, 100, 0).await;
     drop(c);
     m.stop();
-    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    record_version(&data, "3.4.23/etcd3");
     let mut env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
     env.set("FAILPOINTS", "upgrade-etcd-running=sleep(4000)");
     let url = format!("http://127.0.0.1:{}", env.port);
     let child = env
         .command(&["migrate"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut compacted = false;
-    while Instant::now() < deadline && !compacted {
-        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await {
-            if let Ok(r) = c.get("/", None).await {
-                let rev = r.header().unwrap().revision();
-                compacted = c
-                    .compact(
-                        rev,
-                        Some(etcd_client::CompactionOptions::new().with_physical()),
-                    )
-                    .await
-                    .is_ok();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(compacted, "could not reach the step's etcd");
+    wait_until_async(
+        "a compaction through the step's etcd",
+        Duration::from_secs(30),
+        async || {
+            let mut c = etcd_client::Client::connect([url.as_str()], None)
+                .await
+                .ok()?;
+            let rev = c.get("/", None).await.ok()?.header().unwrap().revision();
+            let physical = etcd_client::CompactionOptions::new().with_physical();
+            c.compact(rev, Some(physical)).await.ok()
+        },
+    )
+    .await;
     let out = child.wait_with_output().unwrap();
     assert_step_failed(
         &out,
@@ -527,7 +392,7 @@ async fn a_member_past_its_quota_fails_fast_naming_the_remedy() {
     assert!(full, "the member never ran out of quota");
     drop(c);
     m.stop();
-    fs::write(data.join("version.txt"), "3.4.23/etcd3\n").unwrap();
+    record_version(&data, "3.4.23/etcd3");
     let mut env = MigrateEnv::new(&data, "m1", "3.5.1", "etcd3");
     env.set("HEALTH_TIMEOUT", "10m");
     let t0 = Instant::now();

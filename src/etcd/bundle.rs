@@ -128,12 +128,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("etcd-3.5.1"), "").unwrap();
         let b = Bundle::discover(d.path(), None).unwrap();
-        let step = crate::plan::Step::Upgrade {
-            from: "3.4.23/etcd3".parse().unwrap(),
-            to: "3.5.1/etcd3".parse().unwrap(),
-            cut_snapshot: false,
-        };
-        let e = b.preflight(step.tools()).unwrap_err().to_string();
+        let v351 = "3.5.1".parse().unwrap();
+        let upgrade = || [(Tool::Etcd, v351, "upgrade".to_string())];
+        let e = b.preflight(upgrade()).unwrap_err().to_string();
         assert!(
             e.contains("etcd-3.5.1") && e.contains("not executable"),
             "{e}"
@@ -143,12 +140,9 @@ mod tests {
             fs::Permissions::from_mode(0o755),
         )
         .unwrap();
-        b.preflight(step.tools()).unwrap();
-        let rb = crate::plan::Step::MinorRollback {
-            from: "3.5.1".parse().unwrap(),
-            to: "3.4.23".parse().unwrap(),
-        };
-        let e = b.preflight(rb.tools()).unwrap_err().to_string();
+        b.preflight(upgrade()).unwrap();
+        let save = [(Tool::Etcdctl, v351, "snapshot save".to_string())];
+        let e = b.preflight(save).unwrap_err().to_string();
         assert!(
             e.contains("etcdctl-3.5.1") && e.contains("does not exist"),
             "{e}"

@@ -197,7 +197,7 @@ impl EtcdServer {
             .map(|m| m.len())
             .unwrap_or(0);
         let spec = ServerSpec {
-            quota_bytes: (db_size > QUOTA_ABOVE).then_some(db_size + QUOTA_ABOVE),
+            quota_bytes: quota_for(db_size),
             ..spec
         };
         let args = release.server_args(&spec);
@@ -307,7 +307,7 @@ impl EtcdServer {
     /// until the health timeout.
     fn check_backend_lock(&self) -> Result<(), EtcdError> {
         let ours = self.guard.pid();
-        let other = crate::datadir::lock_holders(&self.backend)
+        let other = crate::fsutil::lock_holders(&self.backend)
             .into_iter()
             .find(|pid| Some(*pid) != ours);
         match other {
@@ -468,6 +468,12 @@ impl EtcdServer {
     }
 }
 
+/// `--quota-backend-bytes` for a backend of `db_size`: none up to etcd's default quota margin,
+/// else room above the file so the start does not raise NOSPACE.
+fn quota_for(db_size: u64) -> Option<u64> {
+    (db_size > QUOTA_ABOVE).then_some(db_size + QUOTA_ABOVE)
+}
+
 fn reachable(url: &str) -> bool {
     let Some((_, host, port)) = split_url(url) else {
         return false;
@@ -478,4 +484,82 @@ fn reachable(url: &str) -> bool {
     addrs
         .into_iter()
         .any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stopped(ms: u64) -> Stopped {
+        Stopped {
+            version: "3.5.1".parse().unwrap(),
+            stop_ms: ms,
+            close_ms: 1,
+            connections_left: 0,
+        }
+    }
+
+    #[test]
+    fn stops_are_appended_to_the_journal_detail() {
+        let mut d = serde_json::Map::new();
+        stopped(7).record(&mut d);
+        stopped(9).record(&mut d);
+        assert_eq!(
+            d["stops"],
+            serde_json::json!([
+                {"etcd": "3.5.1", "stop_ms": 7, "close_ms": 1},
+                {"etcd": "3.5.1", "stop_ms": 9, "close_ms": 1},
+            ])
+        );
+        d.insert("stops".into(), "junk".into());
+        stopped(3).record(&mut d);
+        assert_eq!(d["stops"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn child_env_drops_what_our_flags_set_and_adds_what_is_asked() {
+        let env = crate::config::Env::from_pairs([
+            ("DATA_DIRECTORY", "/d"),
+            ("TARGET_VERSION", "3.5.1"),
+            ("TARGET_STORAGE", "etcd3"),
+            ("ETCD_DATA_DIR", "/elsewhere"),
+            ("ETCD_CIPHER_SUITES", "x"),
+            ("PATH", "/bin"),
+            ("ETCDCTL_API", "2"),
+        ]);
+        let config = crate::config::resolve(&Default::default(), &env, true).unwrap();
+        let args = vec!["--data-dir=/d".to_string()];
+        let got = child_env(&config, &args, "ETCD_", &[("ETCDCTL_API", "3")]);
+        let names: Vec<String> = got
+            .iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n == "ETCD_DATA_DIR"), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n == "DATA_DIRECTORY"),
+            "ours: {names:?}"
+        );
+        assert!(names.iter().any(|n| n == "ETCD_CIPHER_SUITES"), "{names:?}");
+        assert!(names.iter().any(|n| n == "PATH"), "{names:?}");
+        let api: Vec<_> = got.iter().filter(|(k, _)| k == "ETCDCTL_API").collect();
+        assert_eq!(api.len(), 1);
+        assert_eq!(api[0].1, "3");
+    }
+
+    #[test]
+    fn quota_is_raised_only_for_members_past_the_margin() {
+        assert_eq!(quota_for(0), None);
+        assert_eq!(quota_for(QUOTA_ABOVE), None);
+        assert_eq!(quota_for(QUOTA_ABOVE + 1), Some(2 * QUOTA_ABOVE + 1));
+    }
+
+    #[test]
+    fn a_peer_is_reachable_only_while_something_listens() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        assert!(reachable(&url));
+        drop(l);
+        assert!(!reachable(&url));
+        assert!(!reachable("not a url"));
+    }
 }

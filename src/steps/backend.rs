@@ -88,7 +88,8 @@ fn lowest_priority() {
 /// returns, running on a thread of its own: an etcd started on the file after that cannot
 /// change what it reads (see [`KeyScan`]).
 pub struct PendingScan {
-    thread: std::thread::JoinHandle<Result<KeyDigest, String>>,
+    /// `None` when the scan never began (its error went to `start`).
+    thread: std::thread::JoinHandle<Option<Result<KeyDigest, MvccError>>>,
     db: PathBuf,
     range: RevRange,
     what: String,
@@ -97,31 +98,33 @@ pub struct PendingScan {
 
 impl PendingScan {
     pub fn start(db_path: &Path, range: RevRange, what: &str) -> Result<PendingScan, StepError> {
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), MvccError>>(1);
         let (path, label) = (db_path.to_path_buf(), what.to_string());
         let size = std::fs::metadata(db_path).map(|m| m.len()).ok();
         let thread = std::thread::Builder::new()
             .name("backend-scan".into())
             .spawn(move || {
                 lowest_priority();
-                let db = Db::open(&path).map_err(MvccError::from);
+                let db = match Db::open(&path) {
+                    Ok(db) => db,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return None;
+                    }
+                };
                 // One thread: it runs beside an etcd starting on a backend, which reads the
                 // whole file too (to build its index) on the other cores.
-                let scan = db
-                    .as_ref()
-                    .map_err(|e| e.to_string())
-                    .and_then(|db| KeyScan::prepare(db, 1).map_err(|e| e.to_string()));
-                let scan = match scan {
+                let scan = match KeyScan::prepare(&db, 1) {
                     Ok(scan) => scan,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.clone()));
-                        return Err(e);
+                        let _ = ready_tx.send(Err(e));
+                        return None;
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
                 let meter = Meter::count(&label, Unit::Bytes, size);
                 let progress: &AtomicU64 = meter.counter();
-                scan.run(range, progress).map_err(|e| e.to_string())
+                Some(scan.run(range, progress))
             })
             .map_err(|e| read_error(db_path, e))?;
         match ready_rx.recv() {
@@ -142,11 +145,20 @@ impl PendingScan {
         while !self.thread.is_finished() {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        let d = self
-            .thread
-            .join()
-            .map_err(|_| read_error(&self.db, "the scan thread panicked"))?
-            .map_err(|e| read_error(&self.db, e))?;
+        let d = match self.thread.join() {
+            Ok(Some(scanned)) => scanned.map_err(|e| read_error(&self.db, e))?,
+            Ok(None) => {
+                return Err(read_error(
+                    &self.db,
+                    "the scan thread ended before it began",
+                ))
+            }
+            Err(_) => {
+                return Err(StepError::ThreadPanicked {
+                    what: "backend-scan",
+                })
+            }
+        };
         log_scan(&self.what, self.range, &d, self.started);
         Ok(d)
     }

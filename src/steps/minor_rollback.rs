@@ -17,7 +17,7 @@ use crate::etcd::ctl;
 use crate::etcd::server::{EtcdServer, Stopped};
 use crate::fsutil;
 use crate::layout::{backend_of, member_of};
-use crate::storage::keydigest::RevRange;
+use crate::storage::keydigest::{KeyDigest, RevRange};
 use crate::version::{EtcdVersion, Storage, VersionFile};
 
 use super::backend::{self, Digested, PendingScan};
@@ -32,6 +32,13 @@ struct Source {
     saved: Option<Stopped>,
 }
 
+/// How long each stage took, for the journal.
+struct Timings {
+    save_ms: u64,
+    restore_ms: u64,
+    prove_ms: u64,
+}
+
 /// Rolls the data at `from` back to `to`.
 pub async fn run(
     ctx: &Ctx<'_>,
@@ -39,21 +46,17 @@ pub async fn run(
     to: EtcdVersion,
     _baseline: Option<&Baseline>,
 ) -> Result<StepReport, StepError> {
-    let work = ctx.work_dir();
-    fsutil::create_dir_mode(&work, 0o700)?;
-    let saved_file = ctx.layout.saved_snapshot(from);
-    let restored = ctx.layout.restored();
-    fsutil::remove_tree(&saved_file)?;
-    fsutil::remove_tree(&restored)?;
-    let member = ctx.layout.member();
-    let db_size = std::fs::metadata(ctx.layout.backend())
-        .map(|m| m.len())
-        .unwrap_or(0);
-    fsutil::ensure_space(&work, 2 * db_size)?;
+    let db_size = clear_work(ctx, from)?;
 
     // 1. The snapshot: the backend itself, or one saved from 3.N.
     let t = Instant::now();
-    let source = snapshot_source(ctx, from, &member, &saved_file).await?;
+    let source = snapshot_source(
+        ctx,
+        from,
+        &ctx.layout.member(),
+        &ctx.layout.saved_snapshot(from),
+    )
+    .await?;
     let before = PendingScan::start(
         &source.file,
         RevRange::ALL,
@@ -65,6 +68,56 @@ pub async fn run(
     // 2. Restore with the older release's tool into staging, while the source is read.
     let t = Instant::now();
     let stage = Stage::begin(ctx.layout)?;
+    restore_staged(ctx, to, &source, &stage, db_size).await?;
+    let before = before.finish().await?;
+    let restore_ms = t.elapsed().as_millis() as u64;
+    fail::fail_point!("minor-rollback-after-restore");
+
+    // 3. Every revision came through, and the older release serves it.
+    let t = Instant::now();
+    let (keys, proved) = prove(ctx, to, &stage.path, &before).await?;
+    let prove_ms = t.elapsed().as_millis() as u64;
+    fail::fail_point!("minor-rollback-before-swap");
+
+    // 4. Swap in.
+    let etcd3 = |version| VersionFile {
+        version,
+        storage: Storage::Etcd3,
+    };
+    let backup = stage.commit(etcd3(to), etcd3(from))?;
+    fsutil::remove_tree(&ctx.layout.saved_snapshot(from))?;
+
+    let timings = Timings {
+        save_ms,
+        restore_ms,
+        prove_ms,
+    };
+    Ok(report(source, proved, before, keys, timings, &backup))
+}
+
+/// Clears what an earlier try left in the work dir and checks there is room for a saved
+/// snapshot and a restored one. Returns the backend's size.
+fn clear_work(ctx: &Ctx<'_>, from: EtcdVersion) -> Result<u64, StepError> {
+    let work = ctx.work_dir();
+    fsutil::create_dir_mode(&work, 0o700)?;
+    fsutil::remove_tree(&ctx.layout.saved_snapshot(from))?;
+    fsutil::remove_tree(&ctx.layout.restored())?;
+    let db_size = std::fs::metadata(ctx.layout.backend())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    fsutil::ensure_space(&work, 2 * db_size)?;
+    Ok(db_size)
+}
+
+/// Restores `source` with `to`'s tool as this member and moves the member into `stage`, durably.
+async fn restore_staged(
+    ctx: &Ctx<'_>,
+    to: EtcdVersion,
+    source: &Source,
+    stage: &Stage,
+    db_size: u64,
+) -> Result<(), StepError> {
+    let restored = ctx.layout.restored();
     let restoring = ctl::snapshot_restore(
         ctx.bundle,
         ctx.config,
@@ -81,32 +134,21 @@ pub async fn run(
     let restore_result = restoring.await;
     meter.finish();
     restore_result?;
-    let before = before.finish().await?;
     fsutil::rename_durable(&member_of(&restored), &stage.member())?;
     fsutil::remove_tree(&restored)?;
     fsutil::fsync_tree(&stage.path)?;
-    let restore_ms = t.elapsed().as_millis() as u64;
-    fail::fail_point!("minor-rollback-after-restore");
+    Ok(())
+}
 
-    // 3. Every revision came through, and the older release serves it.
-    let t = Instant::now();
-    let (keys, proved) = prove(ctx, to, &stage.path, &before).await?;
-    let prove_ms = t.elapsed().as_millis() as u64;
-    fail::fail_point!("minor-rollback-before-swap");
-
-    // 4. Swap in.
-    let backup = stage.commit(
-        VersionFile {
-            version: to,
-            storage: Storage::Etcd3,
-        },
-        VersionFile {
-            version: from,
-            storage: Storage::Etcd3,
-        },
-    )?;
-    fsutil::remove_tree(&saved_file)?;
-
+/// The step's report: the backend's digest for the next step, what each stage took.
+fn report(
+    source: Source,
+    proved: Stopped,
+    before: KeyDigest,
+    keys: u64,
+    t: Timings,
+    backup: &Path,
+) -> StepReport {
     let mut report = StepReport {
         baseline: Some(Baseline::Backend(Digested {
             range: backend::closed(RevRange::ALL, &before),
@@ -129,11 +171,11 @@ pub async fn run(
         }
         .into(),
     );
-    d.insert("snapshot_save_ms".into(), save_ms.into());
-    d.insert("snapshot_restore_ms".into(), restore_ms.into());
-    d.insert("prove_ms".into(), prove_ms.into());
+    d.insert("snapshot_save_ms".into(), t.save_ms.into());
+    d.insert("snapshot_restore_ms".into(), t.restore_ms.into());
+    d.insert("prove_ms".into(), t.prove_ms.into());
     d.insert("backup".into(), backup.display().to_string().into());
-    Ok(report)
+    report
 }
 
 /// The backend itself when it holds every write; else a snapshot saved from `from`, which

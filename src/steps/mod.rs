@@ -251,3 +251,65 @@ pub fn verify_against(
         }),
     }
 }
+
+/// A real member for stage tests: a fixture written by an old etcd release, unpacked into a
+/// temp dir, with a config naming it and an empty bundle (no etcd can start).
+#[cfg(test)]
+pub(crate) mod fixture {
+    use std::path::PathBuf;
+
+    use crate::config::{resolve, Config, Env};
+    use crate::etcd::bundle::Bundle;
+
+    pub struct Member {
+        pub _dir: tempfile::TempDir,
+        pub config: Config,
+        pub bundle: Bundle,
+        pub layout: crate::layout::Layout,
+    }
+
+    impl Member {
+        /// `name` is a `../shared/fixtures/<name>.tar.gz`, unpacked to `data/`.
+        pub fn unpack(name: &str) -> Member {
+            let dir = tempfile::tempdir().unwrap();
+            let tarball = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/fixtures")
+                .join(format!("{name}.tar.gz"));
+            let st = std::process::Command::new("tar")
+                .arg("xzf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success(), "unpacking {}", tarball.display());
+            let data = dir.path().join("data");
+            let env = Env::from_pairs([
+                ("DATA_DIRECTORY", data.to_str().unwrap()),
+                ("ETCD_NAME", "etcd-test"),
+            ]);
+            let config = resolve(&Default::default(), &env, false).unwrap();
+            let bundle = Bundle {
+                dir: dir.path().join("no-bundle"),
+                versions: Default::default(),
+            };
+            let layout = config.layout();
+            Member {
+                _dir: dir,
+                config,
+                bundle,
+                layout,
+            }
+        }
+
+        pub fn ctx(&self) -> super::Ctx<'_> {
+            super::Ctx {
+                config: &self.config,
+                bundle: &self.bundle,
+                layout: &self.layout,
+                data_dir: &self.config.data_dir,
+                members: 1,
+            }
+        }
+    }
+}

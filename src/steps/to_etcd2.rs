@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 use crate::etcd::server::{EtcdServer, Launch, Stopped};
 use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::fsutil;
-use crate::layout::backend_of;
+use crate::layout::{backend_of, Layout};
 use crate::plan::ROLLBACK_ETCD2_VERSION;
 use crate::release::Tool;
 use crate::staging::Stage;
@@ -33,12 +33,12 @@ use crate::version::{EtcdVersion, Storage, VersionFile};
 use super::{verify_against, Baseline, Ctx, Refusal, StepError, StepReport};
 
 /// Refuses before anything is touched when the data cannot become a v2 store.
-pub fn refuse_unrepresentable(member: &Path, prefix: &str) -> Result<(), Refusal> {
-    let found = Db::open(member.join("snap/db"))
+pub fn refuse_unrepresentable(layout: &Layout, prefix: &str) -> Result<(), Refusal> {
+    let found = Db::open(layout.backend())
         .map_err(mvcc::MvccError::from)
         .and_then(|db| v2export::check_representable(&db, prefix))
         .map_err(|source| Refusal::Unreadable {
-            member: member.to_path_buf(),
+            member: layout.member(),
             source,
         })?;
     if found.is_empty() {
@@ -315,7 +315,7 @@ fn refuse_or_fail(
     }
     fsutil::remove_tree(&stage.path)?;
     let prefix = ctx.config.data_prefix.clone();
-    let found = Db::open(member.join("snap/db"))
+    let found = Db::open(ctx.layout.backend())
         .map_err(mvcc::MvccError::from)
         .and_then(|db| v2export::check_representable(&db, &prefix))
         .map_err(|e| StepError::read("reading", &member, e))?;
@@ -420,4 +420,87 @@ async fn prove_with_221(
     }
     tracing::info!(keys = got.keys, "etcd 2.2.1 serves the rolled-back data");
     Ok(Some(stopped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixture::Member;
+    use super::*;
+
+    fn v3017() -> EtcdVersion {
+        "3.0.17".parse().unwrap()
+    }
+
+    /// Live keys in a fixture's keys.json.
+    fn listed_keys(name: &str) -> u64 {
+        let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../shared/fixtures/{name}.keys.json"));
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        listed.len() as u64
+    }
+
+    #[tokio::test]
+    async fn read_source_write_staged_and_read_back_a_real_3_0_17_member() {
+        let m = Member::unpack("etcd-3.0.17-v3");
+        let ctx = m.ctx();
+        let mut stops = Vec::new();
+        let source = read_source(&ctx, v3017(), &mut stops).await.unwrap();
+        assert!(stops.is_empty(), "a cleanly stopped member needs no etcd");
+        assert_eq!(source.summary.member_count, 1);
+        assert_eq!(source.params.node_id, source.summary.node_id);
+
+        let stage = Stage::begin(&m.layout).unwrap();
+        let staged = write_staged(&ctx, v3017(), &source, &stage, None)
+            .await
+            .unwrap();
+        let want = listed_keys("etcd-3.0.17-v3");
+        assert_eq!(staged.written.store.keys, want);
+        assert!(staged.leased > 0, "events and masterleases keep their TTLs");
+        assert!(staged.fingerprint.is_none(), "nothing compares it here");
+        read_back(&stage, &staged.written, &source.summary).unwrap();
+
+        // A WAL whose ids are not the source's is caught by the read-back.
+        let mut other = source.summary.clone();
+        other.cluster_id ^= 1;
+        let e = read_back(&stage, &staged.written, &other).unwrap_err();
+        assert!(matches!(e, StepError::ReadBack { marker: true, .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn write_staged_checks_the_keys_against_the_step_before() {
+        let m = Member::unpack("etcd-3.0.17-v3");
+        let ctx = m.ctx();
+        let source = read_source(&ctx, v3017(), &mut Vec::new()).await.unwrap();
+        let stage = Stage::begin(&m.layout).unwrap();
+        let wrong = Fingerprint {
+            keys: 1,
+            permanent: 1,
+            content: "0".repeat(32),
+            permanent_digest: "0".repeat(32),
+        };
+        let e = write_staged(&ctx, v3017(), &source, &stage, Some(&wrong))
+            .await
+            .err()
+            .expect("a baseline that differs fails the step");
+        assert!(matches!(e, StepError::Verify { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn write_staged_refuses_protobuf_values_and_removes_staging() {
+        let m = Member::unpack("etcd-3.0.17-v3-protobuf");
+        let ctx = m.ctx();
+        let source = read_source(&ctx, v3017(), &mut Vec::new()).await.unwrap();
+        let stage = Stage::begin(&m.layout).unwrap();
+        let e = write_staged(&ctx, v3017(), &source, &stage, None)
+            .await
+            .err()
+            .expect("protobuf values cannot be v2 values");
+        assert!(
+            matches!(e, StepError::Refused(Refusal::Unrepresentable { .. })),
+            "{e}"
+        );
+        assert!(!stage.path.exists(), "staging is removed on a refusal");
+        assert!(refuse_unrepresentable(&m.layout, "/registry").is_err());
+    }
 }

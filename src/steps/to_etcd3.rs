@@ -310,7 +310,7 @@ pub async fn run(
     // 1. Read the source and write it staged: `etcdctl migrate` on a copy.
     let t = Instant::now();
     let (stage, migrate) = convert(ctx, at).await?;
-    let migrate_ms = t.elapsed().as_millis() as u64;
+    let (migrate_ms, tool_ms) = (ms(t), migrate.elapsed.as_millis() as u64);
 
     // 2. Capture over v2, on the staging dir, with v3 served too.
     let t = Instant::now();
@@ -325,32 +325,23 @@ pub async fn run(
         return Err(StepError::NoV3Api { label });
     };
     let capture_path = ctx.layout.ttl_capture();
-    let capture = capture(ctx, &srv.client_url, &capture_path, &label).await?;
-    if ctx.members == 1 && from.storage == Storage::Etcd2 {
-        let label = format!("{from} as read by {at}");
-        verify_against(&label, baseline.and_then(Baseline::keys), &capture.v2)?;
-    }
-    let expired = delete_expired_since_migrate(&mut v3, &capture.key_hashes)
-        .await
-        .map_err(|source| EtcdError::V3 {
-            label: label.clone(),
-            source,
-        })?;
-    let capture_ms = t.elapsed().as_millis() as u64;
+    let (capture, expired) =
+        capture_checked(ctx, &srv.client_url, &mut v3, from, at, baseline).await?;
+    let capture_ms = ms(t);
     log_capture(&capture, expired, capture_ms);
     fail::fail_point!("to-etcd3-after-capture");
 
     // 3. Reattach TTLs as leases, from the capture file.
     let t = Instant::now();
-    let keys = CaptureFileKeys(capture_path.clone());
     let ops = Release::new(at).max_txn_ops(true);
+    let keys = CaptureFileKeys(capture_path.clone());
     let attach = reattach(v3, &keys, ctx.config.ttl_granularity_secs, ops)
         .await
         .map_err(|source| StepError::Reattach {
             label: label.clone(),
             source,
         })?;
-    let reattach_ms = t.elapsed().as_millis() as u64;
+    let reattach_ms = ms(t);
 
     // 4. Prove: every key and value as the v2 store held it, TTL keys on leases.
     if cut_snapshot {
@@ -359,37 +350,75 @@ pub async fn run(
     let after = srv.fingerprint(&mut api).await?;
     srv.stop(Some(api)).await.record(&mut report.detail);
     prove(at, &capture, &after, &attach, reattach_ms)?;
+    let outcome = VersionFile {
+        version: at,
+        storage: Storage::Etcd3,
+    };
     if cut_snapshot && crate::datadir::member_facts(&stage.member())?.boot_cluster_version_v2 {
-        let at = VersionFile {
-            version: at,
-            storage: Storage::Etcd3,
-        };
-        return Err(StepError::NoSnapshotCut { at });
+        return Err(StepError::NoSnapshotCut { at: outcome });
     }
     fail::fail_point!("to-etcd3-before-swap");
 
     // 5. Swap in.
     let t = Instant::now();
-    let outcome = VersionFile {
-        version: at,
-        storage: Storage::Etcd3,
-    };
     let backup = stage.commit(outcome, from)?;
     fsutil::remove_tree(&capture_path)?;
     let d = &mut report.detail;
-    d.insert("keys_migrated".into(), after.keys.into());
     capture.record(d);
     attach.record(d, expired);
-    d.insert("etcdctl_migrate_ms".into(), migrate_ms.into());
-    let tool_ms = migrate.elapsed.as_millis() as u64;
-    d.insert("etcdctl_migrate_tool_ms".into(), tool_ms.into());
-    d.insert("capture_ms".into(), capture_ms.into());
-    d.insert("reattach_ms".into(), reattach_ms.into());
-    d.insert("swap_ms".into(), (t.elapsed().as_millis() as u64).into());
+    let timings = [
+        ("etcdctl_migrate_ms", migrate_ms),
+        ("etcdctl_migrate_tool_ms", tool_ms),
+        ("capture_ms", capture_ms),
+        ("reattach_ms", reattach_ms),
+        ("swap_ms", ms(t)),
+    ];
+    Ok(finish_report(report, after, &timings, &backup))
+}
+
+/// Milliseconds since `t`.
+fn ms(t: Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}
+
+/// The step's report: keys migrated, what each stage took, where the old dir went.
+fn finish_report(
+    mut report: StepReport,
+    after: Fingerprint,
+    timings: &[(&str, u64)],
+    backup: &std::path::Path,
+) -> StepReport {
+    let d = &mut report.detail;
+    d.insert("keys_migrated".into(), after.keys.into());
+    for (name, ms) in timings {
+        d.insert((*name).into(), (*ms).into());
+    }
     d.insert("backup".into(), backup.display().to_string().into());
     report.keys = Some(after.keys);
     report.baseline = Some(Baseline::Keys(after));
-    Ok(report)
+    report
+}
+
+/// Stage 2: the capture, checked against the keys before the step (a single member's etcd2
+/// data), and the keys that expired in v2 since `etcdctl migrate` copied them deleted in v3.
+async fn capture_checked(
+    ctx: &Ctx<'_>,
+    client_url: &str,
+    v3: &mut V3,
+    from: VersionFile,
+    at: EtcdVersion,
+    baseline: Option<&Baseline>,
+) -> Result<(Capture, u64), StepError> {
+    let label = format!("etcd-{at}");
+    let capture = capture(ctx, client_url, &ctx.layout.ttl_capture(), &label).await?;
+    if ctx.members == 1 && from.storage == Storage::Etcd2 {
+        let label = format!("{from} as read by {at}");
+        verify_against(&label, baseline.and_then(Baseline::keys), &capture.v2)?;
+    }
+    let expired = delete_expired_since_migrate(v3, &capture.key_hashes)
+        .await
+        .map_err(|source| EtcdError::V3 { label, source })?;
+    Ok((capture, expired))
 }
 
 /// Stage 1: the member dir copied into staging and converted there by `etcdctl migrate` (it

@@ -29,6 +29,44 @@ enum Before {
     NotCompared,
 }
 
+impl Before {
+    /// How this step knows the data before it: from the step before, or read offline now
+    /// (single member, etcd3: nothing else writes it).
+    fn find(
+        ctx: &Ctx<'_>,
+        to: VersionFile,
+        baseline: Option<&Baseline>,
+    ) -> Result<Before, StepError> {
+        let offline = ctx.members == 1 && to.storage == Storage::Etcd3;
+        Ok(match baseline.and_then(Baseline::backend) {
+            Some(d) if offline => Before::Known(*d),
+            _ if offline => {
+                let db = ctx.layout.backend();
+                let range = backend::range_to_keep(&db)?;
+                Before::Reading(
+                    PendingScan::start(&db, range, "reading the backend before the step")?,
+                    range,
+                )
+            }
+            _ => Before::NotCompared,
+        })
+    }
+
+    /// Waits for a read begun in [`Before::find`].
+    async fn known(self) -> Result<Before, StepError> {
+        Ok(match self {
+            Before::Reading(scan, range) => {
+                let d = scan.finish().await?;
+                Before::Known(Digested {
+                    range: backend::closed(range, &d),
+                    digest: d,
+                })
+            }
+            other => other,
+        })
+    }
+}
+
 /// Runs the data at `to` once.
 pub async fn run(
     ctx: &Ctx<'_>,
@@ -37,42 +75,15 @@ pub async fn run(
     baseline: Option<&Baseline>,
 ) -> Result<StepReport, StepError> {
     let label = format!("{} on {}", to, ctx.data_dir.display());
-    let db = ctx.layout.backend();
-    let offline = ctx.members == 1 && to.storage == Storage::Etcd3;
-    let before = match baseline.and_then(Baseline::backend) {
-        Some(d) if offline => Before::Known(*d),
-        _ if offline => {
-            let range = backend::range_to_keep(&db)?;
-            Before::Reading(
-                PendingScan::start(&db, range, "reading the backend before the step")?,
-                range,
-            )
-        }
-        _ => Before::NotCompared,
-    };
+    let before = Before::find(ctx, to, baseline)?;
     let t0 = Instant::now();
     let mut srv = EtcdServer::start(Launch {
-        bundle: ctx.bundle,
-        config: ctx.config,
-        data_dir: ctx.data_dir,
-        version: to.version,
         storage: to.storage,
-        serve_v2: false,
         snapshot_count: cut_snapshot.then_some(CUT_SNAPSHOT_COUNT),
-        single_member: ctx.members == 1,
-        bulk_txns: false,
+        ..ctx.launch_v3(ctx.config, ctx.data_dir, to.version)
     })?;
     // The first write (the health probe) waits for the read of the backend as it was.
-    let before = match before {
-        Before::Reading(scan, range) => {
-            let d = scan.finish().await?;
-            Before::Known(Digested {
-                range: backend::closed(range, &d),
-                digest: d,
-            })
-        }
-        other => other,
-    };
+    let before = before.known().await?;
     let mut api = srv.ready().await?;
     fail::fail_point!("upgrade-etcd-running");
     let healthy_ms = t0.elapsed().as_millis() as u64;
@@ -94,16 +105,7 @@ pub async fn run(
     }
     srv.stop(Some(api)).await.record(&mut report.detail);
     if let Before::Known(d) = before {
-        let t = Instant::now();
-        let after = backend::scan(&db, d.range, "reading the backend after the step")?;
-        backend::compare(&label, &d, &after)?;
-        report
-            .detail
-            .insert("verify_ms".into(), (t.elapsed().as_millis() as u64).into());
-        report
-            .detail
-            .insert("revisions_verified".into(), after.entries.into());
-        report.baseline = Some(Baseline::Backend(d));
+        verify_offline(ctx, &label, d, &mut report)?;
     }
     if cut_snapshot {
         let facts = crate::datadir::member_facts(&ctx.layout.member())?;
@@ -113,4 +115,28 @@ pub async fn run(
     }
     report.detail.insert("healthy_ms".into(), healthy_ms.into());
     Ok(report)
+}
+
+/// Reads the backend the stopped etcd left and compares it with `before`.
+fn verify_offline(
+    ctx: &Ctx<'_>,
+    label: &str,
+    before: Digested,
+    report: &mut StepReport,
+) -> Result<(), StepError> {
+    let t = Instant::now();
+    let after = backend::scan(
+        &ctx.layout.backend(),
+        before.range,
+        "reading the backend after the step",
+    )?;
+    backend::compare(label, &before, &after)?;
+    report
+        .detail
+        .insert("verify_ms".into(), (t.elapsed().as_millis() as u64).into());
+    report
+        .detail
+        .insert("revisions_verified".into(), after.entries.into());
+    report.baseline = Some(Baseline::Backend(before));
+    Ok(())
 }

@@ -376,7 +376,7 @@ impl Db {
             buf.resize(total as usize, 0);
             self.read_pages(&mut buf[ps..], pgid + 1, ahead)?;
         }
-        Page::new(buf, pgid).map_err(bad)
+        Page::new(buf, pgid).map_err(|fault| bad(fault.to_string()))
     }
 
     /// Fills `buf` (whole pages, below the high-water mark) from page `pgid` on, through the
@@ -430,12 +430,12 @@ impl Db {
             })
     }
 
-    fn tree_error(&self, bucket: &[u8], pgid: u64, reason: impl Into<String>) -> BboltError {
+    fn tree_error(&self, bucket: &[u8], pgid: u64, reason: impl fmt::Display) -> BboltError {
         BboltError::BadTree {
             path: self.path.clone(),
             bucket: String::from_utf8_lossy(bucket).into_owned(),
             pgid,
-            reason: reason.into(),
+            reason: reason.to_string(),
         }
     }
 }
@@ -579,6 +579,29 @@ impl PageHeader {
     }
 }
 
+/// Why a page's header or elements cannot be read: the `reason` of a [`BboltError::BadPage`]
+/// or [`BboltError::BadTree`], which name the page.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum PageFault {
+    #[error("{len} bytes cannot hold a page header")]
+    NoHeader { len: usize },
+    #[error("flags {flags:#06x}: not a branch or leaf page")]
+    NotBranchOrLeaf { flags: u16 },
+    #[error("{count} elements do not fit in {len} bytes")]
+    ElementsOverflow { count: usize, len: usize },
+    #[error("branch page without elements")]
+    EmptyBranch,
+    #[error("element at byte {start} points to bytes {from}..{to} past the page end {page_len}")]
+    PastEnd {
+        start: usize,
+        from: u64,
+        to: u64,
+        page_len: usize,
+    },
+    #[error("leaf element {index} has unknown flags {flags:#x}")]
+    UnknownLeafFlags { index: usize, flags: u32 },
+}
+
 /// A branch or leaf page whose element array is known to fit in `buf`.
 #[derive(Clone)]
 struct Page {
@@ -600,26 +623,26 @@ struct LeafElement<'p> {
 }
 
 impl Page {
-    /// Validates the header and element array; errors are reasons.
-    fn new(buf: Vec<u8>, pgid: u64) -> std::result::Result<Page, String> {
+    /// Validates the header and element array.
+    fn new(buf: Vec<u8>, pgid: u64) -> std::result::Result<Page, PageFault> {
         if buf.len() < PAGE_HEADER_SIZE {
-            return Err(format!("{} bytes cannot hold a page header", buf.len()));
+            return Err(PageFault::NoHeader { len: buf.len() });
         }
         let header = PageHeader::parse(&buf);
         let branch = match header.flags {
             BRANCH_PAGE => true,
             LEAF_PAGE => false,
-            f => return Err(format!("flags {f:#06x}: not a branch or leaf page")),
+            flags => return Err(PageFault::NotBranchOrLeaf { flags }),
         };
         let count = usize::from(header.count);
         if PAGE_HEADER_SIZE + count * ELEMENT_SIZE > buf.len() {
-            return Err(format!(
-                "{count} elements do not fit in {} bytes",
-                buf.len()
-            ));
+            return Err(PageFault::ElementsOverflow {
+                count,
+                len: buf.len(),
+            });
         }
         if branch && count == 0 {
-            return Err("branch page without elements".into());
+            return Err(PageFault::EmptyBranch);
         }
         Ok(Page {
             buf: std::sync::Arc::new(buf),
@@ -630,20 +653,22 @@ impl Page {
     }
 
     /// Bytes `[start + pos, +len)` relative to an element at `start`, bounds-checked.
-    fn slice(&self, start: usize, pos: u32, len: u64) -> std::result::Result<&[u8], String> {
+    fn slice(&self, start: usize, pos: u32, len: u64) -> std::result::Result<&[u8], PageFault> {
         let from = start as u64 + u64::from(pos);
         let to = from + len;
         if to > self.buf.len() as u64 {
-            return Err(format!(
-                "element at byte {start} points to bytes {from}..{to} past the page end {}",
-                self.buf.len()
-            ));
+            return Err(PageFault::PastEnd {
+                start,
+                from,
+                to,
+                page_len: self.buf.len(),
+            });
         }
         Ok(&self.buf[from as usize..to as usize])
     }
 
     /// Key and child page of branch element `i` (`i < count`).
-    fn branch_element(&self, i: usize) -> std::result::Result<(&[u8], u64), String> {
+    fn branch_element(&self, i: usize) -> std::result::Result<(&[u8], u64), PageFault> {
         let at = PAGE_HEADER_SIZE + i * ELEMENT_SIZE;
         let pos = le_u32(&self.buf, at);
         let ksize = le_u32(&self.buf, at + 4);
@@ -652,14 +677,14 @@ impl Page {
     }
 
     /// Leaf element `i` (`i < count`).
-    fn leaf_element(&self, i: usize) -> std::result::Result<LeafElement<'_>, String> {
+    fn leaf_element(&self, i: usize) -> std::result::Result<LeafElement<'_>, PageFault> {
         let at = PAGE_HEADER_SIZE + i * ELEMENT_SIZE;
         let flags = le_u32(&self.buf, at);
         let pos = le_u32(&self.buf, at + 4);
         let ksize = le_u32(&self.buf, at + 8);
         let vsize = le_u32(&self.buf, at + 12);
         if flags & !BUCKET_LEAF_FLAG != 0 {
-            return Err(format!("leaf element {i} has unknown flags {flags:#x}"));
+            return Err(PageFault::UnknownLeafFlags { index: i, flags });
         }
         let both = self.slice(at, pos, u64::from(ksize) + u64::from(vsize))?;
         let (key, value) = both.split_at(ksize as usize);
@@ -674,7 +699,7 @@ impl Page {
     }
 
     /// Key of element `i`, whatever the page kind.
-    fn key(&self, i: usize) -> std::result::Result<&[u8], String> {
+    fn key(&self, i: usize) -> std::result::Result<&[u8], PageFault> {
         if self.branch {
             Ok(self.branch_element(i)?.0)
         } else {
@@ -683,7 +708,7 @@ impl Page {
     }
 
     /// Index of the last element whose key is <= `key` (0 if none): where a branch descends.
-    fn branch_index(&self, key: &[u8]) -> std::result::Result<usize, String> {
+    fn branch_index(&self, key: &[u8]) -> std::result::Result<usize, PageFault> {
         let (mut lo, mut hi) = (0, self.count);
         // Invariant: keys before lo are <= key, keys from hi on are > key.
         while lo < hi {
@@ -698,7 +723,7 @@ impl Page {
     }
 
     /// Index of the element whose key equals `key`, if any.
-    fn find(&self, key: &[u8]) -> std::result::Result<Option<usize>, String> {
+    fn find(&self, key: &[u8]) -> std::result::Result<Option<usize>, PageFault> {
         let (mut lo, mut hi) = (0, self.count);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
@@ -924,7 +949,7 @@ impl<'db> Bucket<'db> {
         };
         for _ in 0..MAX_DEPTH {
             let pgid = page.pgid;
-            let at = |e: String| self.db.tree_error(&self.name, pgid, e);
+            let at = |fault: PageFault| self.db.tree_error(&self.name, pgid, fault);
             if page.branch {
                 let i = page.branch_index(key).map_err(at)?;
                 let (_, child) = page.branch_element(i).map_err(at)?;
@@ -1021,6 +1046,29 @@ struct Frame {
     upper: Option<Vec<u8>>,
 }
 
+impl Frame {
+    /// Child `i` of a branch frame and the key range it may hold: [key i, key i+1), within
+    /// the frame's own range; the first child also takes smaller keys, as descent sends them
+    /// there.
+    fn child_range(&self, i: usize) -> std::result::Result<ChildRange, PageFault> {
+        let (key, child) = self.page.branch_element(i)?;
+        let lower = if i == 0 {
+            self.lower.clone()
+        } else {
+            Some(key.to_vec())
+        };
+        let upper = if i + 1 < self.page.count {
+            Some(self.page.key(i + 1)?.to_vec())
+        } else {
+            self.upper.clone()
+        };
+        Ok((child, lower, upper))
+    }
+}
+
+/// A child page id with its inclusive lower and exclusive upper key bounds.
+type ChildRange = (u64, Option<Vec<u8>>, Option<Vec<u8>>);
+
 impl fmt::Debug for Iter<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -1039,7 +1087,7 @@ impl<'db> Iter<'db> {
         self.location
     }
 
-    fn error(&self, pgid: u64, reason: impl Into<String>) -> BboltError {
+    fn error(&self, pgid: u64, reason: impl fmt::Display) -> BboltError {
         self.db.tree_error(&self.name, pgid, reason)
     }
 
@@ -1103,23 +1151,7 @@ impl<'db> Iter<'db> {
                 continue;
             }
             if top.page.branch {
-                // Child i holds keys in [key i, key i+1); the first child also takes
-                // smaller keys, as descent sends them there.
-                let range = |top: &Frame| -> std::result::Result<_, String> {
-                    let (key, child) = top.page.branch_element(i)?;
-                    let lower = if i == 0 {
-                        top.lower.clone()
-                    } else {
-                        Some(key.to_vec())
-                    };
-                    let upper = if i + 1 < top.page.count {
-                        Some(top.page.key(i + 1)?.to_vec())
-                    } else {
-                        top.upper.clone()
-                    };
-                    Ok((child, lower, upper))
-                };
-                let (child, lower, upper) = range(top).map_err(|e| self.error(pgid, e))?;
+                let (child, lower, upper) = top.child_range(i).map_err(|e| self.error(pgid, e))?;
                 let page = self.read(child)?;
                 self.push(page, lower, upper)?;
                 continue;
@@ -1703,5 +1735,62 @@ mod tests {
         let pos = 3 * PS + PAGE_HEADER_SIZE + ELEMENT_SIZE + 12; // vsize of "b"
         f[pos..pos + 4].copy_from_slice(&8u32.to_le_bytes());
         assert!(walk(&f).is_err());
+    }
+
+    #[test]
+    fn page_faults_say_what_is_wrong_with_the_page() {
+        let fault = |buf: Vec<u8>| Page::new(buf, 9).err().map(|f| f.to_string());
+        assert_eq!(
+            fault(vec![0; 4]).as_deref(),
+            Some("4 bytes cannot hold a page header")
+        );
+        assert_eq!(
+            fault(header(9, 0x04, 0, 0)).as_deref(),
+            Some("flags 0x0004: not a branch or leaf page")
+        );
+        assert_eq!(
+            fault(header(9, LEAF_PAGE, 3, 0)).as_deref(),
+            Some("3 elements do not fit in 16 bytes")
+        );
+        assert_eq!(
+            fault(header(9, BRANCH_PAGE, 0, 0)).as_deref(),
+            Some("branch page without elements")
+        );
+        let mut leaf = leaf_bytes(9, &[(0, b"k", b"v".to_vec())]);
+        let flags_at = PAGE_HEADER_SIZE;
+        leaf[flags_at] = 0x10;
+        let page = Page::new(leaf.clone(), 9).unwrap();
+        assert_eq!(
+            page.leaf_element(0).err().map(|f| f.to_string()).as_deref(),
+            Some("leaf element 0 has unknown flags 0x10")
+        );
+        leaf[flags_at] = 0;
+        leaf[flags_at + 8] = 200; // ksize past the page end
+        let page = Page::new(leaf, 9).unwrap();
+        assert!(matches!(
+            page.key(0),
+            Err(PageFault::PastEnd {
+                start: 16,
+                from: 32,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn branch_children_take_the_key_range_between_their_keys() {
+        let page = Page::new(branch_bytes(5, &[(b"b", 10), (b"d", 11), (b"f", 12)]), 5).unwrap();
+        let frame = Frame {
+            page,
+            index: 0,
+            end: 3,
+            lower: Some(b"a".to_vec()),
+            upper: Some(b"z".to_vec()),
+        };
+        let range = |i| frame.child_range(i).unwrap();
+        let v = |s: &[u8]| Some(s.to_vec());
+        assert_eq!(range(0), (10, v(b"a"), v(b"d")));
+        assert_eq!(range(1), (11, v(b"d"), v(b"f")));
+        assert_eq!(range(2), (12, v(b"f"), v(b"z")));
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
 
 use crate::storage::bbolt::{Db, Iter};
-use crate::storage::mvcc::{parse_revision_key, MvccError, Result, KEY_BUCKET};
+use crate::storage::mvcc::{parse_revision_key, scan_parts, MvccError, Result, KEY_BUCKET};
 
 /// What one scan of bucket `key` found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -86,28 +86,9 @@ impl<'db> KeyScan<'db> {
     /// Hashes every entry whose main revision is in `range`, adding the bytes read to
     /// `progress` as it goes.
     pub fn run(self, range: RevRange, progress: &AtomicU64) -> Result<KeyDigest> {
-        let results: Vec<Result<KeyDigest>> = if self.parts.len() == 1 {
-            self.parts
-                .into_iter()
-                .map(|it| digest_part(it, range, progress))
-                .collect()
-        } else {
-            std::thread::scope(|scope| {
-                let running: Vec<_> = self
-                    .parts
-                    .into_iter()
-                    .map(|it| scope.spawn(move || digest_part(it, range, progress)))
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|t| {
-                        t.join().unwrap_or_else(|_| {
-                            Err(MvccError::MissingBucket("a digest thread panicked".into()))
-                        })
-                    })
-                    .collect()
-            })
-        };
+        let results = scan_parts(self.parts, "digest", |_, it| {
+            digest_part(it, range, progress)
+        });
         results
             .into_iter()
             .try_fold(KeyDigest::default(), |acc, d| Ok(acc.merge(d?)))

@@ -11,6 +11,23 @@ pub mod v2store;
 pub mod wal;
 pub mod walinfo;
 
+/// `%016x-%016x.<ext>`: how etcd names WAL segments (sequence, index) and snapshots (term, index).
+fn hex_pair_name(a: u64, b: u64, ext: &str) -> String {
+    format!("{a:016x}-{b:016x}.{ext}")
+}
+
+/// Parses a [`hex_pair_name`], as etcd's `parseWalName` does: exactly 16 hex digits on each side.
+fn parse_hex_pair_name(name: &str, ext: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(ext)?.strip_suffix('.')?;
+    let (a, b) = stem.split_once('-')?;
+    let hex16 = |s: &str| {
+        (s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit()))
+            .then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
+    };
+    Some((hex16(a)?, hex16(b)?))
+}
+
 /// Shared by the format modules' unit tests: the real data in ../shared/fixtures.
 #[cfg(test)]
 pub(crate) mod testutil {

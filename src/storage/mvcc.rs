@@ -33,6 +33,13 @@ pub enum MvccError {
     /// A bucket etcd always creates is absent.
     #[error("bucket {0:?} not found")]
     MissingBucket(String),
+    /// A thread scanning part of bucket `key` panicked. (The text is the one this error
+    /// had when it was reported as a missing bucket.)
+    #[error("bucket \"a {scan} thread panicked\" not found")]
+    ScanPanicked {
+        /// Which scan: `scan` (the live index) or `digest` (the key digest).
+        scan: &'static str,
+    },
     /// A key in bucket `key` is not a revision key.
     #[error("bucket key: bad revision key {key}: {reason}")]
     BadRevision {
@@ -286,6 +293,34 @@ pub struct LiveIndex {
     revisions: u64,
 }
 
+/// Runs `scan` on each part (with its position): on this thread when there is one part, else
+/// each on a thread of its own. Results come in part order; a thread that panicked gives
+/// [`MvccError::ScanPanicked`] naming `what`.
+pub(crate) fn scan_parts<P: Send, T: Send>(
+    parts: Vec<P>,
+    what: &'static str,
+    scan: impl Fn(usize, P) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    if parts.len() == 1 {
+        return parts.into_iter().map(|p| scan(0, p)).collect();
+    }
+    let scan = &scan;
+    std::thread::scope(|scope| {
+        let running: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| scope.spawn(move || scan(i, p)))
+            .collect();
+        running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or(Err(MvccError::ScanPanicked { scan: what }))
+            })
+            .collect()
+    })
+}
+
 impl LiveIndex {
     /// Scans bucket `key` in revision order, keeping the newest revision per key and
     /// dropping keys whose newest revision is a tombstone. Large buckets are scanned in parts
@@ -297,25 +332,7 @@ impl LiveIndex {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let parts = bucket.iter_parts(cores.clamp(1, 4))?;
         // The first part's tombstones delete nothing before it: no need to note them.
-        let scanned: Vec<Result<Part>> = if parts.len() == 1 {
-            parts.into_iter().map(|it| scan_part(it, false)).collect()
-        } else {
-            std::thread::scope(|scope| {
-                let running: Vec<_> = parts
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, it)| scope.spawn(move || scan_part(it, i > 0)))
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|t| {
-                        t.join().unwrap_or_else(|_| {
-                            Err(MvccError::MissingBucket("a scan thread panicked".into()))
-                        })
-                    })
-                    .collect()
-            })
-        };
+        let scanned = scan_parts(parts, "scan", |i, it| scan_part(it, i > 0));
         let mut index = LiveIndex::default();
         for part in scanned {
             let part = part?;
@@ -1177,5 +1194,25 @@ mod tests {
                 proptest::prop_assert_eq!(index.revision(&[k]), model.get(&vec![k]).copied());
             }
         }
+    }
+
+    #[test]
+    fn parts_are_scanned_in_order_and_a_panic_is_an_error() {
+        for n in [1usize, 3] {
+            let got = scan_parts((0..n).collect(), "scan", |i, p: usize| Ok(i * 10 + p));
+            let got: Vec<usize> = got.into_iter().map(|r| r.unwrap()).collect();
+            assert_eq!(got, (0..n).map(|i| i * 11).collect::<Vec<_>>());
+        }
+        let got = scan_parts(vec![0, 1], "digest", |_, p: u8| {
+            assert!(p == 0, "part {p} fails");
+            Ok(p)
+        });
+        assert_eq!(got[0].as_ref().ok(), Some(&0));
+        let err = got[1].as_ref().unwrap_err();
+        assert!(matches!(err, MvccError::ScanPanicked { scan: "digest" }));
+        assert_eq!(
+            err.to_string(),
+            "bucket \"a digest thread panicked\" not found"
+        );
     }
 }

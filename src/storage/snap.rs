@@ -79,19 +79,12 @@ pub type Result<T, E = SnapError> = std::result::Result<T, E>;
 
 /// File name of a snapshot: `%016x-%016x.snap` (term, index).
 pub fn snap_file_name(term: u64, index: u64) -> String {
-    format!("{term:016x}-{index:016x}.snap")
+    super::hex_pair_name(term, index, "snap")
 }
 
 /// Parses a snapshot file name into (term, index).
 pub fn parse_snap_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".snap")?;
-    let (a, b) = stem.split_once('-')?;
-    let hex16 = |s: &str| {
-        (s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit()))
-            .then(|| u64::from_str_radix(s, 16).ok())
-            .flatten()
-    };
-    Some((hex16(a)?, hex16(b)?))
+    super::parse_hex_pair_name(name, "snap")
 }
 
 /// Encodes a snapshot into the bytes of a `.snap` file.
@@ -277,100 +270,153 @@ pub fn stream_snap_file<T>(
     let f = fs::File::open(path).map_err(io_err)?;
     let file_len = f.metadata().map_err(io_err)?.len();
     let mut r = io::BufReader::with_capacity(1 << 16, f);
-    let mut stored_crc = None;
-    let mut inner_crc = None;
-    let mut metadata = None;
-    let mut data_out = None;
-    let mut inner_len = 0;
-    let mut on_data = Some(on_data);
-    let bad = |what: &str| SnapError::Io {
-        path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidData, what.to_string()),
-    };
+    let stream = SnapStream { path, file_len };
+    let mut scan = SnapScan::new(on_data);
     while let Some(tag) = read_varint(&mut r).map_err(io_err)? {
         match (tag >> 3, tag & 7) {
-            (1, 0) => {
-                stored_crc = Some(
-                    read_varint(&mut r)
-                        .map_err(io_err)?
-                        .ok_or_else(|| bad("truncated crc"))? as u32,
-                )
-            }
-            (2, 2) => {
-                let n = read_varint(&mut r)
-                    .map_err(io_err)?
-                    .ok_or_else(|| bad("truncated data"))?;
-                if n > file_len {
-                    return Err(bad("data longer than the file"));
-                }
-                inner_len = n;
-                let mut inner = CrcRead {
-                    r: (&mut r).take(n),
-                    crc: 0,
-                };
-                while let Some(tag) = read_varint(&mut inner).map_err(io_err)? {
-                    match (tag >> 3, tag & 7) {
-                        (1, 2) => {
-                            let m = read_varint(&mut inner)
-                                .map_err(io_err)?
-                                .ok_or_else(|| bad("truncated store"))?;
-                            if m > n {
-                                return Err(bad("store longer than the snapshot"));
-                            }
-                            let mut data = (&mut inner).take(m);
-                            if let Some(f) = on_data.take() {
-                                data_out = Some(f(&mut data));
-                            }
-                            io::copy(&mut data, &mut io::sink()).map_err(io_err)?;
-                        }
-                        (2, 2) => {
-                            let m = read_varint(&mut inner)
-                                .map_err(io_err)?
-                                .ok_or_else(|| bad("truncated metadata"))?;
-                            if m > n {
-                                return Err(bad("metadata longer than the snapshot"));
-                            }
-                            let mut buf = Vec::new();
-                            (&mut inner).take(m).read_to_end(&mut buf).map_err(io_err)?;
-                            metadata =
-                                Some(SnapshotMetadata::decode(&buf[..]).map_err(|source| {
-                                    SnapError::BadProtobuf {
-                                        path: path.to_path_buf(),
-                                        what: "raftpb.SnapshotMetadata",
-                                        source,
-                                    }
-                                })?);
-                        }
-                        (_, wire) => skip_field(&mut inner, wire, n).map_err(io_err)?,
-                    }
-                }
-                if inner.r.limit() != 0 {
-                    return Err(bad("snapshot cut short"));
-                }
-                inner_crc = Some(inner.crc);
-            }
+            (1, 0) => scan.stored_crc = Some(stream.varint(&mut r, "truncated crc")? as u32),
+            (2, 2) => stream.read_snapshot(&mut r, &mut scan)?,
             (_, wire) => skip_field(&mut r, wire, file_len).map_err(io_err)?,
         }
     }
-    let (Some(stored), Some(computed)) = (stored_crc, inner_crc) else {
-        return Err(SnapError::Empty {
-            path: path.to_path_buf(),
-        });
-    };
-    // etcd's rule: an empty data field or a zero CRC is an empty snapshot.
-    if stored == 0 || inner_len == 0 {
-        return Err(SnapError::Empty {
-            path: path.to_path_buf(),
-        });
+    stream.check_crc(scan.stored_crc, scan.inner_crc, scan.inner_len)?;
+    Ok((scan.metadata.unwrap_or_default(), scan.data_out))
+}
+
+/// What a streaming pass over a `.snap` file has found so far.
+struct SnapScan<T, F> {
+    /// The `snappb.Snapshot` CRC field.
+    stored_crc: Option<u32>,
+    /// The CRC-32C of the `raftpb.Snapshot` bytes, once read.
+    inner_crc: Option<u32>,
+    /// The length of the `raftpb.Snapshot` bytes.
+    inner_len: u64,
+    metadata: Option<SnapshotMetadata>,
+    /// The caller's reader of the store data, until it has run.
+    on_data: Option<F>,
+    data_out: Option<T>,
+}
+
+impl<T, F: FnOnce(&mut dyn Read) -> T> SnapScan<T, F> {
+    fn new(on_data: F) -> Self {
+        SnapScan {
+            stored_crc: None,
+            inner_crc: None,
+            inner_len: 0,
+            metadata: None,
+            on_data: Some(on_data),
+            data_out: None,
+        }
     }
-    if stored != computed {
-        return Err(SnapError::CrcMismatch {
-            path: path.to_path_buf(),
-            stored,
-            computed,
-        });
+}
+
+/// One streaming pass over a `.snap` file: its path (labels errors) and length (bounds fields).
+struct SnapStream<'a> {
+    path: &'a Path,
+    file_len: u64,
+}
+
+impl SnapStream<'_> {
+    fn io_err(&self, source: io::Error) -> SnapError {
+        SnapError::Io {
+            path: self.path.to_path_buf(),
+            source,
+        }
     }
-    Ok((metadata.unwrap_or_default(), data_out))
+
+    /// A malformed file, said as etcd's reader would fail on it.
+    fn bad(&self, what: &str) -> SnapError {
+        self.io_err(io::Error::new(io::ErrorKind::InvalidData, what.to_string()))
+    }
+
+    /// Reads a varint that must be there (`truncated` names its absence).
+    fn varint(&self, r: &mut impl Read, truncated: &str) -> Result<u64> {
+        read_varint(r)
+            .map_err(|e| self.io_err(e))?
+            .ok_or_else(|| self.bad(truncated))
+    }
+
+    /// Reads a length-delimited field's length, refusing one longer than `limit`.
+    fn field_len(&self, r: &mut impl Read, limit: u64, field: &str, within: &str) -> Result<u64> {
+        let n = self.varint(r, &format!("truncated {field}"))?;
+        if n > limit {
+            return Err(self.bad(&format!("{field} longer than {within}")));
+        }
+        Ok(n)
+    }
+
+    /// Reads the `data` field (an encoded `raftpb.Snapshot`) of a `snappb.Snapshot`, taking its
+    /// CRC on the way: the store data goes to the caller's reader, the metadata is decoded.
+    fn read_snapshot<T, F: FnOnce(&mut dyn Read) -> T>(
+        &self,
+        r: &mut impl Read,
+        scan: &mut SnapScan<T, F>,
+    ) -> Result<()> {
+        let n = self.field_len(r, self.file_len, "data", "the file")?;
+        scan.inner_len = n;
+        let mut inner = CrcRead {
+            r: r.take(n),
+            crc: 0,
+        };
+        while let Some(tag) = read_varint(&mut inner).map_err(|e| self.io_err(e))? {
+            match (tag >> 3, tag & 7) {
+                (1, 2) => {
+                    let m = self.field_len(&mut inner, n, "store", "the snapshot")?;
+                    let mut data = (&mut inner).take(m);
+                    if let Some(f) = scan.on_data.take() {
+                        scan.data_out = Some(f(&mut data));
+                    }
+                    io::copy(&mut data, &mut io::sink()).map_err(|e| self.io_err(e))?;
+                }
+                (2, 2) => {
+                    let m = self.field_len(&mut inner, n, "metadata", "the snapshot")?;
+                    scan.metadata = Some(self.read_metadata(&mut inner, m)?);
+                }
+                (_, wire) => skip_field(&mut inner, wire, n).map_err(|e| self.io_err(e))?,
+            }
+        }
+        if inner.r.limit() != 0 {
+            return Err(self.bad("snapshot cut short"));
+        }
+        scan.inner_crc = Some(inner.crc);
+        Ok(())
+    }
+
+    /// Reads and decodes `len` bytes of `raftpb.SnapshotMetadata`.
+    fn read_metadata(&self, r: &mut impl Read, len: u64) -> Result<SnapshotMetadata> {
+        let mut buf = Vec::new();
+        r.take(len)
+            .read_to_end(&mut buf)
+            .map_err(|e| self.io_err(e))?;
+        SnapshotMetadata::decode(&buf[..]).map_err(|source| SnapError::BadProtobuf {
+            path: self.path.to_path_buf(),
+            what: "raftpb.SnapshotMetadata",
+            source,
+        })
+    }
+
+    /// etcd's checks once the file is read: both CRCs present, neither the CRC nor the data
+    /// empty, and the stored CRC that of the data.
+    fn check_crc(&self, stored: Option<u32>, computed: Option<u32>, data_len: u64) -> Result<()> {
+        let empty = || SnapError::Empty {
+            path: self.path.to_path_buf(),
+        };
+        let (Some(stored), Some(computed)) = (stored, computed) else {
+            return Err(empty());
+        };
+        // etcd's rule: an empty data field or a zero CRC is an empty snapshot.
+        if stored == 0 || data_len == 0 {
+            return Err(empty());
+        }
+        if stored != computed {
+            return Err(SnapError::CrcMismatch {
+                path: self.path.to_path_buf(),
+                stored,
+                computed,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Writes `snap_dir/<term>-<index>.snap` (refusing to overwrite), named
@@ -626,5 +672,59 @@ mod tests {
         let whole = decode_snap_file(&f, &p).unwrap();
         let (md, data) = stream_snap_file(&p, |_| ()).unwrap();
         assert_eq!((md, data), (whole.metadata, None));
+    }
+
+    fn stream() -> SnapStream<'static> {
+        SnapStream {
+            path: Path::new("s.snap"),
+            file_len: 100,
+        }
+    }
+
+    #[test]
+    fn crc_check_follows_etcd_s_empty_and_mismatch_rules() {
+        // (stored, computed, data length) -> error text, if any.
+        type Case = (Option<u32>, Option<u32>, u64, Option<&'static str>);
+        let cases: &[Case] = &[
+            (Some(5), Some(5), 10, None),
+            (None, Some(5), 10, Some("s.snap: empty snapshot")),
+            (Some(5), None, 10, Some("s.snap: empty snapshot")),
+            (Some(0), Some(0), 10, Some("s.snap: empty snapshot")),
+            (Some(5), Some(5), 0, Some("s.snap: empty snapshot")),
+            (
+                Some(5),
+                Some(6),
+                10,
+                Some("s.snap: CRC mismatch (stored 0x00000005, computed 0x00000006)"),
+            ),
+        ];
+        for &(stored, computed, len, want) in cases {
+            let got = stream().check_crc(stored, computed, len).err();
+            assert_eq!(
+                got.map(|e| e.to_string()).as_deref(),
+                want,
+                "{stored:?} {computed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn field_lengths_are_bounded_and_must_be_there() {
+        let mut v = Vec::new();
+        varint(300, &mut v);
+        assert_eq!(
+            stream()
+                .field_len(&mut &v[..], 300, "store", "the snapshot")
+                .unwrap(),
+            300
+        );
+        let err = stream()
+            .field_len(&mut &v[..], 299, "store", "the snapshot")
+            .unwrap_err();
+        assert_eq!(err.to_string(), "s.snap: store longer than the snapshot");
+        let err = stream()
+            .field_len(&mut &[][..], 10, "metadata", "the snapshot")
+            .unwrap_err();
+        assert_eq!(err.to_string(), "s.snap: truncated metadata");
     }
 }

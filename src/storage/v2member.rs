@@ -316,88 +316,163 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     params.validate()?;
+    let (snap_dir, wal_dir) = prepare_member_dirs(member_dir)?;
+
+    // 1. The store JSON, where it will sit in the snapshot file, with its length and CRC.
+    let staged = StagedStore {
+        tmp: snap_dir.join(".v2store.snap.tmp"),
+        room: snap::likely_prefix_len(params.store_size_hint),
+    };
+    let sp = store_params(params);
+    let store = staged.write_json(|out| v2store::write_store(out, &sp, keys));
+    let store = store.inspect_err(|_| {
+        let _ = fs::remove_file(&staged.tmp);
+    })?;
+    let index = params.index.max(store.written.current_index);
+    let term = params.term;
+
+    // 2. The header in front of the JSON and the metadata after it.
+    let md = snapshot_metadata(&params.members, term, index);
+    let snap_path = snap_dir.join(snap_file_name(term, index));
+    let framed = staged.frame(store.file, &md, store.json_len, store.json_crc, &snap_path);
+    let _ = fs::remove_file(&staged.tmp);
+    let in_place = framed?;
+
+    // 3. The WAL.
+    let wal_path = write_member_wal(&wal_dir, params, term, index)?;
+    Ok(V2MemberWritten {
+        snap_path,
+        wal_path,
+        term,
+        index,
+        store: store.written,
+        in_place,
+    })
+}
+
+/// Creates `snap/` and `wal/` under `member_dir`, refusing them if they hold snapshots or
+/// segments already.
+fn prepare_member_dirs(member_dir: &Path) -> Result<(PathBuf, PathBuf), V2MemberError> {
     let snap_dir = member_dir.join("snap");
     let wal_dir = member_dir.join("wal");
     make_dir(&snap_dir)?;
     make_dir(&wal_dir)?;
     ensure_no(&snap_dir, ".snap")?;
     ensure_no(&wal_dir, ".wal")?;
+    Ok((snap_dir, wal_dir))
+}
 
-    // 1. The store JSON, where it will sit in the snapshot file, with its length and CRC.
-    let tmp = snap_dir.join(".v2store.snap.tmp");
-    let room = snap::likely_prefix_len(params.store_size_hint);
-    let store = (|| {
+/// The temporary snapshot file the store JSON streams into, `room` bytes in.
+struct StagedStore {
+    tmp: PathBuf,
+    room: u64,
+}
+
+/// The store JSON written into a [`StagedStore`].
+struct StagedJson {
+    written: StoreWritten,
+    json_len: u64,
+    json_crc: u32,
+    file: fs::File,
+}
+
+impl StagedStore {
+    /// Streams the v2 store (what `write_store` writes) into the file after the room left for
+    /// the header.
+    fn write_json(
+        &self,
+        write_store: impl FnOnce(&mut ChunkWriter) -> Result<StoreWritten, V2StoreError>,
+    ) -> Result<StagedJson, V2MemberError> {
+        let tmp = &self.tmp;
         let mut f = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)
-            .map_err(io_at(&tmp))?;
-        f.seek(SeekFrom::Start(room)).map_err(io_at(&tmp))?;
+            .open(tmp)
+            .map_err(io_at(tmp))?;
+        f.seek(SeekFrom::Start(self.room)).map_err(io_at(tmp))?;
         let mut out = ChunkWriter::new(f);
-        let sp = StoreParams {
-            cluster_version: params.cluster_version.clone(),
-            members: params.members.clone(),
-            internal_index: 1,
-            min_current_index: params.min_store_index,
-        };
-        let written = v2store::write_store(&mut out, &sp, keys)?;
-        let (f, len, crc) = out.finish().map_err(io_at(&tmp))?;
-        Ok::<_, V2MemberError>((written, len, crc, f))
-    })();
-    let (written, json_len, json_crc, staged) = match store {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let index = params.index.max(written.current_index);
-    let term = params.term;
+        let written = write_store(&mut out)?;
+        let (file, json_len, json_crc) = out.finish().map_err(io_at(tmp))?;
+        Ok(StagedJson {
+            written,
+            json_len,
+            json_crc,
+            file,
+        })
+    }
 
-    // 2. The header in front of the JSON and the metadata after it.
-    let mut nodes: Vec<u64> = params.members.iter().map(|m| m.id).collect();
+    /// Puts the snapshot header and metadata around the staged JSON and moves it to
+    /// `snap_path`: in place when the header fits the room left (`Ok(true)`), else by copying
+    /// the JSON behind the header into a new file (`Ok(false)`).
+    fn frame(
+        &self,
+        staged: fs::File,
+        md: &SnapshotMetadata,
+        json_len: u64,
+        json_crc: u32,
+        snap_path: &Path,
+    ) -> Result<bool, V2MemberError> {
+        let (tmp, room) = (&self.tmp, self.room);
+        let (prefix, tail) = snap::snap_framing(md, json_len, json_crc).map_err(io_at(tmp))?;
+        if prefix.len() as u64 == room {
+            staged.write_all_at(&prefix, 0).map_err(io_at(tmp))?;
+            staged
+                .write_all_at(&tail, room + json_len)
+                .map_err(io_at(tmp))?;
+            drop(staged);
+            fs::rename(tmp, snap_path).map_err(io_at(snap_path))?;
+            return Ok(true);
+        }
+        let out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(snap_path)
+            .map_err(io_at(snap_path))?;
+        let mut out = BufWriter::new(out);
+        let mut src = staged;
+        src.seek(SeekFrom::Start(room)).map_err(io_at(tmp))?;
+        snap::write_snap_streamed(&mut out, md, json_len, json_crc, &mut src)
+            .map_err(io_at(snap_path))?;
+        out.flush().map_err(io_at(snap_path))?;
+        Ok(false)
+    }
+}
+
+/// What goes into the member's v2 store besides the keys.
+fn store_params(params: &V2MemberParams) -> StoreParams {
+    StoreParams {
+        cluster_version: params.cluster_version.clone(),
+        members: params.members.clone(),
+        internal_index: 1,
+        min_current_index: params.min_store_index,
+    }
+}
+
+/// The snapshot's metadata: every member a voter, ids ascending.
+fn snapshot_metadata(members: &[V2MemberInfo], term: u64, index: u64) -> SnapshotMetadata {
+    let mut nodes: Vec<u64> = members.iter().map(|m| m.id).collect();
     nodes.sort_unstable();
-    let md = SnapshotMetadata {
+    SnapshotMetadata {
         conf_state: ConfState {
             nodes,
             ..Default::default()
         },
         index,
         term,
-    };
-    let snap_path = snap_dir.join(snap_file_name(term, index));
-    let res = (|| {
-        let (prefix, tail) = snap::snap_framing(&md, json_len, json_crc).map_err(io_at(&tmp))?;
-        if prefix.len() as u64 == room {
-            staged.write_all_at(&prefix, 0).map_err(io_at(&tmp))?;
-            staged
-                .write_all_at(&tail, room + json_len)
-                .map_err(io_at(&tmp))?;
-            drop(staged);
-            fs::rename(&tmp, &snap_path).map_err(io_at(&snap_path))?;
-            return Ok(true);
-        }
-        let out = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&snap_path)
-            .map_err(io_at(&snap_path))?;
-        let mut out = BufWriter::new(out);
-        let mut src = staged;
-        src.seek(SeekFrom::Start(room)).map_err(io_at(&tmp))?;
-        snap::write_snap_streamed(&mut out, &md, json_len, json_crc, &mut src)
-            .map_err(io_at(&snap_path))?;
-        out.flush().map_err(io_at(&snap_path))?;
-        Ok::<_, V2MemberError>(false)
-    })();
-    let _ = fs::remove_file(&tmp);
-    let in_place = res?;
+    }
+}
 
-    // 3. The WAL.
-    let wal_path = wal::write_v2_wal(
-        &wal_dir,
+/// The member's WAL: a snapshot marker at (`index`, `term`) and a HardState committing it.
+fn write_member_wal(
+    wal_dir: &Path,
+    params: &V2MemberParams,
+    term: u64,
+    index: u64,
+) -> Result<PathBuf, V2MemberError> {
+    let path = wal::write_v2_wal(
+        wal_dir,
         &Metadata {
             node_id: params.node_id,
             cluster_id: params.cluster_id,
@@ -413,14 +488,7 @@ where
             commit: index,
         },
     )?;
-    Ok(V2MemberWritten {
-        snap_path,
-        wal_path,
-        term,
-        index,
-        store: written,
-        in_place,
-    })
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -556,5 +624,24 @@ mod tests {
         assert!(err.to_string().contains("source broke"), "{err}");
         assert_eq!(fs::read_dir(dir.path().join("snap")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(dir.path().join("wal")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn snapshot_metadata_makes_every_member_a_voter_in_id_order() {
+        let md = snapshot_metadata(&[member(3), member(1), member(2)], 4, 90);
+        assert_eq!(md.conf_state.nodes, vec![1, 2, 3]);
+        assert!(md.conf_state.learners.is_empty());
+        assert_eq!((md.term, md.index), (4, 90));
+    }
+
+    #[test]
+    fn member_dirs_are_made_but_not_over_existing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snap_dir, wal_dir) = prepare_member_dirs(dir.path()).unwrap();
+        assert!(snap_dir.is_dir() && wal_dir.is_dir());
+        assert!(prepare_member_dirs(dir.path()).is_ok());
+        fs::write(wal_dir.join("x.wal"), b"").unwrap();
+        let err = prepare_member_dirs(dir.path()).unwrap_err();
+        assert!(matches!(err, V2MemberError::NotEmpty { path } if path == wal_dir));
     }
 }

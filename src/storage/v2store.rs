@@ -456,6 +456,26 @@ fn expire_text(key: &str, e: &Option<ExpireTime>) -> Result<String> {
     }
 }
 
+/// The value of `k` (empty for a directory), which must be UTF-8.
+fn key_value<'k>(k: &'k V2Key, key: &str) -> Result<&'k str> {
+    if k.dir {
+        return Ok("");
+    }
+    std::str::from_utf8(&k.value).map_err(|_| V2StoreError::NonUtf8 {
+        key: key.to_string(),
+        what: "value",
+    })
+}
+
+/// Byte lengths of the directory prefixes of `key`: "/a", "/a/b", ... of "/a/b/c".
+fn dir_prefix_lens(key: &str) -> Vec<usize> {
+    key.char_indices()
+        .skip(1)
+        .filter(|&(_, c)| c == '/')
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Streams user keys into the `/1` subtree.
 struct KeyTree<'e, W: Write> {
     em: &'e mut Emitter<W>,
@@ -513,6 +533,29 @@ impl<W: Write> KeyTree<'_, W> {
 
     fn add(&mut self, k: &V2Key) -> Result<()> {
         let key = validate_key(k)?;
+        self.check_order(key)?;
+        let value = key_value(k, key)?;
+        let expire = expire_text(key, &k.expire)?;
+        let open_explicit = self.settle_pending(key)?;
+        self.open_parents(k, key, open_explicit)?;
+        if k.dir {
+            self.pending.push(Pending {
+                key: key.to_string(),
+                dir: Some(DirMeta {
+                    created: k.created_index,
+                    modified: k.modified_index,
+                    expire,
+                }),
+            });
+        } else {
+            self.put_leaf(k, key, &expire, value)?;
+        }
+        self.prev = Some(key.to_string());
+        Ok(())
+    }
+
+    /// Refuses a key not strictly after the previous one.
+    fn check_order(&self, key: &str) -> Result<()> {
         if let Some(prev) = &self.prev {
             if key.as_bytes() <= prev.as_bytes() {
                 return Err(V2StoreError::NotSorted {
@@ -521,16 +564,13 @@ impl<W: Write> KeyTree<'_, W> {
                 });
             }
         }
-        let value = if k.dir {
-            ""
-        } else {
-            std::str::from_utf8(&k.value).map_err(|_| V2StoreError::NonUtf8 {
-                key: key.to_string(),
-                what: "value",
-            })?
-        };
-        let expire = expire_text(key, &k.expire)?;
+        Ok(())
+    }
 
+    /// Settles the pending keys against the new key: those that no longer prefix it are
+    /// written (if directories) or dropped; those it lies inside must be explicit directories,
+    /// and the deepest of them, returned with its byte length, is opened with its own metadata.
+    fn settle_pending(&mut self, key: &str) -> Result<Option<(usize, DirMeta)>> {
         // Keys that no longer prefix the new key can never get children.
         while let Some(p) = self.pending.last() {
             if key.starts_with(p.key.as_str()) {
@@ -561,14 +601,18 @@ impl<W: Write> KeyTree<'_, W> {
             open_explicit = Some((p.key.len(), meta));
             self.pending.remove(i);
         }
+        Ok(open_explicit)
+    }
 
-        // Directory prefixes of the key: byte lengths of "/a", "/a/b", ...
-        let dir_lens: Vec<usize> = key
-            .char_indices()
-            .skip(1)
-            .filter(|&(_, c)| c == '/')
-            .map(|(i, _)| i)
-            .collect();
+    /// Closes the open directories that are not parents of `key` and opens its missing
+    /// parents: the explicit one (if any) with its metadata, the others implied by `k`.
+    fn open_parents(
+        &mut self,
+        k: &V2Key,
+        key: &str,
+        open_explicit: Option<(usize, DirMeta)>,
+    ) -> Result<()> {
+        let dir_lens = dir_prefix_lens(key);
         // Keep the open directories that are prefixes of this key.
         let mut keep = 0;
         while keep + 1 < self.stack.len()
@@ -591,33 +635,26 @@ impl<W: Write> KeyTree<'_, W> {
             };
             self.open_dir(key, len, &meta)?;
         }
+        Ok(())
+    }
+
+    /// Writes a key with a value into the deepest open directory.
+    fn put_leaf(&mut self, k: &V2Key, key: &str, expire: &str, value: &str) -> Result<()> {
         let name = key.rsplit('/').next().unwrap_or("");
-        if k.dir {
-            self.pending.push(Pending {
-                key: key.to_string(),
-                dir: Some(DirMeta {
-                    created: k.created_index,
-                    modified: k.modified_index,
-                    expire,
-                }),
-            });
-        } else {
-            self.child_key(name)?;
-            self.em.leaf(
-                &format!("/1{key}"),
-                k.created_index,
-                k.modified_index,
-                &expire,
-                value,
-            )?;
-            self.out.keys += 1;
-            self.out.max_modified_index = self.out.max_modified_index.max(k.modified_index);
-            self.pending.push(Pending {
-                key: key.to_string(),
-                dir: None,
-            });
-        }
-        self.prev = Some(key.to_string());
+        self.child_key(name)?;
+        self.em.leaf(
+            &format!("/1{key}"),
+            k.created_index,
+            k.modified_index,
+            expire,
+            value,
+        )?;
+        self.out.keys += 1;
+        self.out.max_modified_index = self.out.max_modified_index.max(k.modified_index);
+        self.pending.push(Pending {
+            key: key.to_string(),
+            dir: None,
+        });
         Ok(())
     }
 
@@ -657,13 +694,26 @@ where
     let mut em = Emitter {
         w: BufWriter::with_capacity(64 * 1024, out),
     };
-    let zero = ZERO_TIME;
     em.raw("{\"Root\":")?;
-    em.open_dir("/", 0, 0, zero)?;
-    // /0: cluster data.
+    em.open_dir("/", 0, 0, ZERO_TIME)?;
+    let ii = params.internal_index.max(1);
+    write_cluster_dir(&mut em, params, ii)?;
+    let mut written = write_user_keys(&mut em, keys)?;
+    em.close_dir()?; // root
+    written.current_index = params
+        .min_current_index
+        .max(ii)
+        .max(written.max_modified_index);
+    write_store_tail(&mut em, written.current_index)?;
+    em.w.flush()?;
+    Ok(written)
+}
+
+/// `/0`: the members and the cluster version, all with index `ii`.
+fn write_cluster_dir<W: Write>(em: &mut Emitter<W>, params: &StoreParams, ii: u64) -> Result<()> {
+    let zero = ZERO_TIME;
     em.raw("\"0\":")?;
     em.open_dir("/0", 0, 0, zero)?;
-    let ii = params.internal_index.max(1);
     let mut first = true;
     if !params.members.is_empty() {
         em.child_key(&mut first, "members")?;
@@ -672,35 +722,56 @@ where
         members.sort_by_key(|m| m.id);
         let mut mfirst = true;
         for m in members {
-            // types.ID.String(): lower-case hex without padding.
-            let hex = format!("{:x}", m.id);
-            let base = format!("/0/members/{hex}");
-            em.child_key(&mut mfirst, &hex)?;
-            em.open_dir(&base, ii, ii, zero)?;
-            let attrs = serde_json::to_string(&AttrsJson {
-                name: &m.name,
-                client_urls: &m.client_urls,
-            })?;
-            let raft = serde_json::to_string(&RaftAttrsJson {
-                peer_urls: &m.peer_urls,
-            })?;
-            let mut afirst = true;
-            em.child_key(&mut afirst, "attributes")?;
-            em.leaf(&format!("{base}/attributes"), ii, ii, zero, &attrs)?;
-            em.child_key(&mut afirst, "raftAttributes")?;
-            em.leaf(&format!("{base}/raftAttributes"), ii, ii, zero, &raft)?;
-            em.close_dir()?;
+            write_member(em, m, ii, &mut mfirst)?;
         }
         em.close_dir()?;
     }
     em.child_key(&mut first, "version")?;
     em.leaf("/0/version", ii, ii, zero, &params.cluster_version)?;
     em.close_dir()?;
-    // /1: user keys.
+    Ok(())
+}
+
+/// `/0/members/<hex id>` with its `attributes` and `raftAttributes`.
+fn write_member<W: Write>(
+    em: &mut Emitter<W>,
+    m: &V2MemberInfo,
+    ii: u64,
+    first: &mut bool,
+) -> Result<()> {
+    let zero = ZERO_TIME;
+    // types.ID.String(): lower-case hex without padding.
+    let hex = format!("{:x}", m.id);
+    let base = format!("/0/members/{hex}");
+    em.child_key(first, &hex)?;
+    em.open_dir(&base, ii, ii, zero)?;
+    let attrs = serde_json::to_string(&AttrsJson {
+        name: &m.name,
+        client_urls: &m.client_urls,
+    })?;
+    let raft = serde_json::to_string(&RaftAttrsJson {
+        peer_urls: &m.peer_urls,
+    })?;
+    let mut afirst = true;
+    em.child_key(&mut afirst, "attributes")?;
+    em.leaf(&format!("{base}/attributes"), ii, ii, zero, &attrs)?;
+    em.child_key(&mut afirst, "raftAttributes")?;
+    em.leaf(&format!("{base}/raftAttributes"), ii, ii, zero, &raft)?;
+    em.close_dir()?;
+    Ok(())
+}
+
+/// `/1`: the user keys.
+fn write_user_keys<W, I, E>(em: &mut Emitter<W>, keys: I) -> Result<StoreWritten>
+where
+    W: Write,
+    I: IntoIterator<Item = std::result::Result<V2Key, E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     em.raw(",\"1\":")?;
-    em.open_dir("/1", 0, 0, zero)?;
+    em.open_dir("/1", 0, 0, ZERO_TIME)?;
     let mut tree = KeyTree {
-        em: &mut em,
+        em,
         stack: vec![OpenDir {
             key_len: 0,
             empty: true,
@@ -714,21 +785,20 @@ where
         tree.add(&k)?;
     }
     tree.finish()?;
-    let mut written = tree.out;
+    let written = tree.out;
     em.close_dir()?; // /1
-    em.close_dir()?; // root
-    written.current_index = params
-        .min_current_index
-        .max(ii)
-        .max(written.max_modified_index);
+    Ok(written)
+}
+
+/// What follows the tree: an empty watcher hub, `CurrentIndex`, zeroed stats, the version.
+fn write_store_tail<W: Write>(em: &mut Emitter<W>, current_index: u64) -> Result<()> {
     em.raw(",\"WatcherHub\":{\"EventHistory\":{\"Queue\":{\"Events\":[")?;
     for i in 0..EVENT_HISTORY_CAPACITY {
         em.raw(if i == 0 { "null" } else { ",null" })?;
     }
     write!(
         em.w,
-        "],\"Size\":0,\"Front\":0,\"Back\":0,\"Capacity\":{EVENT_HISTORY_CAPACITY}}},\"StartIndex\":0,\"LastIndex\":0}}}},\"CurrentIndex\":{},\"Stats\":{{",
-        written.current_index
+        "],\"Size\":0,\"Front\":0,\"Back\":0,\"Capacity\":{EVENT_HISTORY_CAPACITY}}},\"StartIndex\":0,\"LastIndex\":0}}}},\"CurrentIndex\":{current_index},\"Stats\":{{",
     )?;
     const STATS: [&str; 16] = [
         "getsSuccess",
@@ -752,8 +822,7 @@ where
         write!(em.w, "{}\"{s}\":0", if i == 0 { "" } else { "," })?;
     }
     write!(em.w, "}},\"CurrentVersion\":{STORE_VERSION}}}")?;
-    em.w.flush()?;
-    Ok(written)
+    Ok(())
 }
 
 /// A node as stored in the JSON (only what the reader needs).
@@ -940,6 +1009,11 @@ mod tests {
         })
     }
 
+    /// An explicit directory.
+    fn dir(key: &str, i: u64) -> std::result::Result<V2Key, Infallible> {
+        k(key, "", i).map(|k| V2Key { dir: true, ..k })
+    }
+
     fn params() -> StoreParams {
         StoreParams {
             cluster_version: CLUSTER_VERSION_2_2.into(),
@@ -982,51 +1056,19 @@ mod tests {
     #[test]
     fn tricky_orders_make_a_valid_tree() {
         // "/a-b" sorts between "/a" (dir) and "/a/c": the dir must not be split.
-        let mut keys = vec![
-            Ok(V2Key {
-                key: b"/a".to_vec(),
-                value: vec![],
-                dir: true,
-                expire: None,
-                created_index: 1,
-                modified_index: 1,
-            }),
-            k("/a-b", "x", 2),
-            k("/a-b/c", "y", 3),
-        ];
+        let mut keys = vec![dir("/a", 1), k("/a-b", "x", 2), k("/a-b/c", "y", 3)];
         keys.push(k("/a/c", "z", 4));
-        keys.push(Ok(V2Key {
-            key: b"/e".to_vec(),
-            value: vec![],
-            dir: true,
-            expire: None,
-            created_index: 5,
-            modified_index: 5,
-        }));
+        keys.push(dir("/e", 5));
         let err = write(keys).unwrap_err();
         // "/a-b" is a value, so "/a-b/c" cannot exist.
         assert!(matches!(err, V2StoreError::Conflict { .. }), "{err}");
 
         let keys = vec![
-            Ok(V2Key {
-                key: b"/a".to_vec(),
-                value: vec![],
-                dir: true,
-                expire: None,
-                created_index: 1,
-                modified_index: 1,
-            }),
+            dir("/a", 1),
             k("/a-b/c", "y", 3),
             k("/a.x", "w", 4),
             k("/a/c", "z", 5),
-            Ok(V2Key {
-                key: b"/e".to_vec(),
-                value: vec![],
-                dir: true,
-                expire: None,
-                created_index: 6,
-                modified_index: 6,
-            }),
+            dir("/e", 6),
             k("/f/g/h", "deep", 7),
             k("/f/gg", "v", 8),
         ];
@@ -1149,5 +1191,68 @@ mod tests {
         let nodes = read_all_nodes(&json).unwrap();
         let n = nodes.iter().find(|n| n.path == "/1/we ird/ké y").unwrap();
         assert_eq!(n.value, v);
+    }
+
+    #[test]
+    fn directory_prefixes_and_values_of_a_key() {
+        assert_eq!(dir_prefix_lens("/a"), Vec::<usize>::new());
+        assert_eq!(dir_prefix_lens("/a/bc/d"), vec![2, 5]);
+        assert_eq!(dir_prefix_lens("/é/x"), vec![3]);
+        let key = |dir: bool, value: &[u8]| V2Key {
+            key: b"/k".to_vec(),
+            value: value.to_vec(),
+            dir,
+            expire: None,
+            created_index: 1,
+            modified_index: 1,
+        };
+        assert_eq!(key_value(&key(false, b"v"), "/k").unwrap(), "v");
+        assert_eq!(key_value(&key(true, &[0xff]), "/k").unwrap(), "");
+        assert!(matches!(
+            key_value(&key(false, &[0xff]), "/k"),
+            Err(V2StoreError::NonUtf8 { what: "value", .. })
+        ));
+    }
+
+    #[test]
+    fn cluster_dir_lists_members_by_id_then_the_version() {
+        let mut p = params();
+        p.members = vec![
+            V2MemberInfo {
+                id: 0x20,
+                name: "b".into(),
+                peer_urls: vec!["http://b".into()],
+                client_urls: vec![],
+            },
+            V2MemberInfo {
+                id: 0x10,
+                name: "a".into(),
+                peer_urls: vec!["http://a".into()],
+                client_urls: vec!["http://a:2379".into()],
+            },
+        ];
+        let mut em = Emitter { w: Vec::new() };
+        write_cluster_dir(&mut em, &p, 3).unwrap();
+        let text = String::from_utf8(em.w).unwrap();
+        let at = |s: &str| {
+            text.find(s)
+                .unwrap_or_else(|| panic!("{s} missing in {text}"))
+        };
+        assert!(text.starts_with("\"0\":"));
+        assert!(at("/0/members/10\"") < at("/0/members/20\""));
+        assert!(at("/0/members/20/raftAttributes") < at("/0/version"));
+        assert!(text.contains(r#"{\"name\":\"a\",\"clientURLs\":[\"http://a:2379\"]}"#));
+    }
+
+    #[test]
+    fn store_tail_holds_the_current_index_and_the_empty_history() {
+        let mut em = Emitter { w: Vec::new() };
+        write_store_tail(&mut em, 77).unwrap();
+        let text = String::from_utf8(em.w).unwrap();
+        assert!(text.contains(",\"CurrentIndex\":77,\"Stats\":{\"getsSuccess\":0,"));
+        assert_eq!(text.matches("null").count(), EVENT_HISTORY_CAPACITY);
+        assert!(text.ends_with(&format!(
+            "\"watchers\":0}},\"CurrentVersion\":{STORE_VERSION}}}"
+        )));
     }
 }

@@ -27,6 +27,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -161,20 +162,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
 
 /// File name of a WAL segment: `%016x-%016x.wal`.
 pub fn wal_file_name(seq: u64, index: u64) -> String {
-    format!("{seq:016x}-{index:016x}.wal")
+    super::hex_pair_name(seq, index, "wal")
 }
 
 /// Parses a segment name into (sequence, index), as etcd's `parseWalName`
 /// (which accepts exactly 16 hex digits on each side).
 pub fn parse_wal_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".wal")?;
-    let (a, b) = stem.split_once('-')?;
-    let hex16 = |s: &str| {
-        (s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit()))
-            .then(|| u64::from_str_radix(s, 16).ok())
-            .flatten()
-    };
-    Some((hex16(a)?, hex16(b)?))
+    super::parse_hex_pair_name(name, "wal")
 }
 
 /// One WAL segment file.
@@ -485,96 +479,39 @@ fn decode_frame(
     is_last: bool,
     path: &Path,
 ) -> Result<Frame> {
-    if word.is_empty() {
-        return Ok(Frame::End);
-    }
-    let bad = |reason: String| WalError::BadFrame {
-        path: path.to_path_buf(),
-        offset: off,
-        reason,
+    let at = FrameAt { off, is_last, path };
+    let (rec_len, pad) = match at.length_word(word)? {
+        ControlFlow::Continue(len) => len,
+        ControlFlow::Break(frame) => return Ok(frame),
     };
-    if word.len() < FRAME_LEN_BYTES {
-        // Preallocated zeros past the data are not a record.
-        if word.iter().all(|&b| b == 0) {
-            return Ok(Frame::End);
-        }
-        return if is_last {
-            Ok(Frame::Torn)
-        } else {
-            Err(bad(format!("{} stray bytes at segment end", word.len())))
-        };
-    }
-    let mut w = [0u8; FRAME_LEN_BYTES];
-    w.copy_from_slice(word);
-    let len_field = u64::from_le_bytes(w);
-    if len_field == 0 {
-        return Ok(Frame::End);
-    }
-    // Low 56 bits: record size; a set top bit flags padding in bits 56..58.
-    let rec_len = len_field & !(0xffu64 << 56);
-    let top = (len_field >> 56) as u8;
-    // etcd writes the top byte as 0 or 0x80|pad with pad in 1..=7; etcd 3.x
-    // would ignore other bits, but no release writes them: corruption.
-    if !matches!(top, 0x00 | 0x81..=0x87) {
-        return Err(bad(format!(
-            "length word {len_field:#018x} has undefined high bits"
-        )));
-    }
-    let pad = top & 0x7;
     let need = rec_len + u64::from(pad);
     if need > avail || (body.len() as u64) < need {
-        return if is_last {
-            Ok(Frame::Torn)
-        } else {
-            Err(bad(format!(
-                "record of {rec_len}+{pad} bytes overruns the segment ({avail} bytes left)"
-            )))
-        };
+        return at.cut_short(|| {
+            format!("record of {rec_len}+{pad} bytes overruns the segment ({avail} bytes left)")
+        });
     }
     // need <= body.len(), so these casts are lossless.
     let rec_bytes = body.slice(..rec_len as usize);
     let body = &body[..need as usize];
-    let data_off = off + FRAME_LEN_BYTES as u64;
     let record = match Record::decode(rec_bytes) {
         Ok(r) => r,
         Err(source) => {
-            if is_last && is_torn(body, data_off) {
-                return Ok(Frame::Torn);
-            }
-            return Err(WalError::BadProtobuf {
+            let err = WalError::BadProtobuf {
                 path: path.to_path_buf(),
                 offset: off,
                 what: "walpb.Record",
                 source,
-            });
+            };
+            return at.torn_or(body, err);
         }
     };
     let crc = if record.r#type == RECORD_CRC {
-        // The chain restarts from the stored value; it must agree with ours
-        // unless we have not seen any data yet (first segment read).
-        if chain != 0 && record.crc != chain {
-            return Err(WalError::CrcMismatch {
-                path: path.to_path_buf(),
-                offset: off,
-                expected: chain,
-                found: record.crc,
-            });
-        }
-        record.crc
+        at.restart_chain(&record, chain)?
     } else {
-        let c = crc32c::crc32c_append(chain, record.data.as_deref().unwrap_or(&[]));
-        if c != record.crc {
-            if is_last && is_torn(body, data_off) {
-                return Ok(Frame::Torn);
-            }
-            return Err(WalError::CrcMismatch {
-                path: path.to_path_buf(),
-                offset: off,
-                expected: c,
-                found: record.crc,
-            });
+        match at.extend_chain(&record, chain) {
+            Ok(crc) => crc,
+            Err(err) => return at.torn_or(body, err),
         }
-        c
     };
     Ok(Frame::Record {
         record,
@@ -582,6 +519,102 @@ fn decode_frame(
         next_off: 0,
         crc,
     })
+}
+
+/// Where a frame is, and whether a damaged one may be a torn tail (only in the last segment).
+struct FrameAt<'a> {
+    off: u64,
+    is_last: bool,
+    path: &'a Path,
+}
+
+impl FrameAt<'_> {
+    fn bad(&self, reason: String) -> WalError {
+        WalError::BadFrame {
+            path: self.path.to_path_buf(),
+            offset: self.off,
+            reason,
+        }
+    }
+
+    fn crc_mismatch(&self, expected: u32, found: u32) -> WalError {
+        WalError::CrcMismatch {
+            path: self.path.to_path_buf(),
+            offset: self.off,
+            expected,
+            found,
+        }
+    }
+
+    /// A frame cut short: a torn tail in the last segment, corruption elsewhere.
+    fn cut_short(&self, reason: impl FnOnce() -> String) -> Result<Frame> {
+        if self.is_last {
+            Ok(Frame::Torn)
+        } else {
+            Err(self.bad(reason()))
+        }
+    }
+
+    /// A frame whose bytes (`body`) do not check: a torn write when the last segment's bytes
+    /// hold a zeroed sector, else `err`.
+    fn torn_or(&self, body: &[u8], err: WalError) -> Result<Frame> {
+        if self.is_last && is_torn(body, self.off + FRAME_LEN_BYTES as u64) {
+            Ok(Frame::Torn)
+        } else {
+            Err(err)
+        }
+    }
+
+    /// Reads the length word: the record size and padding, or the frame the segment ends on.
+    fn length_word(&self, word: &[u8]) -> Result<ControlFlow<Frame, (u64, u8)>> {
+        if word.is_empty() {
+            return Ok(ControlFlow::Break(Frame::End));
+        }
+        if word.len() < FRAME_LEN_BYTES {
+            // Preallocated zeros past the data are not a record.
+            if word.iter().all(|&b| b == 0) {
+                return Ok(ControlFlow::Break(Frame::End));
+            }
+            return self
+                .cut_short(|| format!("{} stray bytes at segment end", word.len()))
+                .map(ControlFlow::Break);
+        }
+        let mut w = [0u8; FRAME_LEN_BYTES];
+        w.copy_from_slice(word);
+        let len_field = u64::from_le_bytes(w);
+        if len_field == 0 {
+            return Ok(ControlFlow::Break(Frame::End));
+        }
+        // Low 56 bits: record size; a set top bit flags padding in bits 56..58.
+        let rec_len = len_field & !(0xffu64 << 56);
+        let top = (len_field >> 56) as u8;
+        // etcd writes the top byte as 0 or 0x80|pad with pad in 1..=7; etcd 3.x
+        // would ignore other bits, but no release writes them: corruption.
+        if !matches!(top, 0x00 | 0x81..=0x87) {
+            return Err(self.bad(format!(
+                "length word {len_field:#018x} has undefined high bits"
+            )));
+        }
+        Ok(ControlFlow::Continue((rec_len, top & 0x7)))
+    }
+
+    /// A CRC record restarts the chain from its stored value; it must agree with ours
+    /// unless we have not seen any data yet (first segment read).
+    fn restart_chain(&self, record: &Record, chain: u32) -> Result<u32> {
+        if chain != 0 && record.crc != chain {
+            return Err(self.crc_mismatch(chain, record.crc));
+        }
+        Ok(record.crc)
+    }
+
+    /// Any other record extends the chain by its data and must store the result.
+    fn extend_chain(&self, record: &Record, chain: u32) -> Result<u32> {
+        let c = crc32c::crc32c_append(chain, record.data.as_deref().unwrap_or(&[]));
+        if c != record.crc {
+            return Err(self.crc_mismatch(c, record.crc));
+        }
+        Ok(c)
+    }
 }
 
 /// What etcd's `WAL.ReadAll` returns, plus what we saw on the way.
@@ -861,6 +894,13 @@ pub fn write_v2_wal(
 mod tests {
     use super::*;
 
+    fn metadata(node_id: u64, cluster_id: u64) -> Metadata {
+        Metadata {
+            node_id,
+            cluster_id,
+        }
+    }
+
     fn write_seg(dir: &Path, seq: u64, index: u64, bytes: &[u8]) {
         fs::write(dir.join(wal_file_name(seq, index)), bytes).unwrap();
     }
@@ -882,10 +922,7 @@ mod tests {
     #[test]
     fn written_wal_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let md = Metadata {
-            node_id: 5,
-            cluster_id: 6,
-        };
+        let md = metadata(5, 6);
         let snap = WalSnapshot {
             index: 40,
             term: 3,
@@ -935,10 +972,7 @@ mod tests {
 
     #[test]
     fn undefined_length_bits_are_rejected() {
-        let md = Metadata {
-            node_id: 1,
-            cluster_id: 2,
-        };
+        let md = metadata(1, 2);
         let mut b = encode_v2_wal(&md, &WalSnapshot::default(), &HardState::default());
         b[7] = 0x01;
         let dir = tempfile::tempdir().unwrap();
@@ -987,10 +1021,7 @@ mod tests {
     #[test]
     fn truncated_last_record_is_a_torn_tail_but_not_elsewhere() {
         let dir = tempfile::tempdir().unwrap();
-        let md = Metadata {
-            node_id: 1,
-            cluster_id: 2,
-        };
+        let md = metadata(1, 2);
         let full = encode_v2_wal(&md, &WalSnapshot::default(), &HardState::default());
         let cut = &full[..full.len() - 3];
         write_seg(dir.path(), 0, 0, cut);
@@ -1068,6 +1099,113 @@ mod tests {
             }
             assert_eq!(c.key_writes, *runs, "{entries:?}");
             assert_eq!(c.last_key_write(), *last, "{entries:?}");
+        }
+    }
+
+    #[test]
+    fn length_word_gives_the_record_size_or_where_the_segment_ends() {
+        use ControlFlow::{Break, Continue};
+        let word = |v: u64| v.to_le_bytes().to_vec();
+        // (word, is_last) -> Ok(Break(End/Torn)) / Ok(Continue(len, pad)) / Err(reason).
+        let cases: Vec<(Vec<u8>, bool, std::result::Result<&str, &str>)> = vec![
+            (vec![], false, Ok("end")),
+            (vec![0, 0, 0], false, Ok("end")),
+            (vec![1, 0, 0], true, Ok("torn")),
+            (vec![1, 0, 0], false, Err("3 stray bytes at segment end")),
+            (word(0), false, Ok("end")),
+            (word(13), false, Ok("13+0")),
+            (word(13 | (0x83 << 56)), false, Ok("13+3")),
+            (
+                word(13 | (0x80 << 56)),
+                true,
+                Err("length word 0x800000000000000d has undefined high bits"),
+            ),
+            (
+                word(13 | (0x01 << 56)),
+                true,
+                Err("length word 0x010000000000000d has undefined high bits"),
+            ),
+        ];
+        for (w, is_last, want) in cases {
+            let at = FrameAt {
+                off: 8,
+                is_last,
+                path: Path::new("s.wal"),
+            };
+            let got = match at.length_word(&w) {
+                Ok(Break(Frame::End)) => Ok("end".to_string()),
+                Ok(Break(Frame::Torn)) => Ok("torn".to_string()),
+                Ok(Break(Frame::Record { .. })) => panic!("{w:?}: a record"),
+                Ok(Continue((len, pad))) => Ok(format!("{len}+{pad}")),
+                Err(WalError::BadFrame { offset, reason, .. }) => {
+                    assert_eq!(offset, 8);
+                    Err(reason)
+                }
+                Err(e) => panic!("{w:?}: {e}"),
+            };
+            assert_eq!(
+                got.as_deref().map_err(String::as_str),
+                want,
+                "{w:?} last={is_last}"
+            );
+        }
+    }
+
+    #[test]
+    fn crc_chain_restarts_at_crc_records_and_extends_over_data() {
+        let at = FrameAt {
+            off: 0,
+            is_last: false,
+            path: Path::new("s.wal"),
+        };
+        let crc_rec = |crc| Record {
+            r#type: RECORD_CRC,
+            crc,
+            data: None,
+        };
+        assert_eq!(at.restart_chain(&crc_rec(7), 0).unwrap(), 7);
+        assert_eq!(at.restart_chain(&crc_rec(7), 7).unwrap(), 7);
+        assert!(matches!(
+            at.restart_chain(&crc_rec(7), 8),
+            Err(WalError::CrcMismatch {
+                expected: 8,
+                found: 7,
+                ..
+            })
+        ));
+        let good = crc32c::crc32c_append(5, b"data");
+        let data_rec = |crc| Record {
+            r#type: RECORD_ENTRY,
+            crc,
+            data: Some(bytes::Bytes::from_static(b"data")),
+        };
+        assert_eq!(at.extend_chain(&data_rec(good), 5).unwrap(), good);
+        assert!(matches!(
+            at.extend_chain(&data_rec(good ^ 1), 5),
+            Err(WalError::CrcMismatch { expected, .. }) if expected == good
+        ));
+    }
+
+    #[test]
+    fn damaged_frames_are_torn_only_in_the_last_segment() {
+        let zeros = [0u8; 600];
+        for (is_last, body, torn) in [
+            (true, &zeros[..], true),
+            (false, &zeros[..], false),
+            (true, &b"not zero"[..], false),
+        ] {
+            let at = FrameAt {
+                off: 0,
+                is_last,
+                path: Path::new("s.wal"),
+            };
+            let err = WalError::Exists {
+                path: PathBuf::from("x"),
+            };
+            let got = at.torn_or(body, err);
+            assert_eq!(matches!(got, Ok(Frame::Torn)), torn, "last={is_last}");
+            let short = at.cut_short(|| "short".into());
+            assert_eq!(matches!(short, Ok(Frame::Torn)), is_last);
         }
     }
 }

@@ -5,11 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::fmt::Display;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, PutOptions};
@@ -83,6 +84,231 @@ fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// The first and the longest pause between two probes of `wait_until`: short at first, to
+/// catch short-lived states (a step's etcd), longer later, not to load the machine.
+const POLL_FIRST: Duration = Duration::from_millis(2);
+const POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Polls `probe` until it returns `Some`, and returns that; None once `timeout` has passed.
+pub fn poll<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    let mut pause = POLL_FIRST;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(POLL_MAX);
+    }
+}
+
+/// Polls `probe` until it returns `Some`, and returns that; panics naming `what` and the time
+/// waited when `timeout` passes first. `what` is formatted only then (see `LogTail`).
+pub fn wait_until<T>(what: impl Display, timeout: Duration, probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    poll(timeout, probe).unwrap_or_else(|| panic!("waited {:?} for {what}", start.elapsed()))
+}
+
+/// `wait_until` for probes that talk to etcd through an async client.
+pub async fn wait_until_async<T>(
+    what: impl Display,
+    timeout: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    let mut pause = POLL_FIRST;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if start.elapsed() >= timeout {
+            panic!("waited {:?} for {what}", start.elapsed());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(POLL_MAX);
+    }
+}
+
+/// The last `.1` lines of the log `.0`, read when formatted: for `wait_until`'s `what`.
+pub struct LogTail<'a>(pub &'a Path, pub usize);
+
+impl Display for LogTail<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&tail(self.0, self.1))
+    }
+}
+
+/// A value formatted by calling `.0` when it is formatted: state read at failure time.
+pub struct Lazy<F>(pub F);
+
+impl<F: Fn() -> String> Display for Lazy<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.0)())
+    }
+}
+
+/// Panics if `child` has exited, with the end of its log: for probes that wait on a process
+/// that must stay up.
+pub fn assert_running(child: &mut Child, log: &Path) {
+    if let Some(st) = child.try_wait().unwrap() {
+        panic!("exited ({st}); log:\n{}", tail(log, 20));
+    }
+}
+
+/// SIGTERM, up to `grace` for the process to exit, then SIGKILL; always reaped.
+pub fn stop_child(c: &mut Child, grace: Duration) -> ExitStatus {
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    poll(grace, || c.try_wait().unwrap()).unwrap_or_else(|| {
+        let _ = c.kill();
+        c.wait().unwrap()
+    })
+}
+
+/// The process `pid` has exited: no /proc entry, or a zombie its parent has not reaped yet.
+pub fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z')),
+    }
+}
+
+/// The parent of `pid`, from /proc (None once it is gone).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+}
+
+/// The version and storage a data dir records in version.txt (e.g. `3.4.23/etcd3`).
+pub fn recorded_version(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("version.txt"))
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+/// Records `version` (e.g. `3.4.23/etcd3`) in the data dir's version.txt, as a pod would have.
+pub fn record_version(dir: &Path, version: &str) {
+    std::fs::write(dir.join("version.txt"), format!("{version}\n")).unwrap();
+}
+
+/// A single member of `version` on `dir` holding `n` keys (every `lease_every`-th on a lease),
+/// stopped cleanly and recorded as `<version>/etcd3`: the keys it served, and its leases.
+pub async fn seeded_member(
+    version: &str,
+    dir: &Path,
+    name: &str,
+    n: usize,
+    lease_every: usize,
+) -> (BTreeMap<Vec<u8>, Kv>, Vec<i64>) {
+    let m = Member::start(version, dir, name);
+    let mut c = m.client().await;
+    let leases = seed(&mut c, n, lease_every).await;
+    let before = dump(&mut c).await;
+    drop(c);
+    m.stop();
+    record_version(dir, &format!("{version}/etcd3"));
+    (before, leases)
+}
+
+/// Runs `run` and checks that it exited with `code`, that its output says each of `says`, and
+/// that `data` is byte-for-byte as it was; `what` names the case in failures. The output, for
+/// further checks.
+pub fn assert_refused_untouched(
+    what: &str,
+    data: &Path,
+    run: impl FnOnce() -> Output,
+    code: i32,
+    says: &[&str],
+) -> String {
+    let before = tree_hash(data);
+    let out = run();
+    let log = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: exit code; log:\n{log}"
+    );
+    for s in says {
+        assert!(
+            log.contains(s),
+            "{what}: the message should say {s:?}:\n{log}"
+        );
+    }
+    assert_eq!(tree_hash(data), before, "{what}: the data dir changed");
+    log
+}
+
+/// The string `field` of every element of the JSON array `list` (plan steps, backups).
+pub fn field_of_each(list: &serde_json::Value, field: &str) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .map(|e| {
+            e[field]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {field} in {e}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// Checks that `status` lists a backup of the data as it was at `version`.
+pub fn assert_backup_kept(env: &MigrateEnv, version: &str) {
+    let out = env.run_ok(&["status", "--output", "json"], "status");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        field_of_each(&st["backups"], "version")
+            .iter()
+            .any(|v| v == version),
+        "no backup of {version}: {st}"
+    );
+}
+
+/// The record types of a WAL dir, in order.
+pub fn wal_record_types(wal_dir: &Path) -> Vec<i64> {
+    etcd_migrate::storage::wal::WalReader::open(wal_dir)
+        .unwrap()
+        .map(|r| r.unwrap().record.r#type)
+        .collect()
+}
+
+/// The records of the WAL we write for etcd 2.2.1: as a 2.2.1 member restored from a snapshot
+/// leaves it (crc, metadata, the empty snapshot marker, the snapshot's, the HardState).
+pub const WAL_221_RECORDS: [i64; 5] = {
+    use etcd_migrate::storage::raftpb::{
+        RECORD_CRC, RECORD_METADATA, RECORD_SNAPSHOT, RECORD_STATE,
+    };
+    [
+        RECORD_CRC,
+        RECORD_METADATA,
+        RECORD_SNAPSHOT,
+        RECORD_SNAPSHOT,
+        RECORD_STATE,
+    ]
+};
+
+/// The specs of a cluster of `names` on one machine under `root`, peers over `scheme`.
+pub fn cluster_specs(root: &Path, version: &str, names: &[&str], scheme: &str) -> Vec<MemberSpec> {
+    let mut specs: Vec<MemberSpec> = names
+        .iter()
+        .map(|n| MemberSpec::new(version, &root.join(n), n))
+        .collect();
+    let ic = specs
+        .iter()
+        .map(|s| format!("{}={scheme}://127.0.0.1:{}", s.name, s.peer_port))
+        .collect::<Vec<_>>()
+        .join(",");
+    for s in &mut specs {
+        s.initial_cluster = Some(ic.clone());
+    }
+    specs
 }
 
 /// One etcd member started by a test.
@@ -199,18 +425,15 @@ impl Member {
 
     /// Waits until /health says true.
     pub fn wait_healthy(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if http_get(&self.client_url, "/health").is_some_and(|b| b.contains("true")) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "etcd-{} on {} not healthy; log:\n{}",
-            self.version,
-            self.data_dir.display(),
-            tail(&self.log, 20)
+        wait_until(
+            format_args!(
+                "etcd-{} on {} to be healthy; log:\n{}",
+                self.version,
+                self.data_dir.display(),
+                LogTail(&self.log, 20)
+            ),
+            timeout,
+            || http_get(&self.client_url, "/health").filter(|b| b.contains("true")),
         );
     }
 
@@ -227,16 +450,7 @@ impl Member {
 
     fn stop_inner(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_child(&mut c, Duration::from_secs(20));
         }
     }
 }
@@ -287,16 +501,19 @@ pub struct Kv {
 pub async fn dump(c: &mut Client) -> BTreeMap<Vec<u8>, Kv> {
     let mut out = BTreeMap::new();
     let mut start = vec![0u8];
-    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let opts = GetOptions::new().with_range(vec![0u8]).with_limit(500);
-        let r = match c.get(start.clone(), Some(opts)).await {
-            Err(e) if e.to_string().contains("not capable") && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            r => r.expect("range"),
-        };
+        let r = wait_until_async(
+            "etcd to serve v3 requests (\"not capable\")",
+            Duration::from_secs(30),
+            async || {
+                let opts = GetOptions::new().with_range(vec![0u8]).with_limit(500);
+                match c.get(start.clone(), Some(opts)).await {
+                    Err(e) if e.to_string().contains("not capable") => None,
+                    r => Some(r.expect("range")),
+                }
+            },
+        )
+        .await;
         for kv in r.kvs() {
             out.insert(
                 kv.key().to_vec(),
@@ -398,6 +615,20 @@ impl MigrateEnv {
             .output()
             .expect("run etcd-migrate")
     }
+
+    /// Runs to completion and checks that it succeeded (`what` and the output if not).
+    pub fn run_ok(&self, args: &[&str], what: &str) -> Output {
+        let out = self.run(args);
+        assert!(out.status.success(), "{what}: {}", text(&out));
+        out
+    }
+
+    /// `run -- <etcd_flags>`, as a pod's command runs it.
+    pub fn run_command(&self, etcd_flags: &[String]) -> Command {
+        let mut args = vec!["run", "--"];
+        args.extend(etcd_flags.iter().map(|s| s.as_str()));
+        self.command(&args)
+    }
 }
 
 /// stdout + stderr as text, for assertions and failure messages.
@@ -459,18 +690,9 @@ pub fn etcd_children(ppid: Option<u32>) -> Vec<u32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Some(parent) = parent_pid(pid) else {
             continue;
         };
-        let Some(after) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let parent: u32 = after
-            .1
-            .split(' ')
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -716,7 +938,7 @@ pub async fn v2_leaves(client_url: &str) -> BTreeMap<String, (String, bool)> {
 /// are the same. The keys it acknowledged, and how many the backend holds.
 pub async fn killed_before_backend_commit(dir: &Path) -> (BTreeMap<Vec<u8>, Kv>, usize) {
     let r = killed_at("3.4.23", dir).await;
-    std::fs::write(dir.join("version.txt"), "3.0.17/etcd3\n").unwrap();
+    record_version(dir, "3.0.17/etcd3");
     r
 }
 
@@ -738,7 +960,7 @@ pub async fn killed_at(version: &str, dir: &Path) -> (BTreeMap<Vec<u8>, Kv>, usi
         .unwrap();
     let acked = dump(&mut c).await;
     drop(m); // SIGKILL
-    std::fs::write(dir.join("version.txt"), format!("{version}/etcd3\n")).unwrap();
+    record_version(dir, &format!("{version}/etcd3"));
     use etcd_migrate::storage::{bbolt::Db, mvcc::LiveIndex};
     let db = Db::open(dir.join("member/snap/db")).unwrap();
     let in_backend = LiveIndex::build(&db).unwrap().len();
