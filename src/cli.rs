@@ -129,6 +129,13 @@ pub struct Opts {
     /// Child (etcd, etcdctl) output in our log: all of it, or quiet (only quoted when something fails) [env: CHILD_OUTPUT; default all]
     #[arg(long, global = true, value_name = "all|quiet")]
     pub child_output: Option<String>,
+    /// On a data dir with no etcd data whose cluster knows this member as started (its data was
+    /// lost): remove it, add it again and sync it from the leader [env: REJOIN_IF_EMPTY; default false]
+    #[arg(long, global = true, value_name = "true|false", num_args = 0..=1, default_missing_value = "true")]
+    pub rejoin_if_empty: Option<String>,
+    /// Client URLs of the other members, comma separated, for a rejoin [env: ETCD_CLUSTER_ENDPOINTS; default: what the peers publish]
+    #[arg(long, global = true, value_name = "URLS")]
+    pub cluster_endpoints: Option<String>,
     /// Log format: text or json [env: LOG_FORMAT; default text]
     #[arg(long, global = true, value_name = "text|json")]
     pub log_format: Option<String>,

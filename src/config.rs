@@ -72,6 +72,8 @@ pub const OWN_VARIABLES: &[&str] = &[
     "BACKUP_RETENTION",
     "LOG_FORMAT",
     "CHILD_OUTPUT",
+    "REJOIN_IF_EMPTY",
+    "ETCD_CLUSTER_ENDPOINTS",
     "ETCDCTL_API",
 ];
 
@@ -158,6 +160,10 @@ pub struct Config {
     pub child_output: ChildOutput,
     /// The environment children start from: ours removed; flag duplicates are removed per child.
     pub child_env: Vec<(OsString, OsString)>,
+    /// Rejoin the cluster when this member's data was lost (see `rejoin`).
+    pub rejoin_if_empty: bool,
+    /// The other members' client URLs, when the peers' published ones are not reachable from here.
+    pub cluster_endpoints: Option<Vec<String>>,
 }
 
 impl Config {
@@ -330,6 +336,7 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         )?,
         secrets: secrets_in(&extra_args).into(),
     };
+    let (rejoin_if_empty, cluster_endpoints) = resolve_rejoin(opts, &r)?;
     let child_env = env
         .vars
         .iter()
@@ -353,7 +360,33 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         log_format,
         child_output,
         child_env,
+        rejoin_if_empty,
+        cluster_endpoints,
     })
+}
+
+/// REJOIN_IF_EMPTY, and ETCD_CLUSTER_ENDPOINTS: the other members' client URLs.
+fn resolve_rejoin(opts: &Opts, r: &Resolver) -> Result<(bool, Option<Vec<String>>), ConfigError> {
+    let rejoin = r.choice(
+        opts.rejoin_if_empty.clone(),
+        "--rejoin-if-empty",
+        "REJOIN_IF_EMPTY",
+        &[("false", false), ("true", true)],
+        "expected true or false",
+    )?;
+    let Some(raw) = r.pick(opts.cluster_endpoints.clone(), "ETCD_CLUSTER_ENDPOINTS") else {
+        return Ok((rejoin, None));
+    };
+    let urls: Vec<String> = raw.split(',').map(|s| s.trim().to_string()).collect();
+    if urls.iter().any(|u| split_url(u).is_none()) {
+        return Err(invalid(
+            "--cluster-endpoints",
+            Some("ETCD_CLUSTER_ENDPOINTS"),
+            &raw,
+            "expected client URLs like http://10.0.0.1:2379, comma separated",
+        ));
+    }
+    Ok((rejoin, Some(urls)))
 }
 
 /// This member's name and URLs. The events data dir (a second etcd on the same host) gets its
@@ -681,6 +714,8 @@ mod tests {
             ("HEALTH_TIMEOUT", "soon", "duration"),
             ("BACKUP_RETENTION", "-1", "whole number"),
             ("LOG_FORMAT", "xml", "text or json"),
+            ("REJOIN_IF_EMPTY", "yes", "true or false"),
+            ("ETCD_CLUSTER_ENDPOINTS", "10.0.0.1:2379", "client URLs"),
             ("BUNDLED_VERSIONS", "3.4.23 3.5", "3.5"),
             (
                 "ETCD_CREDS",

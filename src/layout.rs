@@ -119,9 +119,15 @@ impl Layout {
         self.work_dir().join("restored")
     }
 
-    /// Whether `name`, an entry of the work area, is the lock (kept when leftovers go).
-    pub fn is_lock(name: &std::ffi::OsStr) -> bool {
-        name == "lock"
+    /// A rejoin's record that it removed this member from its cluster (kept until it is added again).
+    pub fn rejoin_intent(&self) -> PathBuf {
+        self.work_dir().join("rejoin.json")
+    }
+
+    /// Whether `name`, an entry of the work area, outlives a run: the lock, and a rejoin's
+    /// record of a remove (the cluster changed; the next run must know it).
+    pub fn survives_recovery(name: &std::ffi::OsStr) -> bool {
+        name == "lock" || name == "rejoin.json"
     }
 
     /// A backup of data recorded as `vf`, taken at `stamp` (`YYYYMMDDTHHMMSSZ`): the first name

@@ -14,6 +14,7 @@ pub mod meter;
 pub mod plan;
 pub mod preflight;
 pub mod progress;
+pub mod rejoin;
 pub mod release;
 pub mod report;
 pub mod run;

@@ -51,7 +51,16 @@ fn main() -> ExitCode {
         Command::Run { etcd_args } => match check_exec_flags(&config, etcd_args)
             .and_then(|_| block_on(run::migrate(&config, &mut RealEtcd, Mode::Run)))
         {
-            Ok(target) => Err(run::exec_etcd(&config, &config.bin_dir, target, etcd_args)),
+            Ok(m) if m.rejoined => {
+                let args = etcd_migrate::rejoin::existing_state(etcd_args);
+                Err(run::exec_etcd(&config, &config.bin_dir, m.target, &args))
+            }
+            Ok(m) => Err(run::exec_etcd(
+                &config,
+                &config.bin_dir,
+                m.target,
+                etcd_args,
+            )),
             Err(e) => Err(e),
         },
     };

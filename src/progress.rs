@@ -133,6 +133,11 @@ impl JournalEntry {
         }
     }
 
+    /// This member, whose data was lost, rejoined its cluster and was synced at `to`.
+    pub fn rejoin(to: VersionFile, elapsed_ms: u64, detail: Detail) -> Self {
+        Self::new("rejoin", "none".into(), to.to_string(), elapsed_ms, detail)
+    }
+
     /// A backup of data at `recorded`, taken to `path`.
     pub fn backup(recorded: VersionFile, path: &Path) -> Self {
         let mut detail = Detail::new();

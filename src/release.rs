@@ -426,6 +426,9 @@ impl Release {
             "--initial-cluster".to_string(),
             spec.initial_cluster.to_string(),
         ];
+        if spec.join_existing {
+            a.push("--initial-cluster-state=existing".to_string());
+        }
         if spec.fast_election {
             // A lone member has no peers to disrupt: elect itself in ~100 ms, not 1-2 s.
             a.push("--heartbeat-interval=10".to_string());
@@ -457,6 +460,8 @@ pub struct ServerSpec<'a> {
     pub listen_peer_urls: &'a str,
     pub advertise_peer_urls: &'a str,
     pub initial_cluster: &'a str,
+    /// Join a running cluster (`--initial-cluster-state existing`) on an empty data dir.
+    pub join_existing: bool,
     /// Serve the v2 API (etcd2 storage, or reading TTLs right after `migrate`).
     pub serve_v2: bool,
     /// Short heartbeat and election timeouts: single-member data only.
@@ -515,6 +520,7 @@ mod tests {
                     listen_peer_urls: "http://127.0.0.1:2",
                     advertise_peer_urls: "http://127.0.0.1:2",
                     initial_cluster: "n=http://127.0.0.1:2",
+                    join_existing: fast,
                     serve_v2: serve_v2 || storage == Storage::Etcd2,
                     fast_election: fast,
                     bulk_txns: bulk,

@@ -15,6 +15,7 @@ use crate::layout::Layout;
 use crate::plan::{self, Plan, PlanError, Step};
 use crate::preflight;
 use crate::progress::{self, JournalEntry, ProgressError};
+use crate::rejoin::{self, RejoinError, Situation};
 use crate::release::Tool;
 use crate::staging;
 use crate::steps::{Ctx, Refusal, StepError};
@@ -69,6 +70,8 @@ pub enum RunError {
     Progress(#[from] ProgressError),
     #[error(transparent)]
     Restore(#[from] crate::backup::RestoreError),
+    #[error(transparent)]
+    Rejoin(Box<RejoinError>),
     #[error("cannot encode the report: {0}")]
     Report(serde_json::Error),
     #[error("cannot exec {path}: {source}")]
@@ -76,6 +79,12 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<RejoinError> for RunError {
+    fn from(e: RejoinError) -> RunError {
+        RunError::Rejoin(Box::new(e))
+    }
 }
 
 impl RunError {
@@ -97,6 +106,7 @@ impl RunError {
             | RunError::Report(_)
             | RunError::Exec { .. } => 1,
             RunError::Restore(e) => e.exit_code(),
+            RunError::Rejoin(e) => e.exit_code(),
         }
     }
 }
@@ -205,12 +215,30 @@ impl Mode {
     }
 }
 
-/// Migrates the data dir to the target. Returns the target reached.
+/// What a migration reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    pub target: VersionFile,
+    /// The data dir was empty and this member rejoined its cluster: etcd must start as an
+    /// existing member.
+    pub rejoined: bool,
+}
+
+impl Migrated {
+    fn at(target: VersionFile) -> Migrated {
+        Migrated {
+            target,
+            rejoined: false,
+        }
+    }
+}
+
+/// Migrates the data dir to the target.
 pub async fn migrate<O: EtcdOps>(
     config: &Config,
     ops: &mut O,
     mode: Mode,
-) -> Result<VersionFile, RunError> {
+) -> Result<Migrated, RunError> {
     let t0 = Instant::now();
     let layout = config.layout();
     let prepared = prepare(config, false)?;
@@ -218,7 +246,7 @@ pub async fn migrate<O: EtcdOps>(
     let leftovers = layout.staging().exists() || layout.swap_intent().exists();
     if prepared.plan.as_ref().is_some_and(|p| p.steps.is_empty()) && !leftovers {
         tracing::info!(version = %target, elapsed_ms = t0.elapsed().as_millis() as u64, "data is already at the target; nothing to do");
-        return Ok(target);
+        return Ok(Migrated::at(target));
     }
     preflight::preflight(config, &prepared, mode)?;
     let _lock = datadir::lock(&layout, mode.name())??;
@@ -232,10 +260,10 @@ pub async fn migrate<O: EtcdOps>(
     // Under the lock, look again: another run may have moved things, a recovery may have finished a step.
     let prepared = prepare(config, false)?;
     let Some(plan) = prepared.plan else {
-        return record_fresh(config, &prepared.inspection, target);
+        return fresh_or_rejoin(config, &prepared, &layout).await;
     };
     if plan.steps.is_empty() {
-        return Ok(target);
+        return Ok(Migrated::at(target));
     }
     preflight::refuse_unrepresentable(config, &plan)?;
     if plan
@@ -255,7 +283,43 @@ pub async fn migrate<O: EtcdOps>(
     executor::execute(ops, &ctx, &plan).await?;
     tracing::info!(version = %target, steps = plan.steps.len(), elapsed_ms = t0.elapsed().as_millis() as u64,
         peak_rss_mb = crate::meter::own_peak_rss_mb(), etcd_peak_rss_mb = crate::meter::children_peak_rss_mb(), "migration complete");
-    Ok(target)
+    Ok(Migrated::at(target))
+}
+
+/// No etcd data: a lost member rejoins its cluster (opt-in), else the target is recorded and
+/// etcd creates the data on its first start.
+async fn fresh_or_rejoin(
+    config: &Config,
+    prepared: &Prepared,
+    layout: &Layout,
+) -> Result<Migrated, RunError> {
+    let target = prepared.target;
+    match rejoin::look(config, layout)
+        .await
+        .map_err(RejoinError::from)?
+    {
+        Situation::Fresh => record_fresh(config, &prepared.inspection, target).map(Migrated::at),
+        Situation::Lost {
+            client_urls,
+            cluster_version,
+        } => {
+            let r = rejoin::rejoin(
+                config,
+                &prepared.bundle,
+                layout,
+                target,
+                &client_urls,
+                cluster_version.as_deref(),
+            )
+            .await?;
+            tracing::info!(version = %target, member_id = %format!("{:x}", r.member_id), catch_up_ms = r.catch_up_ms,
+                "rejoined the cluster as a new member, synced from the leader");
+            Ok(Migrated {
+                target,
+                rejoined: true,
+            })
+        }
+    }
 }
 
 fn record_fresh(

@@ -150,7 +150,7 @@ pub fn recover(layout: &Layout) -> Result<Option<String>, FsError> {
     if let Ok(rd) = fs::read_dir(&work) {
         for e in rd
             .filter_map(|e| e.ok())
-            .filter(|e| !Layout::is_lock(&e.file_name()))
+            .filter(|e| !Layout::survives_recovery(&e.file_name()))
         {
             fsutil::remove_tree(&e.path())?;
             leftovers += 1;

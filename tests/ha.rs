@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,81 +13,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// Peer TLS material made for the test (CA plus one cert per member, SAN 127.0.0.1).
-struct Tls {
-    dir: PathBuf,
-}
-
-impl Tls {
-    fn make(dir: &Path, names: &[&str]) -> Tls {
-        let sh = |args: &str| {
-            let st = Command::new("sh")
-                .arg("-c")
-                .arg(args)
-                .current_dir(dir)
-                .output()
-                .unwrap();
-            assert!(st.status.success(), "{args}: {}", text(&st));
-        };
-        sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca");
-        for n in names {
-            sh(&format!(
-                "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {n}.key -out {n}.csr -subj /CN={n} && \
-                 printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > {n}.ext && \
-                 openssl x509 -req -in {n}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {n}.crt -days 2 -extfile {n}.ext"
-            ));
-        }
-        Tls {
-            dir: dir.to_path_buf(),
-        }
-    }
-    fn flags(&self, name: &str) -> Vec<String> {
-        let p = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
-        vec![
-            format!("--peer-cert-file={}", p(&format!("{name}.crt"))),
-            format!("--peer-key-file={}", p(&format!("{name}.key"))),
-            format!("--peer-trusted-ca-file={}", p("ca.crt")),
-            "--peer-client-cert-auth".into(),
-        ]
-    }
-}
-
 /// Three members' specs on one machine.
 fn three_member_specs(root: &Path, version: &str, scheme: &str) -> Vec<MemberSpec> {
     cluster_specs(root, version, &["m1", "m2", "m3"], scheme)
-}
-
-fn with_scheme(flags: Vec<String>, scheme: &str) -> Vec<String> {
-    flags
-        .into_iter()
-        .map(|f| {
-            if scheme == "https" {
-                f.replace("http://127.0.0.1", "https://127.0.0.1")
-            } else {
-                f
-            }
-        })
-        .collect()
-}
-
-/// Fixes the peer URL scheme in a member's flags (client URLs stay http on loopback).
-fn member_flags(spec: &MemberSpec, scheme: &str, tls: Option<&Tls>) -> Vec<String> {
-    let mut out = Vec::new();
-    let f = spec.flags();
-    let mut i = 0;
-    while i < f.len() {
-        out.push(f[i].clone());
-        if ["--listen-peer-urls", "--initial-advertise-peer-urls"].contains(&f[i].as_str()) {
-            out.push(with_scheme(vec![f[i + 1].clone()], scheme).remove(0));
-            i += 2;
-            continue;
-        }
-        i += 1;
-    }
-    if let Some(t) = tls {
-        out.extend(t.flags(&spec.name));
-    }
-    out
 }
 
 fn spawn_member(spec: &MemberSpec, flags: &[String]) -> Child {
@@ -102,17 +30,6 @@ fn spawn_member(spec: &MemberSpec, flags: &[String]) -> Child {
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     cmd.spawn().unwrap()
-}
-
-/// Children killed and reaped on drop.
-struct Procs(Vec<Child>);
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn stop(c: &mut Child) {

@@ -141,6 +141,8 @@ async fn bad_env_and_flags_are_refused_untouched() {
         ("BACKUP_RETENTION", "0", ">= 1"),
         ("LOG_FORMAT", "xml", "text or json"),
         ("CHILD_OUTPUT", "loud", "all or quiet"),
+        ("REJOIN_IF_EMPTY", "yes", "true or false"),
+        ("ETCD_CLUSTER_ENDPOINTS", "10.0.0.1", "client URLs like"),
         ("BUNDLED_VERSIONS", "3.4.23 3.5", "X.Y.Z"),
         ("ETCD_DATA_PREFIX", "registry", "start with '/'"),
         ("ETCD_NAME", "a,b", "cannot hold"),

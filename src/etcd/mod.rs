@@ -2,6 +2,7 @@
 pub mod bundle;
 pub mod conns;
 pub mod ctl;
+pub mod peers;
 pub mod process;
 pub mod server;
 pub mod v2;

@@ -150,6 +150,9 @@ pub struct Launch<'a> {
     pub single_member: bool,
     /// Allow large transactions (a private bulk rewrite).
     pub bulk_txns: bool,
+    /// Join the running cluster whose members this `--initial-cluster` lists, as a new member
+    /// on an empty data dir.
+    pub join: Option<&'a str>,
 }
 
 /// The environment for a child started with `args`: ours removed, `prefix` duplicates removed
@@ -183,7 +186,8 @@ impl EtcdServer {
             client_urls: &member.client_urls,
             listen_peer_urls: &member.listen_peer_urls,
             advertise_peer_urls: &member.advertise_peer_urls,
-            initial_cluster: &member.initial_cluster,
+            initial_cluster: l.join.unwrap_or(&member.initial_cluster),
+            join_existing: l.join.is_some(),
             serve_v2: l.serve_v2 || l.storage == Storage::Etcd2,
             fast_election: l.single_member,
             bulk_txns: l.bulk_txns,

@@ -40,6 +40,38 @@ pub struct KeyValue {
     pub lease: i64,
 }
 
+/// A member as `member list` shows it. An added member that never started has no name and no
+/// client URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedMember {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+impl From<&etcd_client::Member> for ListedMember {
+    fn from(m: &etcd_client::Member) -> ListedMember {
+        ListedMember {
+            id: m.id(),
+            name: m.name().to_string(),
+            peer_urls: m.peer_urls().to_vec(),
+            client_urls: m.client_urls().to_vec(),
+            is_learner: m.is_learner(),
+        }
+    }
+}
+
+/// Where a member's raft log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub member: u64,
+    pub leader: u64,
+    pub committed: u64,
+    pub applied: u64,
+}
+
 /// A connected v3 client.
 #[derive(Clone)]
 pub struct V3 {
@@ -57,6 +89,70 @@ impl V3 {
             .await
             .map_err(err("connect"))?;
         Ok(V3 { client })
+    }
+
+    /// Connects to whichever of `urls` answers (a cluster's members).
+    pub async fn connect_any(urls: &[String], request_timeout: Duration) -> Result<V3, V3Error> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(request_timeout);
+        let client = Client::connect(urls, Some(opts))
+            .await
+            .map_err(err("connect"))?;
+        Ok(V3 { client })
+    }
+
+    /// A linearizable read of `key`'s count: succeeds only while the cluster has quorum.
+    pub async fn quorum_read(&mut self, key: &[u8]) -> Result<(), V3Error> {
+        self.client
+            .get(key, Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(err("linearizable get"))?;
+        Ok(())
+    }
+
+    /// The cluster's members as the member answering sees them.
+    pub async fn member_list(&mut self) -> Result<Vec<ListedMember>, V3Error> {
+        let r = self
+            .client
+            .member_list()
+            .await
+            .map_err(err("member list"))?;
+        Ok(r.members().iter().map(ListedMember::from).collect())
+    }
+
+    pub async fn member_remove(&mut self, id: u64) -> Result<(), V3Error> {
+        self.client
+            .member_remove(id)
+            .await
+            .map_err(err("member remove"))?;
+        Ok(())
+    }
+
+    /// Adds a member with `peer_urls`; returns its id and the members after the add.
+    pub async fn member_add(
+        &mut self,
+        peer_urls: Vec<String>,
+    ) -> Result<(u64, Vec<ListedMember>), V3Error> {
+        let r = self
+            .client
+            .member_add(peer_urls, None)
+            .await
+            .map_err(err("member add"))?;
+        let id = r.member().map(|m| m.id()).unwrap_or_default();
+        Ok((id, r.member_list().iter().map(ListedMember::from).collect()))
+    }
+
+    /// The answering member's raft position: (its id, the leader's id, raft index, applied index).
+    /// The raft index is the member's committed index; the applied index is 0 before etcd 3.4.
+    pub async fn status(&mut self) -> Result<RaftStatus, V3Error> {
+        let r = self.client.status().await.map_err(err("status"))?;
+        Ok(RaftStatus {
+            member: r.header().map(|h| h.member_id()).unwrap_or_default(),
+            leader: r.leader(),
+            committed: r.raft_index(),
+            applied: r.raft_applied_index(),
+        })
     }
 
     /// Puts a key; returns the store revision after the put.

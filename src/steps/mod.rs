@@ -57,6 +57,7 @@ impl Ctx<'_> {
             snapshot_count: None,
             single_member: self.members == 1,
             bulk_txns: false,
+            join: None,
         }
     }
 }

@@ -311,6 +311,89 @@ pub fn cluster_specs(root: &Path, version: &str, names: &[&str], scheme: &str) -
     specs
 }
 
+/// Peer TLS material made for the test (CA plus one cert per member, SAN 127.0.0.1).
+pub struct Tls {
+    pub dir: PathBuf,
+}
+
+impl Tls {
+    pub fn make(dir: &Path, names: &[&str]) -> Tls {
+        let sh = |args: &str| {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(args)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "{args}: {}", text(&st));
+        };
+        sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca");
+        for n in names {
+            sh(&format!(
+                "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {n}.key -out {n}.csr -subj /CN={n} && \
+                 printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > {n}.ext && \
+                 openssl x509 -req -in {n}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {n}.crt -days 2 -extfile {n}.ext"
+            ));
+        }
+        Tls {
+            dir: dir.to_path_buf(),
+        }
+    }
+    pub fn flags(&self, name: &str) -> Vec<String> {
+        let p = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
+        vec![
+            format!("--peer-cert-file={}", p(&format!("{name}.crt"))),
+            format!("--peer-key-file={}", p(&format!("{name}.key"))),
+            format!("--peer-trusted-ca-file={}", p("ca.crt")),
+            "--peer-client-cert-auth".into(),
+        ]
+    }
+}
+
+pub fn with_scheme(flags: Vec<String>, scheme: &str) -> Vec<String> {
+    flags
+        .into_iter()
+        .map(|f| {
+            if scheme == "https" {
+                f.replace("http://127.0.0.1", "https://127.0.0.1")
+            } else {
+                f
+            }
+        })
+        .collect()
+}
+
+/// Fixes the peer URL scheme in a member's flags (client URLs stay http on loopback).
+pub fn member_flags(spec: &MemberSpec, scheme: &str, tls: Option<&Tls>) -> Vec<String> {
+    let mut out = Vec::new();
+    let f = spec.flags();
+    let mut i = 0;
+    while i < f.len() {
+        out.push(f[i].clone());
+        if ["--listen-peer-urls", "--initial-advertise-peer-urls"].contains(&f[i].as_str()) {
+            out.push(with_scheme(vec![f[i + 1].clone()], scheme).remove(0));
+            i += 2;
+            continue;
+        }
+        i += 1;
+    }
+    if let Some(t) = tls {
+        out.extend(t.flags(&spec.name));
+    }
+    out
+}
+
+/// Children killed and reaped on drop.
+pub struct Procs(pub Vec<Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// One etcd member started by a test.
 pub struct Member {
     child: Option<Child>,
