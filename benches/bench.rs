@@ -1,4 +1,4 @@
-//! Benchmarks with real etcd: `make bench` (or `cargo bench --bench bench -- [p1 p2 p3 p3step p4 p6 ha]`).
+//! Benchmarks with real etcd: `make bench` (or `cargo bench --bench bench -- [p1 p2 p3 p3step p4 p6 ha rejoin sizes]`).
 //! Each prints its figures and BENCHMARKS.md is rewritten with them and the command that made them.
 
 #[path = "support/bigmember.rs"]
@@ -954,6 +954,156 @@ async fn ha(root: &Path) -> Vec<Row> {
     ]
 }
 
+/// A three-member 3.4.23 cluster of `keys` keys (1 KB values) whose member m3 lost its disk:
+/// seconds from its pod's start to m3 serving (a write through it, and every key in its own
+/// copy), by `etcd-migrate run` with REJOIN_IF_EMPTY=true or by the runbook's steps by hand
+/// (etcdctl member remove, member add retried while etcd calls the cluster unhealthy, etcd on an
+/// empty data dir with `existing` state).
+async fn lose_and_rejoin(root: &Path, keys: usize, by_hand: bool) -> f64 {
+    let specs = cluster_specs(root, "3.4.23", &["m1", "m2", "m3"], "http");
+    let mut members: Vec<Option<Member>> = specs
+        .iter()
+        .map(|s| Some(Member::spawn(s.clone())))
+        .collect();
+    for m in members.iter().flatten() {
+        m.wait_healthy(Duration::from_secs(60));
+    }
+    for s in &specs {
+        record_version(&s.data_dir, "3.4.23/etcd3");
+    }
+    bulk_put(
+        &specs[0].client_url(),
+        keys,
+        |i| format!("/registry/pods/ns{}/p{i:07}", i % 50),
+        |_| vec![b'x'; 1024],
+        None,
+    )
+    .await;
+    let m3 = &specs[2];
+    drop(members[2].take());
+    fs::remove_dir_all(&m3.data_dir).unwrap();
+    let t = Instant::now();
+    let child = if by_hand {
+        rejoin_by_hand(&specs)
+    } else {
+        let mut env = MigrateEnv::new(&m3.data_dir, &m3.name, "3.4.23", "etcd3");
+        env.set("INITIAL_CLUSTER", m3.initial_cluster.as_deref().unwrap())
+            .set("LISTEN_PEER_URLS", &m3.peer_url())
+            .set("INITIAL_ADVERTISE_PEER_URLS", &m3.peer_url())
+            .set("REJOIN_IF_EMPTY", "true")
+            .set("CHILD_OUTPUT", "quiet");
+        env.run_command(&m3.flags())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let _kids = Procs(vec![child]);
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(100))
+        .with_timeout(Duration::from_secs(2));
+    let serving = async || {
+        let mut c = Client::connect([m3.client_url()], Some(opts.clone()))
+            .await
+            .ok()?;
+        c.put("/rejoined", "1", None).await.ok()?;
+        let count = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only()
+            .with_serializable();
+        let r = c.get("/registry/", Some(count)).await.ok()?;
+        (r.count() as usize >= keys).then_some(())
+    };
+    wait_until_async("m3 to serve every key", Duration::from_secs(300), serving).await;
+    secs(t.elapsed())
+}
+
+/// The runbook by hand: remove m3, add it again (each retried while etcd refuses it, as an
+/// operator retries), start etcd-3.4.23 as an existing member.
+fn rejoin_by_hand(specs: &[MemberSpec]) -> std::process::Child {
+    let m3 = &specs[2];
+    let ctl = |args: &[&str]| {
+        Command::new(bundle().join("etcdctl-3.4.23"))
+            .env_clear()
+            .env("ETCDCTL_API", "3")
+            .arg(format!(
+                "--endpoints={},{}",
+                specs[0].client_url(),
+                specs[1].client_url()
+            ))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let list = String::from_utf8(ctl(&["member", "list"]).stdout).unwrap();
+    let id = list
+        .lines()
+        .find(|l| l.contains(", m3,"))
+        .and_then(|l| l.split(',').next())
+        .unwrap()
+        .to_string();
+    // etcd 3.4 refuses a remove, too, for a few seconds after a member went down.
+    wait_until(
+        "member remove to be accepted",
+        Duration::from_secs(60),
+        || {
+            ctl(&["member", "remove", &id])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    let peer = format!("--peer-urls={}", m3.peer_url());
+    let added = wait_until("member add to be accepted", Duration::from_secs(60), || {
+        let out = ctl(&["member", "add", "m3", &peer]);
+        out.status
+            .success()
+            .then(|| String::from_utf8(out.stdout).unwrap())
+    });
+    let ic = added
+        .lines()
+        .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER=\""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let mut spec = m3.clone();
+    spec.initial_cluster = Some(ic);
+    spec.cluster_state = "existing";
+    let mut cmd = Command::new(bundle().join("etcd-3.4.23"));
+    cmd.args(spec.flags())
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Rejoins per case: each run builds a fresh cluster.
+const REJOIN_RUNS: usize = 3;
+
+async fn rejoin(root: &Path) -> Vec<Row> {
+    let keys = 10_000;
+    let (mut ours, mut hand) = (Vec::new(), Vec::new());
+    for r in 0..REJOIN_RUNS {
+        ours.push(lose_and_rejoin(&root.join(format!("ours-{r}")), keys, false).await);
+        hand.push(lose_and_rejoin(&root.join(format!("hand-{r}")), keys, true).await);
+    }
+    println!("rejoin of m3, {keys} keys: etcd-migrate {ours:.2?} s, by hand {hand:.2?} s");
+    let (o, h) = (median(ours), median(hand));
+    vec![Row {
+        id: "rejoin",
+        what: format!("a member of a three-member 3.4.23 cluster ({keys} keys of 1 KB) lost its disk: pod start to it serving every key, `etcd-migrate run` with REJOIN_IF_EMPTY=true / the runbook by hand with etcdctl and etcd (medians of {REJOIN_RUNS})"),
+        figure: format!("{:.2} ({o:.2} s vs {h:.2} s)", o / h),
+        goal: "<= 1.10",
+        met: Some(o / h <= 1.10),
+    }]
+}
+
 /// How long each release's private etcd took to stop, over every run of this benchmark.
 fn stops_row() -> Option<Row> {
     let stops = STOPS.lock().unwrap();
@@ -1009,10 +1159,12 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if which.is_empty() || which.iter().any(|w| w == "all") {
-        which = ["p1", "p2", "p3", "p3step", "p4", "p6", "ha", "sizes"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        which = [
+            "p1", "p2", "p3", "p3step", "p4", "p6", "ha", "rejoin", "sizes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1044,6 +1196,7 @@ fn main() {
                 "p4" => p4(&dir).await,
                 "p6" => p6(&dir).await,
                 "ha" => ha(&dir).await,
+                "rejoin" => rejoin(&dir).await,
                 "sizes" => sizes(&dir).await,
                 // Only make (or find) the cached big members.
                 "gen1g" => {

@@ -438,7 +438,7 @@ async fn until_done<T>(
     done: impl Fn(&[ListedMember]) -> Option<T>,
 ) -> Result<T, V3Error> {
     let start = Instant::now();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Duration::from_millis(50);
     loop {
         let e = match attempt(v3).await {
             Ok(t) => return Ok(t),
@@ -452,7 +452,8 @@ async fn until_done<T>(
         }
         tracing::info!("{what} refused for now ({e}); retrying in {backoff:?}");
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        // Short: etcd lifts the refusal within seconds, and every poll past it is downtime.
+        backoff = (backoff * 2).min(Duration::from_millis(250));
     }
 }
 
