@@ -822,6 +822,64 @@ mod tests {
     }
 
     #[test]
+    fn prove_accepts_exactly_the_store_the_capture_expects() {
+        let tree = Tree {
+            leaves: vec![
+                leaf("/registry/events/e1", Some("2036-01-01T00:00:00Z")),
+                leaf("/registry/pods/p1", None),
+            ],
+            empty_dirs: vec![],
+        };
+        let (capture, _) = capture_from(&tree, TtlScope::All, "/registry/events").unwrap();
+        let attach = Attached {
+            attached: 1,
+            leases: 1,
+            past_expiry: 0,
+            changed_since_capture: 0,
+        };
+        let at: EtcdVersion = "3.4.23".parse().unwrap();
+        prove(at, &capture, &capture.expected, &attach, 1).unwrap();
+        // A key lost, or a TTL key left without its lease: the step fails, naming the counts.
+        for after in [
+            Fingerprint {
+                keys: 1,
+                ..capture.expected.clone()
+            },
+            Fingerprint {
+                permanent: 2,
+                ..capture.expected.clone()
+            },
+        ] {
+            let e = prove(at, &capture, &after, &attach, 1).unwrap_err();
+            assert!(matches!(e, StepError::Verify { .. }), "{e}");
+            assert!(e.to_string().contains("v2 held 2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_report_carries_keys_stage_timings_and_the_backup() {
+        let fp = Fingerprint {
+            keys: 7,
+            permanent: 5,
+            content: "c".into(),
+            permanent_digest: "p".into(),
+        };
+        let timings = [("capture_ms", 3), ("swap_ms", 4)];
+        let r = finish_report(
+            StepReport::default(),
+            fp.clone(),
+            &timings,
+            std::path::Path::new("/b/backup-x"),
+        );
+        assert_eq!(r.keys, Some(7));
+        assert!(matches!(r.baseline, Some(Baseline::Keys(ref b)) if *b == fp));
+        assert_eq!(r.detail["keys_migrated"], 7);
+        assert_eq!(r.detail["capture_ms"], 3);
+        assert_eq!(r.detail["swap_ms"], 4);
+        assert_eq!(r.detail["backup"], "/b/backup-x");
+    }
+
+    #[test]
     fn the_capture_file_reads_back_what_was_captured() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("ttl-capture.json");

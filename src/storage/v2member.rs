@@ -49,12 +49,27 @@ use crate::storage::v2store::{
 };
 use crate::storage::wal::{self, WalError};
 
+/// What makes member parameters invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadParams {
+    #[error("node id and cluster id must be non-zero")]
+    ZeroId,
+    #[error("term must be >= 1")]
+    ZeroTerm,
+    #[error("member ids must be unique and non-zero")]
+    MemberIds,
+    #[error("node id {node_id:x} is not among the members")]
+    NotAMember { node_id: u64 },
+    #[error("every member needs a peer URL")]
+    NoPeerUrl,
+}
+
 /// Errors of [`write_v2_member`].
 #[derive(Debug, thiserror::Error)]
 pub enum V2MemberError {
     /// The parameters cannot make a valid member.
     #[error("invalid parameters: {0}")]
-    Params(String),
+    Params(BadParams),
     /// A file-system operation failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -122,27 +137,26 @@ impl V2MemberParams {
     }
 
     fn validate(&self) -> Result<(), V2MemberError> {
-        let bad = |s: String| Err(V2MemberError::Params(s));
+        let bad = |why| Err(V2MemberError::Params(why));
         if self.node_id == 0 || self.cluster_id == 0 {
-            return bad("node id and cluster id must be non-zero".into());
+            return bad(BadParams::ZeroId);
         }
         if self.term == 0 {
-            return bad("term must be >= 1".into());
+            return bad(BadParams::ZeroTerm);
         }
         let mut ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
         ids.sort_unstable();
         ids.dedup();
         if ids.len() != self.members.len() || ids.contains(&0) {
-            return bad("member ids must be unique and non-zero".into());
+            return bad(BadParams::MemberIds);
         }
         if !ids.contains(&self.node_id) {
-            return bad(format!(
-                "node id {:x} is not among the members",
-                self.node_id
-            ));
+            return bad(BadParams::NotAMember {
+                node_id: self.node_id,
+            });
         }
         if self.members.iter().any(|m| m.peer_urls.is_empty()) {
-            return bad("every member needs a peer URL".into());
+            return bad(BadParams::NoPeerUrl);
         }
         Ok(())
     }
