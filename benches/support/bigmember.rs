@@ -289,7 +289,9 @@ async fn generate(data: &Path, target_bytes: u64) -> String {
     // etcd purges WAL files past its last snapshot (beyond 5) when it starts, as a member that
     // has run for a while has: one more start leaves the WAL a real member would carry. It also
     // resumes the compaction, which deletes in batches with pauses: wait until it is finished.
-    let m = crate::common::Member::start("3.4.23", data, "m1");
+    // A 4 GB backend's index takes tens of seconds to rebuild on a busy machine.
+    let m = crate::common::Member::spawn(crate::common::MemberSpec::new("3.4.23", data, "m1"));
+    m.wait_healthy(Duration::from_secs(300));
     let deadline = Instant::now() + Duration::from_secs(600);
     while !fs::read_to_string(&m.log)
         .unwrap_or_default()
