@@ -36,7 +36,7 @@ KEYS=(TARGET_VERSION TARGET_STORAGE ETCD_HOSTNAME ETCD_ADVERTISE_HOST ETCD_HOST_
   ETCD_EVENTS_INITIAL_CLUSTER ETCD_CLUSTER_STATE ETCD_CREDS ETCD_APISERVER_CREDS ETCD_EXTRA_ARGS
   ETCDCTL_CERTS ETCD_IMAGE ETCD_DATA_ROOT ETCD_CREDS_DIR ETCD_RUN_AS_USER ETCD_RUN_AS_GROUP
   ETCD_CPU_REQUEST ETCD_EVENTS_CPU_REQUEST ETCD_SNAPSHOT_COUNT ETCD_LIVENESS_INITIAL_DELAY
-  ETCD_STARTUP_FAILURE_THRESHOLD ETCD_TERMINATION_GRACE)
+  ETCD_STARTUP_FAILURE_THRESHOLD ETCD_TERMINATION_GRACE ETCD_REJOIN_IF_EMPTY)
 declare -A S=(
   [TARGET_VERSION]=3.5.30 [TARGET_STORAGE]=etcd3 [ETCD_HOSTNAME]="$(hostname)" [ETCD_ADVERTISE_HOST]=""
   [ETCD_HOST_IP]=127.0.0.1 [ETCD_LISTEN_CLIENT_IP]=127.0.0.1 [ETCD_PEER_PROTOCOL]=http
@@ -47,7 +47,7 @@ declare -A S=(
   [ETCD_DATA_ROOT]=/var/etcd [ETCD_CREDS_DIR]=/etc/srv/kubernetes [ETCD_RUN_AS_USER]=0
   [ETCD_RUN_AS_GROUP]=0 [ETCD_CPU_REQUEST]=200m [ETCD_EVENTS_CPU_REQUEST]=100m
   [ETCD_SNAPSHOT_COUNT]=10000 [ETCD_LIVENESS_INITIAL_DELAY]=15 [ETCD_STARTUP_FAILURE_THRESHOLD]=90
-  [ETCD_TERMINATION_GRACE]=60)
+  [ETCD_TERMINATION_GRACE]=60 [ETCD_REJOIN_IF_EMPTY]=false)
 
 # The settings file: KEY=value, optional quotes, `#` comments; nothing is expanded.
 if [ -n "$settings" ]; then
@@ -88,6 +88,7 @@ done
 for k in ETCD_PEER_PROTOCOL ETCD_CLIENT_PROTOCOL; do
   [[ ${S[$k]} =~ ^https?$ ]] || die "$k=${S[$k]}: expected http or https"
 done
+[[ ${S[ETCD_REJOIN_IF_EMPTY]} =~ ^(true|false)$ ]] || die "ETCD_REJOIN_IF_EMPTY=${S[ETCD_REJOIN_IF_EMPTY]}: expected true or false"
 [[ ${S[ETCD_CLUSTER_STATE]} =~ ^(new|existing)$ ]] || die "ETCD_CLUSTER_STATE=${S[ETCD_CLUSTER_STATE]}: expected new or existing"
 [[ ${S[ETCD_DATA_ROOT]} == /* ]] || die "ETCD_DATA_ROOT=${S[ETCD_DATA_ROOT]}: expected an absolute path"
 [[ ${S[ETCD_CREDS_DIR]} == /* ]] || die "ETCD_CREDS_DIR=${S[ETCD_CREDS_DIR]}: expected an absolute path"
@@ -166,6 +167,7 @@ render() {
     [run_as_group]=${S[ETCD_RUN_AS_GROUP]}
     [cpu_request]=$j_cpu
     [snapshot_count]=${S[ETCD_SNAPSHOT_COUNT]}
+    [rejoin_if_empty]=${S[ETCD_REJOIN_IF_EMPTY]}
     [probe_command]=$j_probe
     [liveness_probe_initial_delay]=${S[ETCD_LIVENESS_INITIAL_DELAY]}
     [startup_failure_threshold]=${S[ETCD_STARTUP_FAILURE_THRESHOLD]}

@@ -977,6 +977,7 @@ fn render_refuses_bad_settings_and_leaves_the_manifests_alone() {
             "etcd-master-1",
         ),
         ("ETCD_CLUSTER_STATE", "maybe", "new or existing"),
+        ("ETCD_REJOIN_IF_EMPTY", "maybe", "true or false"),
     ] {
         let mut bad = Settings::for_test(t.path(), "3.4.23");
         bad.set(k, v);
