@@ -954,121 +954,17 @@ async fn ha(root: &Path) -> Vec<Row> {
     ]
 }
 
-/// A three-member 3.4.23 cluster of `keys` keys (1 KB values) whose member m3 lost its disk:
-/// seconds from its pod's start to m3 serving (a write through it, and every key in its own
-/// copy), by `etcd-migrate run` with REJOIN_IF_EMPTY=true or by the runbook's steps by hand
-/// (etcdctl member remove, member add retried while etcd calls the cluster unhealthy, etcd on an
-/// empty data dir with `existing` state).
-async fn lose_and_rejoin(root: &Path, keys: usize, by_hand: bool) -> f64 {
-    let specs = cluster_specs(root, "3.4.23", &["m1", "m2", "m3"], "http");
-    let mut members: Vec<Option<Member>> = specs
-        .iter()
-        .map(|s| Some(Member::spawn(s.clone())))
-        .collect();
-    for m in members.iter().flatten() {
-        m.wait_healthy(Duration::from_secs(60));
-    }
-    for s in &specs {
-        record_version(&s.data_dir, "3.4.23/etcd3");
-    }
-    bulk_put(
-        &specs[0].client_url(),
-        keys,
-        |i| format!("/registry/pods/ns{}/p{i:07}", i % 50),
-        |_| vec![b'x'; 1024],
-        None,
-    )
-    .await;
-    let m3 = &specs[2];
-    drop(members[2].take());
-    fs::remove_dir_all(&m3.data_dir).unwrap();
-    let t = Instant::now();
-    let child = if by_hand {
-        rejoin_by_hand(&specs)
-    } else {
-        let mut env = MigrateEnv::new(&m3.data_dir, &m3.name, "3.4.23", "etcd3");
-        env.set("INITIAL_CLUSTER", m3.initial_cluster.as_deref().unwrap())
-            .set("LISTEN_PEER_URLS", &m3.peer_url())
-            .set("INITIAL_ADVERTISE_PEER_URLS", &m3.peer_url())
-            .set("REJOIN_IF_EMPTY", "true")
-            .set("CHILD_OUTPUT", "quiet");
-        env.run_command(&m3.flags())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let _kids = Procs(vec![child]);
-    let opts = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_millis(100))
-        .with_timeout(Duration::from_secs(2));
-    let serving = async || {
-        let mut c = Client::connect([m3.client_url()], Some(opts.clone()))
-            .await
-            .ok()?;
-        c.put("/rejoined", "1", None).await.ok()?;
-        let count = etcd_client::GetOptions::new()
-            .with_prefix()
-            .with_count_only()
-            .with_serializable();
-        let r = c.get("/registry/", Some(count)).await.ok()?;
-        (r.count() as usize >= keys).then_some(())
-    };
-    wait_until_async("m3 to serve every key", Duration::from_secs(300), serving).await;
-    secs(t.elapsed())
+/// A three-member 3.4.23 cluster for the rejoin benchmark; member processes are killed and
+/// reaped on drop.
+struct Trio {
+    specs: Vec<MemberSpec>,
+    procs: Procs,
+    /// Keys the cluster holds: a rejoined member serves when its own copy has them all.
+    keys: i64,
 }
 
-/// The runbook by hand: remove m3, add it again (each retried while etcd refuses it, as an
-/// operator retries), start etcd-3.4.23 as an existing member.
-fn rejoin_by_hand(specs: &[MemberSpec]) -> std::process::Child {
-    let m3 = &specs[2];
-    let ctl = |args: &[&str]| {
-        Command::new(bundle().join("etcdctl-3.4.23"))
-            .env_clear()
-            .env("ETCDCTL_API", "3")
-            .arg(format!(
-                "--endpoints={},{}",
-                specs[0].client_url(),
-                specs[1].client_url()
-            ))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let list = String::from_utf8(ctl(&["member", "list"]).stdout).unwrap();
-    let id = list
-        .lines()
-        .find(|l| l.contains(", m3,"))
-        .and_then(|l| l.split(',').next())
-        .unwrap()
-        .to_string();
-    // etcd 3.4 refuses a remove, too, for a few seconds after a member went down.
-    wait_until(
-        "member remove to be accepted",
-        Duration::from_secs(60),
-        || {
-            ctl(&["member", "remove", &id])
-                .status
-                .success()
-                .then_some(())
-        },
-    );
-    let peer = format!("--peer-urls={}", m3.peer_url());
-    let added = wait_until("member add to be accepted", Duration::from_secs(60), || {
-        let out = ctl(&["member", "add", "m3", &peer]);
-        out.status
-            .success()
-            .then(|| String::from_utf8(out.stdout).unwrap())
-    });
-    let ic = added
-        .lines()
-        .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER=\""))
-        .unwrap()
-        .trim_end_matches('"')
-        .to_string();
-    let mut spec = m3.clone();
-    spec.initial_cluster = Some(ic);
-    spec.cluster_state = "existing";
+/// Starts etcd-3.4.23 with `spec`'s flags; dies with us.
+fn spawn_etcd(spec: &MemberSpec) -> std::process::Child {
     let mut cmd = Command::new(bundle().join("etcd-3.4.23"));
     cmd.args(spec.flags())
         .env_clear()
@@ -1083,25 +979,228 @@ fn rejoin_by_hand(specs: &[MemberSpec]) -> std::process::Child {
     cmd.spawn().unwrap()
 }
 
-/// Rejoins per case: each run builds a fresh cluster.
+/// etcdctl-3.4.23 against m1 and m2; its output.
+fn ctl(specs: &[MemberSpec], args: &[&str]) -> std::process::Output {
+    Command::new(bundle().join("etcdctl-3.4.23"))
+        .env_clear()
+        .env("ETCDCTL_API", "3")
+        .arg(format!(
+            "--endpoints={},{}",
+            specs[0].client_url(),
+            specs[1].client_url()
+        ))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `member add <name>` retried while etcd refuses it (as an operator retries); the
+/// `ETCD_INITIAL_CLUSTER` it prints.
+fn add_member(specs: &[MemberSpec], spec: &MemberSpec) -> String {
+    let peer = format!("--peer-urls={}", spec.peer_url());
+    let added = wait_until(
+        "member add to be accepted",
+        Duration::from_secs(120),
+        || {
+            let out = ctl(specs, &["member", "add", &spec.name, &peer]);
+            out.status
+                .success()
+                .then(|| String::from_utf8(out.stdout).unwrap())
+        },
+    );
+    added
+        .lines()
+        .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER=\""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string()
+}
+
+async fn count_on(url: &str, serializable: bool) -> Option<i64> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(100))
+        .with_timeout(Duration::from_secs(5));
+    let mut c = Client::connect([url], Some(opts)).await.ok()?;
+    let mut count = etcd_client::GetOptions::new()
+        .with_all_keys()
+        .with_count_only();
+    if serializable {
+        count = count.with_serializable();
+    }
+    Some(c.get(vec![0u8], Some(count)).await.ok()?.count())
+}
+
+impl Trio {
+    /// A new cluster whose m1 writes `keys` keys of 1 KB.
+    async fn seeded(root: &Path, keys: usize) -> Trio {
+        let specs = cluster_specs(root, "3.4.23", &["m1", "m2", "m3"], "http");
+        let procs = Procs(specs.iter().map(spawn_etcd).collect());
+        for s in &specs {
+            wait_until("a member to serve", Duration::from_secs(60), || {
+                http_get(&s.client_url(), "/health").filter(|b| b.contains("true"))
+            });
+        }
+        let value = |_| vec![b'x'; 1024];
+        let key = |i| format!("/registry/pods/ns{}/p{i:07}", i % 50);
+        bulk_put(&specs[0].client_url(), keys, key, value, None).await;
+        Trio::ready(specs, procs).await
+    }
+
+    /// The cached single-member `data` (a member named m1) grown to three: m1 on a copy, its
+    /// peer URL updated, m2 and m3 added and synced from it.
+    async fn grown_from(root: &Path, data: &Path) -> Trio {
+        let mut specs = cluster_specs(root, "3.4.23", &["m1", "m2", "m3"], "http");
+        fs::create_dir_all(root).unwrap();
+        cp_dir(data, &specs[0].data_dir);
+        fs::remove_file(specs[0].data_dir.join("version.txt")).ok();
+        let mut procs = Procs(vec![spawn_etcd(&specs[0])]);
+        wait_until_async("m1 to serve", Duration::from_secs(300), async || {
+            count_on(&specs[0].client_url(), false).await
+        })
+        .await;
+        let list = ctl(&specs, &["member", "list"]);
+        let id = String::from_utf8(list.stdout).unwrap();
+        let id = id.split(',').next().unwrap().trim().to_string();
+        let peer = format!("--peer-urls={}", specs[0].peer_url());
+        assert!(ctl(&specs, &["member", "update", &id, &peer])
+            .status
+            .success());
+        for i in 1..3 {
+            let ic = add_member(&specs, &specs[i]);
+            specs[i].initial_cluster = Some(ic);
+            specs[i].cluster_state = "existing";
+            procs.0.push(spawn_etcd(&specs[i]));
+            let url = specs[i].client_url();
+            wait_until_async(
+                "a new member to sync",
+                Duration::from_secs(600),
+                async || count_on(&url, false).await.filter(|n| *n > 0),
+            )
+            .await;
+        }
+        Trio::ready(specs, procs).await
+    }
+
+    async fn ready(specs: Vec<MemberSpec>, procs: Procs) -> Trio {
+        for s in &specs {
+            record_version(&s.data_dir, "3.4.23/etcd3");
+        }
+        let keys = count_on(&specs[0].client_url(), false).await.unwrap();
+        Trio { specs, procs, keys }
+    }
+
+    /// m3 loses its disk; seconds from its pod's start to it serving every key, by
+    /// `etcd-migrate run` with REJOIN_IF_EMPTY=true or by the runbook by hand. m3 runs again
+    /// afterwards.
+    async fn rejoin(&mut self, by_hand: bool) -> f64 {
+        let m3 = self.specs[2].clone();
+        let _ = self.procs.0[2].kill();
+        let _ = self.procs.0[2].wait();
+        fs::remove_dir_all(&m3.data_dir).unwrap();
+        let t = Instant::now();
+        self.procs.0[2] = if by_hand {
+            self.rejoin_by_hand()
+        } else {
+            let mut env = MigrateEnv::new(&m3.data_dir, &m3.name, "3.4.23", "etcd3");
+            let ic = self.initial_cluster();
+            env.set("INITIAL_CLUSTER", &ic)
+                .set("LISTEN_PEER_URLS", &m3.peer_url())
+                .set("INITIAL_ADVERTISE_PEER_URLS", &m3.peer_url())
+                .set("REJOIN_IF_EMPTY", "true")
+                .set("CHILD_OUTPUT", "quiet");
+            let mut spec = m3.clone();
+            spec.initial_cluster = Some(ic);
+            env.run_command(&spec.flags())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let url = m3.client_url();
+        let keys = self.keys;
+        wait_until_async(
+            "m3 to serve every key",
+            Duration::from_secs(600),
+            async || count_on(&url, true).await.filter(|n| *n >= keys),
+        )
+        .await;
+        secs(t.elapsed())
+    }
+
+    /// The manifest's INITIAL_CLUSTER: every member by name and peer URL.
+    fn initial_cluster(&self) -> String {
+        self.specs
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The runbook by hand: remove m3 and add it again (each retried while etcd refuses it, as an
+    /// operator retries), then etcd-3.4.23 as an existing member.
+    fn rejoin_by_hand(&self) -> std::process::Child {
+        let list = String::from_utf8(ctl(&self.specs, &["member", "list"]).stdout).unwrap();
+        let id = list
+            .lines()
+            .find(|l| l.contains(", m3,"))
+            .and_then(|l| l.split(',').next())
+            .unwrap()
+            .to_string();
+        wait_until(
+            "member remove to be accepted",
+            Duration::from_secs(60),
+            || {
+                ctl(&self.specs, &["member", "remove", &id])
+                    .status
+                    .success()
+                    .then_some(())
+            },
+        );
+        let mut spec = self.specs[2].clone();
+        spec.initial_cluster = Some(add_member(&self.specs, &spec));
+        spec.cluster_state = "existing";
+        spawn_etcd(&spec)
+    }
+}
+
+/// Rejoins per case, each on a cluster of its own: how soon etcd accepts the membership changes
+/// depends on how recently the membership changed, so a cluster is never reused.
 const REJOIN_RUNS: usize = 3;
 
-async fn rejoin(root: &Path) -> Vec<Row> {
-    let keys = 10_000;
+async fn rejoin_row(root: &Path, size: &str, runs: usize, big: Option<&Path>) -> Row {
     let (mut ours, mut hand) = (Vec::new(), Vec::new());
-    for r in 0..REJOIN_RUNS {
-        ours.push(lose_and_rejoin(&root.join(format!("ours-{r}")), keys, false).await);
-        hand.push(lose_and_rejoin(&root.join(format!("hand-{r}")), keys, true).await);
+    for r in 0..runs {
+        for (by_hand, out) in [(false, &mut ours), (true, &mut hand)] {
+            let dir = root.join(format!("{r}-{by_hand}"));
+            fs::create_dir_all(&dir).unwrap();
+            let mut trio = match big {
+                Some(data) => Trio::grown_from(&dir, data).await,
+                None => Trio::seeded(&dir, 10_000).await,
+            };
+            out.push(trio.rejoin(by_hand).await);
+            drop(trio);
+            fs::remove_dir_all(&dir).unwrap();
+        }
     }
-    println!("rejoin of m3, {keys} keys: etcd-migrate {ours:.2?} s, by hand {hand:.2?} s");
+    println!("rejoin of m3, {size}: etcd-migrate {ours:.2?} s, by hand {hand:.2?} s");
     let (o, h) = (median(ours), median(hand));
-    vec![Row {
+    Row {
         id: "rejoin",
-        what: format!("a member of a three-member 3.4.23 cluster ({keys} keys of 1 KB) lost its disk: pod start to it serving every key, `etcd-migrate run` with REJOIN_IF_EMPTY=true / the runbook by hand with etcdctl and etcd (medians of {REJOIN_RUNS})"),
+        what: format!("a member of a three-member 3.4.23 cluster ({size}) lost its disk: pod start to it serving every key, `etcd-migrate run` with REJOIN_IF_EMPTY=true / the runbook by hand with etcdctl and etcd (medians of {runs}, a fresh cluster each)"),
         figure: format!("{:.2} ({o:.2} s vs {h:.2} s)", o / h),
         goal: "<= 1.10",
         met: Some(o / h <= 1.10),
-    }]
+    }
+}
+
+async fn rejoin(root: &Path) -> Vec<Row> {
+    let small = rejoin_row(&root.join("10k"), "10,000 keys of 1 KB", REJOIN_RUNS, None).await;
+    let big = bigmember::member("1g", 1 << 30).await;
+    let size = format!("the 1 GB member: {}", bigmember::describe(&big));
+    vec![
+        small,
+        rejoin_row(&root.join("1g"), &size, 2, Some(&big)).await,
+    ]
 }
 
 /// How long each release's private etcd took to stop, over every run of this benchmark.
