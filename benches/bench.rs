@@ -7,7 +7,6 @@ mod bigmember;
 mod common;
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -873,18 +872,7 @@ async fn roll(root: &Path, with_migrate: bool) -> (Vec<f64>, f64) {
                 .spawn()
                 .unwrap()
         } else {
-            let mut cmd = Command::new(bundle().join(format!("etcd-{new}")));
-            cmd.args(&flags)
-                .env_clear()
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            cmd.spawn().unwrap()
+            spawn_etcd(&new, &flags)
         };
         kids.push(child);
         let mut one = loop {
@@ -963,20 +951,20 @@ struct Trio {
     keys: i64,
 }
 
-/// Starts etcd-3.4.23 with `spec`'s flags; dies with us.
-fn spawn_etcd(spec: &MemberSpec) -> std::process::Child {
-    let mut cmd = Command::new(bundle().join("etcd-3.4.23"));
-    cmd.args(spec.flags())
+/// Starts etcd-`version` with `flags`, output discarded; dies with us.
+fn spawn_etcd(version: &str, flags: &[String]) -> std::process::Child {
+    let mut cmd = Command::new(bundle().join(format!("etcd-{version}")));
+    cmd.args(flags)
         .env_clear()
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     cmd.spawn().unwrap()
+}
+
+/// A member of a [`Trio`], from its spec.
+fn spawn_member(spec: &MemberSpec) -> std::process::Child {
+    spawn_etcd(&spec.version, &spec.flags())
 }
 
 /// etcdctl-3.4.23 against m1 and m2; its output.
@@ -1034,7 +1022,7 @@ impl Trio {
     /// A new cluster whose m1 writes `keys` keys of 1 KB.
     async fn seeded(root: &Path, keys: usize) -> Trio {
         let specs = cluster_specs(root, "3.4.23", &["m1", "m2", "m3"], "http");
-        let procs = Procs(specs.iter().map(spawn_etcd).collect());
+        let procs = Procs(specs.iter().map(spawn_member).collect());
         for s in &specs {
             wait_until("a member to serve", Duration::from_secs(60), || {
                 http_get(&s.client_url(), "/health").filter(|b| b.contains("true"))
@@ -1053,7 +1041,7 @@ impl Trio {
         fs::create_dir_all(root).unwrap();
         cp_dir(data, &specs[0].data_dir);
         fs::remove_file(specs[0].data_dir.join("version.txt")).ok();
-        let mut procs = Procs(vec![spawn_etcd(&specs[0])]);
+        let mut procs = Procs(vec![spawn_member(&specs[0])]);
         wait_until_async("m1 to serve", Duration::from_secs(300), async || {
             count_on(&specs[0].client_url(), false).await
         })
@@ -1069,7 +1057,7 @@ impl Trio {
             let ic = add_member(&specs, &specs[i]);
             specs[i].initial_cluster = Some(ic);
             specs[i].cluster_state = "existing";
-            procs.0.push(spawn_etcd(&specs[i]));
+            procs.0.push(spawn_member(&specs[i]));
             let url = specs[i].client_url();
             wait_until_async(
                 "a new member to sync",
@@ -1159,7 +1147,7 @@ impl Trio {
         let mut spec = self.specs[2].clone();
         spec.initial_cluster = Some(add_member(&self.specs, &spec));
         spec.cluster_state = "existing";
-        spawn_etcd(&spec)
+        spawn_member(&spec)
     }
 }
 

@@ -126,6 +126,11 @@ impl Member {
     pub fn client_url(&self) -> &str {
         &self.client_urls[0]
     }
+    /// This member's advertised peer URLs, one by one.
+    pub fn advertised_peer_urls(&self) -> Vec<String> {
+        url_list(&self.advertise_peer_urls)
+    }
+
     /// name=url pairs of the initial cluster other than this member.
     pub fn peers(&self) -> Vec<(String, String)> {
         self.initial_cluster
@@ -244,6 +249,11 @@ fn invalid(
         value: value.to_string(),
         why: why.into(),
     }
+}
+
+/// A comma-separated URL list, each trimmed.
+fn url_list(raw: &str) -> Vec<String> {
+    raw.split(',').map(|s| s.trim().to_string()).collect()
 }
 
 /// Parses `120`, `120s`, `2m`, `500ms`, `1h`.
@@ -377,7 +387,7 @@ fn resolve_rejoin(opts: &Opts, r: &Resolver) -> Result<(bool, Option<Vec<String>
     let Some(raw) = r.pick(opts.cluster_endpoints.clone(), "ETCD_CLUSTER_ENDPOINTS") else {
         return Ok((rejoin, None));
     };
-    let urls: Vec<String> = raw.split(',').map(|s| s.trim().to_string()).collect();
+    let urls = url_list(&raw);
     if urls.iter().any(|u| split_url(u).is_none()) {
         return Err(invalid(
             "--cluster-endpoints",
@@ -439,7 +449,7 @@ fn resolve_client_urls(opts: &Opts, r: &Resolver, port: u16) -> Result<Vec<Strin
     let raw = r
         .pick(opts.listen_client_urls.clone(), "LISTEN_CLIENT_URLS")
         .unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
-    let urls: Vec<String> = raw.split(',').map(|s| s.trim().to_string()).collect();
+    let urls = url_list(&raw);
     for u in &urls {
         match split_url(u) {
             Some(("http", "127.0.0.1", p)) if p != 0 => {}

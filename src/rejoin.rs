@@ -284,11 +284,7 @@ pub async fn look(config: &Config, layout: &Layout) -> Result<Situation, RejoinR
         Some(eps) => vec![peers::ask_clients(eps, PEER_TIMEOUT).await],
         None => peers::ask_all(&peer_urls, PEER_TIMEOUT).await,
     };
-    let own: Vec<String> = member
-        .advertise_peer_urls
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
+    let own = member.advertised_peer_urls();
     let me = Asking {
         name: &member.name,
         peer_urls: &own,
@@ -381,12 +377,7 @@ async fn replace_member(
         name: name.clone(),
         source,
     };
-    let own: Vec<String> = config
-        .member
-        .advertise_peer_urls
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
+    let own = config.member.advertised_peer_urls();
     let members = v3.member_list().await.map_err(cluster_err)?;
     if let Some(m) = members
         .iter()

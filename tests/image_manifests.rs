@@ -1125,13 +1125,7 @@ impl PodProcess {
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .process_group(0);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("start the pod");
         PodProcess {
             child: Some(child),

@@ -114,6 +114,7 @@ fn spawn(s: &MemberSpec, tls: Option<&Tls>) -> std::process::Child {
         .env_clear()
         .stdout(log.try_clone().unwrap())
         .stderr(log);
+    die_with_parent(&mut cmd);
     cmd.spawn().unwrap()
 }
 

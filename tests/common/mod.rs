@@ -76,7 +76,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn die_with_parent(cmd: &mut Command) {
+/// The child is killed when the test (or benchmark) process dies, whatever way it dies.
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
