@@ -31,7 +31,7 @@ ROOT=$PWD
 CARGO=${CARGO:-cargo}
 FUZZ_DIR=$ROOT/fuzz
 SEEDS=$ROOT/testdata/fuzz
-ALL_TARGETS=(version_file bbolt wal snap)
+ALL_TARGETS=(version_file bbolt wal snap snapshot)
 
 usage() {
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2

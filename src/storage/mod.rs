@@ -5,6 +5,7 @@ pub mod keydigest;
 pub mod mvcc;
 pub mod raftpb;
 pub mod snap;
+pub mod snapcheck;
 pub mod v2export;
 pub mod v2member;
 pub mod v2store;

@@ -20,3 +20,46 @@ pub fn scratch_dir(target: &str) -> &'static Path {
         dir
     })
 }
+
+/// FNV-1a 64, bbolt's meta checksum.
+fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The input with the checksums of meta page 0 (offset 0) and meta page 1 (one page in,
+/// page size taken from meta 0) recomputed; `None` when nothing changes.
+pub fn fix_meta_checksums(data: &[u8]) -> Option<Vec<u8>> {
+    const HEADER: usize = 16;
+    const SUMMED: usize = 56;
+    let mut out = data.to_vec();
+    let fix = |buf: &mut [u8], page_off: usize| {
+        let start = page_off + HEADER;
+        if buf.len() >= start + SUMMED + 8 {
+            let sum = fnv1a64(&buf[start..start + SUMMED]);
+            buf[start + SUMMED..start + SUMMED + 8].copy_from_slice(&sum.to_le_bytes());
+        }
+    };
+    fix(&mut out, 0);
+    let page_size = if out.len() >= HEADER + 12 {
+        u32::from_le_bytes([
+            out[HEADER + 8],
+            out[HEADER + 9],
+            out[HEADER + 10],
+            out[HEADER + 11],
+        ])
+    } else {
+        0
+    };
+    let page_size = if page_size.is_power_of_two() && (512..=65536).contains(&page_size) {
+        page_size as usize
+    } else {
+        4096
+    };
+    fix(&mut out, page_size);
+    (out != data).then_some(out)
+}

@@ -1,0 +1,400 @@
+//! What a v3 snapshot file (etcd's Snapshot RPC, `etcdctl snapshot save`) holds, read with our own
+//! readers, so that a file counts as a backup only once it has been read back whole:
+//!
+//! - the SHA-256 etcd appends to the stream (the last 32 bytes) matches the rest of the file
+//!   ([`Trailer`]); a copied `member/snap/db` has none and is a whole number of pages;
+//! - the bbolt file opens and every bucket walks, every page of every tree read;
+//! - bucket `key` gives the snapshot's revision (its newest), the number of keys live at it, and
+//!   the hash etcd's HashKV computes at that revision ([`KvHash`]), so that the member the
+//!   snapshot came from can vouch for it.
+//!
+//! Memory: one page per tree level, plus 16 bytes per distinct key (its digest and newest
+//! revision, for the live count and HashKV's compaction rule) and 24 bytes per entry at or below
+//! the compaction; never the keys or values.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::storage::bbolt::{BboltError, Bucket, Db, Value};
+use crate::storage::mvcc::{self, parse_revision_key, KeyValueRef, MvccError, KEY_BUCKET};
+
+/// Bytes of the SHA-256 etcd appends to a snapshot stream.
+pub const TRAILER_LEN: usize = 32;
+/// bbolt files grow in whole pages of at least this size; a file with 32 bytes more carries the
+/// trailer (etcd's own test: `size % 512 == 32`).
+const PAGE_MULTIPLE: u64 = 512;
+/// Nested buckets deeper than this are not real etcd data (etcd nests none).
+const MAX_NESTING: usize = 8;
+
+/// Why a file is not a usable snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {size} bytes is neither whole pages nor whole pages and etcd's 32-byte checksum: the file is truncated or was not written by etcd")]
+    Size { path: PathBuf, size: u64 },
+    #[error("{path}: the SHA-256 etcd appended ({want}) does not match the file's contents ({got}): the file is truncated or corrupted")]
+    Checksum {
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
+    #[error("{path}: not a bbolt database (the format of etcd's backend): {source}")]
+    NotBbolt { path: PathBuf, source: BboltError },
+    #[error("{path}: a page does not read: {source}")]
+    Walk { path: PathBuf, source: BboltError },
+    #[error("{path}: {source}")]
+    Mvcc { path: PathBuf, source: MvccError },
+    #[error("{path}: no bucket `key`: a bbolt database, but not an etcd v3 backend")]
+    NotEtcd { path: PathBuf },
+}
+
+/// The checksum etcd appends to a snapshot stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trailer {
+    /// Present and matching the rest of the file.
+    Valid,
+    /// None: the file is whole pages (a backend copied from a data dir).
+    Absent,
+}
+
+/// Which releases' HashKV rule applies to a tombstone at the compaction revision: etcd since
+/// 3.5.16 and 3.4.34 skips it (older releases deleted it when compacting, newer keep it).
+pub fn skips_compacted_tombstone(major: u64, minor: u64, patch: u64) -> bool {
+    match (major, minor) {
+        (3, 4) => patch >= 34,
+        (3, 5) => patch >= 16,
+        (3, m) => m > 5,
+        (m, _) => m > 3,
+    }
+}
+
+/// etcd's HashKV of bucket `key` at a revision: CRC-32C (Castagnoli) over the bucket's name and
+/// then each entry's revision key and value, in key order, for every entry at or below the
+/// revision, where an entry at or below the compaction revision counts only when it is its key's
+/// newest up to the revision and not a delete (etcd's `keep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KvHash {
+    pub hash: u32,
+    pub revision: i64,
+    pub compact_revision: i64,
+}
+
+/// What a snapshot holds, as our readers found it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotFacts {
+    pub size: u64,
+    pub trailer: Trailer,
+    /// SHA-256 of the whole file, hex: what a restore records.
+    pub sha256: String,
+    /// The newest main revision in bucket `key`.
+    pub revision: i64,
+    /// Keys live at that revision.
+    pub keys: u64,
+    /// Revision entries in bucket `key` (history and deletes included).
+    pub entries: u64,
+    /// Elements read in every other bucket.
+    pub other_elements: u64,
+    /// Compaction asked for (`scheduledCompactRev`), and completed (`finishedCompactRev`).
+    pub scheduled_compact: Option<i64>,
+    pub finished_compact: Option<i64>,
+    /// `clusterVersion` in bucket `cluster` (e.g. "3.5.0"): the release line that wrote it.
+    pub cluster_version: Option<String>,
+    /// HashKV at `revision` with the compaction the file records (scheduled, else finished).
+    pub hash: KvHash,
+}
+
+/// Reads the file once for its checksums: the whole-file SHA-256 and, when the size says a
+/// trailer is there, that the trailer matches. Adds bytes read to `progress`.
+pub fn checksums(
+    path: &Path,
+    progress: &AtomicU64,
+) -> Result<(u64, Trailer, String), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let trailer = match size % PAGE_MULTIPLE {
+        0 => Trailer::Absent,
+        n if n == TRAILER_LEN as u64 => Trailer::Valid,
+        _ => {
+            return Err(SnapshotError::Size {
+                path: path.to_path_buf(),
+                size,
+            })
+        }
+    };
+    let body_len = match trailer {
+        Trailer::Valid => size - TRAILER_LEN as u64,
+        Trailer::Absent => size,
+    };
+    let (mut body, mut whole) = (Sha256::new(), Sha256::new());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut tail = Vec::with_capacity(TRAILER_LEN);
+    let mut read = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buf[..n];
+        whole.update(chunk);
+        let in_body = body_len.saturating_sub(read).min(n as u64) as usize;
+        body.update(&chunk[..in_body]);
+        tail.extend_from_slice(&chunk[in_body..]);
+        read += n as u64;
+        progress.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    if read != size {
+        return Err(SnapshotError::Size {
+            path: path.to_path_buf(),
+            size: read,
+        });
+    }
+    if trailer == Trailer::Valid {
+        let got = body.finalize();
+        if got.as_slice() != tail.as_slice() {
+            return Err(SnapshotError::Checksum {
+                path: path.to_path_buf(),
+                want: hex(&tail),
+                got: hex(&got),
+            });
+        }
+    }
+    Ok((size, trailer, hex(&whole.finalize())))
+}
+
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks and reads the snapshot at `path`: checksums, then every bucket, then bucket `key`.
+pub fn check(path: &Path, progress: &AtomicU64) -> Result<SnapshotFacts, SnapshotError> {
+    let (size, trailer, sha256) = checksums(path, progress)?;
+    let db = Db::open(path).map_err(|source| SnapshotError::NotBbolt {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mvcc_err = |source| SnapshotError::Mvcc {
+        path: path.to_path_buf(),
+        source,
+    };
+    let other_elements = walk_other_buckets(&db).map_err(|source| SnapshotError::Walk {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let meta = mvcc::store_meta(&db).map_err(mvcc_err)?;
+    let scheduled_compact = meta.scheduled_compact_rev.map(|r| r.main);
+    let finished_compact = meta.finished_compact_rev.map(|r| r.main);
+    let compact = scheduled_compact.or(finished_compact).unwrap_or(0);
+    let cluster_version = cluster_version(&db).map_err(|source| SnapshotError::Walk {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let rule = cluster_version
+        .as_deref()
+        .and_then(parse_version)
+        .is_some_and(|(a, b, c)| skips_compacted_tombstone(a, b, c));
+    let scan = KeyFacts::read(&db, compact, None).map_err(|e| match e {
+        MvccError::MissingBucket(_) => SnapshotError::NotEtcd {
+            path: path.to_path_buf(),
+        },
+        e => mvcc_err(e),
+    })?;
+    let hash = scan.hash(rule);
+    Ok(SnapshotFacts {
+        size,
+        trailer,
+        sha256,
+        revision: scan.newest,
+        keys: scan.live,
+        entries: scan.entries,
+        other_elements,
+        scheduled_compact,
+        finished_compact,
+        cluster_version,
+        hash,
+    })
+}
+
+/// HashKV of the file at `path`'s newest revision with another compaction revision (the
+/// member's, when it differs from what the file records), under `rule` (see
+/// [`skips_compacted_tombstone`]).
+pub fn hash_kv(path: &Path, compact: i64, rule: bool) -> Result<KvHash, SnapshotError> {
+    let db = Db::open(path).map_err(|source| SnapshotError::NotBbolt {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    KeyFacts::read(&db, compact, None)
+        .map(|s| s.hash(rule))
+        .map_err(|source| SnapshotError::Mvcc {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
+    let mut it = s.trim().splitn(3, '.').map(|p| p.parse::<u64>().ok());
+    Some((it.next()??, it.next()??, it.next()??))
+}
+
+/// `clusterVersion` from bucket `cluster`, if any.
+fn cluster_version(db: &Db) -> Result<Option<String>, BboltError> {
+    let Some(b) = db.bucket(b"cluster")? else {
+        return Ok(None);
+    };
+    Ok(b.get(b"clusterVersion")?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Walks every bucket but `key` (read by [`KeyFacts`]), nested ones too: every page of those
+/// trees is read. Returns the elements seen.
+fn walk_other_buckets(db: &Db) -> Result<u64, BboltError> {
+    let mut n = 0;
+    let root = db.root();
+    let mut it = root.iter();
+    while let Some(item) = it.next() {
+        let (name, value) = item?;
+        n += 1;
+        if let Value::Bucket(b) = value {
+            if name != KEY_BUCKET {
+                walk(&b, 1, &mut n)?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn walk(bucket: &Bucket<'_>, depth: usize, n: &mut u64) -> Result<(), BboltError> {
+    let mut it = bucket.iter();
+    while let Some(item) = it.next() {
+        let (_, value) = item?;
+        *n += 1;
+        if let Value::Bucket(b) = value {
+            if depth < MAX_NESTING {
+                walk(&b, depth + 1, n)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One entry at or below the compaction revision: HashKV counts it only if it is still its
+/// key's newest and not a delete, which is known only once the whole bucket has been read.
+#[derive(Debug, Clone, Copy)]
+struct Early {
+    key: u64,
+    crc: u32,
+    len: u32,
+    tombstone: bool,
+    main: i64,
+}
+
+/// One pass over bucket `key`: the newest revision, the live keys, and the pieces of HashKV.
+#[derive(Debug, Default)]
+pub struct KeyFacts {
+    pub newest: i64,
+    pub entries: u64,
+    pub live: u64,
+    compact: i64,
+    /// Entries at or below the compaction, in bucket order.
+    early: Vec<Early>,
+    /// Per key digest: its newest revision and whether that is a delete.
+    newest_of: HashMap<u64, (i64, bool)>,
+    /// CRC-32C of the entries after the compaction, and their length.
+    late_crc: u32,
+    late_len: usize,
+}
+
+impl KeyFacts {
+    /// Reads bucket `key` once; `upto` stops at a revision (`None`: all of it).
+    pub fn read(db: &Db, compact: i64, upto: Option<i64>) -> Result<KeyFacts, MvccError> {
+        let bucket = db
+            .bucket(KEY_BUCKET)?
+            .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
+        let mut f = KeyFacts {
+            compact,
+            ..KeyFacts::default()
+        };
+        let mut it = bucket.iter();
+        while let Some(item) = it.next_borrowed() {
+            let (k, v, _) = item?;
+            let rk = parse_revision_key(k)?;
+            if upto.is_some_and(|u| rk.rev.main > u) {
+                break;
+            }
+            let bad = |reason: &str| MvccError::Inconsistent {
+                bucket: "key",
+                entry: format!("{}_{}", rk.rev.main, rk.rev.sub),
+                reason: reason.to_string(),
+            };
+            let v = v.ok_or_else(|| bad("is a bucket, not a value"))?;
+            let kv =
+                KeyValueRef::decode(v).ok_or_else(|| bad("value is not an mvccpb.KeyValue"))?;
+            if rk.rev.main < f.newest {
+                return Err(bad("revisions out of order"));
+            }
+            f.newest = rk.rev.main;
+            f.entries += 1;
+            let key = xxh3_64(kv.key);
+            f.newest_of.insert(key, (rk.rev.main, rk.tombstone));
+            let len = k.len() + v.len();
+            if rk.rev.main <= compact {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(k), v);
+                f.early.push(Early {
+                    key,
+                    crc,
+                    len: len as u32,
+                    tombstone: rk.tombstone,
+                    main: rk.rev.main,
+                });
+            } else {
+                f.late_crc = crc32c::crc32c_append(crc32c::crc32c_append(f.late_crc, k), v);
+                f.late_len += len;
+            }
+        }
+        f.live = f.newest_of.values().filter(|(_, tomb)| !tomb).count() as u64;
+        Ok(f)
+    }
+
+    /// HashKV at the newest revision read. `skip_compacted_tombstone`: see
+    /// [`skips_compacted_tombstone`].
+    pub fn hash(&self, skip_compacted_tombstone: bool) -> KvHash {
+        // etcd's `keep` is empty when no key is live: then no early entry is left out.
+        let keep_all = self.live == 0;
+        let mut crc = crc32c::crc32c(KEY_BUCKET);
+        for e in &self.early {
+            let kept = keep_all
+                || (!e.tombstone
+                    && self
+                        .newest_of
+                        .get(&e.key)
+                        .is_some_and(|&(main, _)| main == e.main));
+            if !kept || (skip_compacted_tombstone && e.tombstone && e.main == self.compact) {
+                continue;
+            }
+            crc = crc32c::crc32c_combine(crc, e.crc, e.len as usize);
+        }
+        crc = crc32c::crc32c_combine(crc, self.late_crc, self.late_len);
+        KvHash {
+            hash: crc,
+            revision: self.newest,
+            compact_revision: self.compact,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
