@@ -263,9 +263,7 @@ fn cluster_version(db: &Db) -> Result<Option<String>, BboltError> {
 /// trees is read. Returns the elements seen.
 fn walk_other_buckets(db: &Db) -> Result<u64, BboltError> {
     let mut n = 0;
-    let root = db.root();
-    let mut it = root.iter();
-    while let Some(item) = it.next() {
+    for item in db.root().iter() {
         let (name, value) = item?;
         n += 1;
         if let Value::Bucket(b) = value {
@@ -278,8 +276,7 @@ fn walk_other_buckets(db: &Db) -> Result<u64, BboltError> {
 }
 
 fn walk(bucket: &Bucket<'_>, depth: usize, n: &mut u64) -> Result<(), BboltError> {
-    let mut it = bucket.iter();
-    while let Some(item) = it.next() {
+    for item in bucket.iter() {
         let (_, value) = item?;
         *n += 1;
         if let Value::Bucket(b) = value {
