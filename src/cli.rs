@@ -49,11 +49,31 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Take a snapshot of a running member, verify it with our own readers against the member's
+    /// HashKV, keep the newest --keep; with --every, again and again (a sidecar).
+    Snapshot(SnapshotArgs),
     /// Put a backup (a name listed by `status`) back as the data dir; the current data is kept as a backup.
     Restore {
         /// Backup directory name or path, e.g. data.backup-3.0.17-etcd3-20261125T031200Z.
         backup: PathBuf,
     },
+}
+
+/// Options of `snapshot`; each names its environment fallback.
+#[derive(Debug, Args, Default, Clone)]
+pub struct SnapshotArgs {
+    /// Client URL of the member to snapshot [env: SNAPSHOT_ENDPOINT; default http://127.0.0.1:2379]
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Directory the snapshots go to, created if missing [env: SNAPSHOT_DIR]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Keep this member's newest N verified snapshots there, removing older ones [env: SNAPSHOT_KEEP; default 10]
+    #[arg(long, value_name = "N")]
+    pub keep: Option<String>,
+    /// Take one every DURATION (e.g. 30m) until stopped, instead of once [env: SNAPSHOT_EVERY]
+    #[arg(long, value_name = "DURATION")]
+    pub every: Option<String>,
 }
 
 /// Output format of `plan` and `status`.
@@ -136,6 +156,11 @@ pub struct Opts {
     /// Client URLs of the other members, comma separated, for a rejoin [env: ETCD_CLUSTER_ENDPOINTS; default: what the peers publish]
     #[arg(long, global = true, value_name = "URLS")]
     pub cluster_endpoints: Option<String>,
+    /// On a data dir with no etcd data: restore this snapshot file (from `etcd-migrate snapshot`
+    /// or `etcdctl snapshot save`) as this member, alone in a new cluster; a data dir restored
+    /// from the same file (by SHA-256) is left as it is [env: RESTORE_SNAPSHOT]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub restore_snapshot: Option<PathBuf>,
     /// Log format: text or json [env: LOG_FORMAT; default text]
     #[arg(long, global = true, value_name = "text|json")]
     pub log_format: Option<String>,

@@ -75,6 +75,11 @@ pub const OWN_VARIABLES: &[&str] = &[
     "REJOIN_IF_EMPTY",
     "ETCD_CLUSTER_ENDPOINTS",
     "ETCDCTL_API",
+    "SNAPSHOT_ENDPOINT",
+    "SNAPSHOT_DIR",
+    "SNAPSHOT_KEEP",
+    "SNAPSHOT_EVERY",
+    "RESTORE_SNAPSHOT",
 ];
 
 /// A flag or variable with a bad or missing value. Always exit code 2.
@@ -169,6 +174,8 @@ pub struct Config {
     pub rejoin_if_empty: bool,
     /// The other members' client URLs, when the peers' published ones are not reachable from here.
     pub cluster_endpoints: Option<Vec<String>>,
+    /// A snapshot to restore when the data dir holds no etcd data (see `restore_snapshot`).
+    pub restore_snapshot: Option<PathBuf>,
 }
 
 impl Config {
@@ -347,6 +354,7 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         secrets: secrets_in(&extra_args).into(),
     };
     let (rejoin_if_empty, cluster_endpoints) = resolve_rejoin(opts, &r)?;
+    let restore_snapshot = r.path(opts.restore_snapshot.as_ref(), "RESTORE_SNAPSHOT");
     let child_env = env
         .vars
         .iter()
@@ -372,6 +380,7 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         child_env,
         rejoin_if_empty,
         cluster_endpoints,
+        restore_snapshot,
     })
 }
 
@@ -560,6 +569,79 @@ fn resolve_backup_retention(opts: &Opts, r: &Resolver) -> Result<Option<usize>, 
                 )
             }),
     }
+}
+
+/// The options of `snapshot`, and the log format; needs no data dir and no target.
+pub fn resolve_snapshot(
+    opts: &Opts,
+    args: &crate::cli::SnapshotArgs,
+    env: &Env,
+) -> Result<(crate::snapshot::SnapshotConfig, LogFormat), ConfigError> {
+    let r = Resolver { env };
+    let endpoint = r
+        .pick(args.endpoint.clone(), "SNAPSHOT_ENDPOINT")
+        .unwrap_or_else(|| "http://127.0.0.1:2379".to_string());
+    let scheme = match split_url(&endpoint) {
+        Some((scheme @ ("http" | "https"), host, _)) if !host.is_empty() => scheme.to_string(),
+        _ => {
+            return Err(invalid(
+                "--endpoint",
+                Some("SNAPSHOT_ENDPOINT"),
+                &endpoint,
+                "expected a client URL like http://127.0.0.1:2379 or https://10.0.0.1:2379",
+            ))
+        }
+    };
+    let out = r
+        .path(args.out.as_ref(), "SNAPSHOT_DIR")
+        .ok_or(ConfigError::Missing {
+            flag: "--out",
+            env: "SNAPSHOT_DIR",
+        })?;
+    let keep = match r.pick(args.keep.clone(), "SNAPSHOT_KEEP") {
+        None => 10,
+        Some(k) => k.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            invalid(
+                "--keep",
+                Some("SNAPSHOT_KEEP"),
+                &k,
+                "expected a whole number >= 1",
+            )
+        })?,
+    };
+    let every = match r.pick(args.every.clone(), "SNAPSHOT_EVERY") {
+        None => None,
+        Some(_) => Some(r.duration(
+            args.every.clone(),
+            "--every",
+            "SNAPSHOT_EVERY",
+            Duration::ZERO,
+        )?),
+    };
+    let tls = crate::etcd::v3::ClientTls::from_flags(&resolve_extra_args(opts, &r)?);
+    if scheme == "https" && tls.as_ref().is_none_or(|t| t.ca.is_none()) {
+        return Err(invalid(
+            "--endpoint",
+            Some("SNAPSHOT_ENDPOINT"),
+            &endpoint,
+            "an https endpoint needs the CA that signed the member's certificate: set ETCD_CREDS with --trusted-ca-file (and --cert-file/--key-file if it asks for a client certificate)",
+        ));
+    }
+    let log_format = r.choice(
+        opts.log_format.clone(),
+        "--log-format",
+        "LOG_FORMAT",
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        "expected text or json",
+    )?;
+    let config = crate::snapshot::SnapshotConfig {
+        endpoint,
+        out,
+        keep,
+        every,
+        tls: if scheme == "https" { tls } else { None },
+    };
+    Ok((config, log_format))
 }
 
 /// ETCD_CREDS, shell-split into etcd flags.

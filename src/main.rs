@@ -26,6 +26,9 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Migrate);
+    if let Command::Snapshot(args) = &command {
+        return snapshot(&cli.opts, args);
+    }
     let needs_target = matches!(
         command,
         Command::Migrate | Command::Run { .. } | Command::Plan { .. }
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     let result: Result<(), RunError> = match &command {
         Command::Plan { output } => report::print_plan(&config, *output),
         Command::Status { output } => report::print_status(&config, *output),
+        Command::Snapshot(_) => unreachable!("handled before the data dir is resolved"),
         Command::Restore { backup } => {
             block_on(backup::restore(&config.layout(), backup)).map_err(RunError::from)
         }
@@ -65,6 +69,26 @@ fn main() -> ExitCode {
         },
     };
     match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(exit_code = e.exit_code(), "{e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// `snapshot` needs no data dir and no target: its own options only.
+fn snapshot(opts: &etcd_migrate::cli::Opts, args: &etcd_migrate::cli::SnapshotArgs) -> ExitCode {
+    let (config, log_format) = match config::resolve_snapshot(opts, args, &Env::from_process()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("etcd-migrate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(log_format);
+    etcd_migrate::failpoints::setup();
+    match block_on(etcd_migrate::snapshot::run(&config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(exit_code = e.exit_code(), "{e}");

@@ -138,6 +138,28 @@ impl JournalEntry {
         Self::new("rejoin", "none".into(), to.to_string(), elapsed_ms, detail)
     }
 
+    /// A snapshot file restored as this member's data (the data dir held none), served at `to`.
+    /// `detail` names the file and its SHA-256, which a later run with the same env checks.
+    pub fn restore_snapshot(to: VersionFile, elapsed_ms: u64, keys: u64, detail: Detail) -> Self {
+        JournalEntry {
+            keys: Some(keys),
+            ..Self::new(
+                "restore-snapshot",
+                "none".into(),
+                to.to_string(),
+                elapsed_ms,
+                detail,
+            )
+        }
+    }
+
+    /// The SHA-256 of the snapshot a `restore-snapshot` entry restored.
+    pub fn restored_sha256(&self) -> Option<&str> {
+        (self.event == "restore-snapshot")
+            .then(|| self.detail.get("sha256").and_then(|v| v.as_str()))
+            .flatten()
+    }
+
     /// A backup of data at `recorded`, taken to `path`.
     pub fn backup(recorded: VersionFile, path: &Path) -> Self {
         let mut detail = Detail::new();

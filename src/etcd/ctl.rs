@@ -109,7 +109,8 @@ pub async fn snapshot_save(
 /// `snapshot restore` with release `v`'s tool into a new data dir, keeping the member's identity
 /// (name, peer URLs, initial cluster). `file` is a saved snapshot, or (`copied_from_data_dir`)
 /// the backend of a cleanly stopped member, which carries no integrity hash: every release's
-/// restore reads the file only (O_RDONLY) and copies it.
+/// restore reads the file only (O_RDONLY) and copies it. `alone`: as a cluster of this member
+/// only (recovery from a backup), not the manifest's initial cluster.
 pub async fn snapshot_restore(
     bundle: &Bundle,
     config: &Config,
@@ -117,6 +118,7 @@ pub async fn snapshot_restore(
     file: &Path,
     data_dir: &Path,
     copied_from_data_dir: bool,
+    alone: bool,
 ) -> Result<ToolOutput, CtlError> {
     let m = &config.member;
     let tool = match Release::new(v).restore_tool() {
@@ -132,7 +134,15 @@ pub async fn snapshot_restore(
         "--name".into(),
         m.name.clone(),
         "--initial-cluster".into(),
-        m.initial_cluster.clone(),
+        if alone {
+            m.advertised_peer_urls()
+                .iter()
+                .map(|u| format!("{}={u}", m.name))
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            m.initial_cluster.clone()
+        },
         "--initial-advertise-peer-urls".into(),
         m.advertise_peer_urls.clone(),
     ];

@@ -72,6 +72,87 @@ pub struct RaftStatus {
     pub applied: u64,
 }
 
+/// Client TLS for a member's client URL: the CA that signed its certificate, and our own
+/// certificate and key when it asks for one (`--client-cert-auth`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    /// The credentials the member's own flags name (ETCD_CREDS): `--trusted-ca-file`, and
+    /// `--client-cert-file`/`--client-key-file` (etcd 3.5+), else `--cert-file`/`--key-file`
+    /// (kubeadm's server certificate is also a client certificate). `None` without any.
+    pub fn from_flags(args: &[String]) -> Option<ClientTls> {
+        let value = |name: &str| -> Option<std::path::PathBuf> {
+            let eq = format!("--{name}=");
+            let bare = format!("--{name}");
+            let mut it = args.iter();
+            let mut found = None;
+            while let Some(a) = it.next() {
+                if let Some(v) = a.strip_prefix(&eq) {
+                    found = Some(v.to_string());
+                } else if *a == bare {
+                    found = it.next().cloned();
+                }
+            }
+            found.filter(|v| !v.is_empty()).map(Into::into)
+        };
+        let tls = ClientTls {
+            ca: value("trusted-ca-file"),
+            cert: value("client-cert-file").or_else(|| value("cert-file")),
+            key: value("client-key-file").or_else(|| value("key-file")),
+        };
+        (tls != ClientTls::default()).then_some(tls)
+    }
+
+    fn options(&self) -> Result<etcd_client::TlsOptions, V3Error> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| V3Error {
+                op: "read TLS file",
+                message: format!("{}: {e}", p.display()),
+            })
+        };
+        let mut o = etcd_client::TlsOptions::new();
+        if let Some(ca) = &self.ca {
+            o = o.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                o = o.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?))
+            }
+            (None, None) => {}
+            _ => {
+                return Err(V3Error {
+                    op: "client TLS",
+                    message: "a client certificate needs its key, and a key its certificate".into(),
+                })
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// HashKV as a member answered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberHash {
+    pub hash: u32,
+    pub compact_revision: i64,
+    /// The member's revision when it answered.
+    pub current_revision: i64,
+}
+
+/// What `status` says of the member itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub version: String,
+    pub revision: i64,
+    pub db_size: i64,
+}
+
 /// A connected v3 client.
 #[derive(Clone)]
 pub struct V3 {
@@ -89,6 +170,69 @@ impl V3 {
             .await
             .map_err(err("connect"))?;
         Ok(V3 { client })
+    }
+
+    /// Connects to `url` with client TLS when given. `request_timeout` bounds each unary request;
+    /// `None` leaves requests unbounded (a snapshot stream of any size: its caller bounds each
+    /// message instead).
+    pub async fn connect_tls(
+        url: &str,
+        request_timeout: Option<Duration>,
+        tls: Option<&ClientTls>,
+    ) -> Result<V3, V3Error> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(t) = request_timeout {
+            opts = opts.with_timeout(t);
+        }
+        if let Some(tls) = tls {
+            opts = opts.with_tls(tls.options()?);
+        }
+        let client = Client::connect([url], Some(opts))
+            .await
+            .map_err(err("connect"))?;
+        Ok(V3 { client })
+    }
+
+    /// The member's id, release, store revision and backend size.
+    pub async fn member_status(&mut self) -> Result<MemberStatus, V3Error> {
+        let r = self.client.status().await.map_err(err("status"))?;
+        Ok(MemberStatus {
+            id: r.header().map(|h| h.member_id()).unwrap_or_default(),
+            version: r.version().to_string(),
+            revision: r.header().map(|h| h.revision()).unwrap_or_default(),
+            db_size: r.db_size(),
+        })
+    }
+
+    /// Opens the member's snapshot stream (its backend, then etcd's SHA-256 of it).
+    pub async fn snapshot(&mut self) -> Result<etcd_client::SnapshotStreaming, V3Error> {
+        self.client.snapshot().await.map_err(err("snapshot"))
+    }
+
+    /// The member's HashKV at `revision`.
+    pub async fn hash_kv(&mut self, revision: i64) -> Result<MemberHash, V3Error> {
+        let r = self.client.hash_kv(revision).await.map_err(err("hashkv"))?;
+        Ok(MemberHash {
+            hash: r.hash(),
+            compact_revision: r.compact_version(),
+            current_revision: r.header().map(|h| h.revision()).unwrap_or_default(),
+        })
+    }
+
+    /// How many keys were live at `revision`.
+    pub async fn count_at(&mut self, revision: i64) -> Result<u64, V3Error> {
+        let opts = GetOptions::new()
+            .with_range(vec![0])
+            .with_count_only()
+            .with_revision(revision);
+        let r = self
+            .client
+            .get(vec![0], Some(opts))
+            .await
+            .map_err(err("count at a revision"))?;
+        Ok(r.count().max(0) as u64)
     }
 
     /// Connects to whichever of `urls` answers (a cluster's members).

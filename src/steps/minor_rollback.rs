@@ -25,11 +25,14 @@ use super::{Baseline, Ctx, StepError, StepReport};
 use crate::staging::Stage;
 
 /// Where the snapshot to restore comes from.
-struct Source {
-    file: PathBuf,
-    copied_from_data_dir: bool,
+pub(super) struct Source {
+    pub(super) file: PathBuf,
+    pub(super) copied_from_data_dir: bool,
     /// The stop of 3.N when it had to run to save one.
-    saved: Option<Stopped>,
+    pub(super) saved: Option<Stopped>,
+    /// Restore as a cluster of this member alone (a restore from a backup after losing a
+    /// majority), not with the initial cluster of the manifest.
+    pub(super) alone: bool,
 }
 
 /// How long each stage took, for the journal.
@@ -110,7 +113,7 @@ fn clear_work(ctx: &Ctx<'_>, from: EtcdVersion) -> Result<u64, StepError> {
 }
 
 /// Restores `source` with `to`'s tool as this member and moves the member into `stage`, durably.
-async fn restore_staged(
+pub(super) async fn restore_staged(
     ctx: &Ctx<'_>,
     to: EtcdVersion,
     source: &Source,
@@ -125,6 +128,7 @@ async fn restore_staged(
         &source.file,
         &restored,
         source.copied_from_data_dir,
+        source.alone,
     );
     let meter = crate::meter::Meter::file(
         "restoring the snapshot",
@@ -198,6 +202,7 @@ async fn snapshot_source(
             file: backend_of(ctx.data_dir),
             copied_from_data_dir: true,
             saved: None,
+            alone: false,
         });
     };
     tracing::warn!("{lag}; starting etcd-{from} to apply them and saving a snapshot from it");
@@ -213,12 +218,13 @@ async fn snapshot_source(
         file: saved_file.to_path_buf(),
         copied_from_data_dir: false,
         saved: Some(stopped),
+        alone: false,
     })
 }
 
 /// Reads the restored backend (prepared before `to` starts on it) and compares it with the
 /// source, then proves a write and a read with `to`. Returns the keys served.
-async fn prove(
+pub(super) async fn prove(
     ctx: &Ctx<'_>,
     to: EtcdVersion,
     staged: &Path,

@@ -2,6 +2,7 @@
 //! leaves recording version.txt to the executor (or, for staged steps, to the swap).
 
 pub mod backend;
+pub mod from_snapshot;
 pub mod minor_rollback;
 pub mod to_etcd2;
 pub mod to_etcd3;

@@ -182,7 +182,21 @@ pub fn hex(b: &[u8]) -> String {
 
 /// Checks and reads the snapshot at `path`: checksums, then every bucket, then bucket `key`.
 pub fn check(path: &Path, progress: &AtomicU64) -> Result<SnapshotFacts, SnapshotError> {
-    let (size, trailer, sha256) = checksums(path, progress)?;
+    let sums = checksums(path, progress)?;
+    progress.store(0, Ordering::Relaxed);
+    check_read(path, sums, None, progress)
+}
+
+/// [`check`] of a file whose checksums were computed as it was written (size, trailer state,
+/// whole-file SHA-256): every bucket, then bucket `key`, adding bytes of `key` read to
+/// `progress`. `rule`: HashKV's tombstone rule of the member that will vouch for the file
+/// ([`skips_compacted_tombstone`]); `None` takes it from the file's cluster version.
+pub fn check_read(
+    path: &Path,
+    (size, trailer, sha256): (u64, Trailer, String),
+    rule: Option<bool>,
+    progress: &AtomicU64,
+) -> Result<SnapshotFacts, SnapshotError> {
     let db = Db::open(path).map_err(|source| SnapshotError::NotBbolt {
         path: path.to_path_buf(),
         source,
@@ -203,11 +217,13 @@ pub fn check(path: &Path, progress: &AtomicU64) -> Result<SnapshotFacts, Snapsho
         path: path.to_path_buf(),
         source,
     })?;
-    let rule = cluster_version
-        .as_deref()
-        .and_then(parse_version)
-        .is_some_and(|(a, b, c)| skips_compacted_tombstone(a, b, c));
-    let scan = KeyFacts::read(&db, compact, None).map_err(|e| match e {
+    let rule = rule.unwrap_or_else(|| {
+        cluster_version
+            .as_deref()
+            .and_then(parse_version)
+            .is_some_and(|(a, b, c)| skips_compacted_tombstone(a, b, c))
+    });
+    let scan = KeyFacts::read(&db, compact, Some(progress)).map_err(|e| match e {
         MvccError::MissingBucket(_) => SnapshotError::NotEtcd {
             path: path.to_path_buf(),
         },
@@ -316,8 +332,12 @@ pub struct KeyFacts {
 }
 
 impl KeyFacts {
-    /// Reads bucket `key` once; `upto` stops at a revision (`None`: all of it).
-    pub fn read(db: &Db, compact: i64, upto: Option<i64>) -> Result<KeyFacts, MvccError> {
+    /// Reads bucket `key` once, adding the bytes read to `progress`.
+    pub fn read(
+        db: &Db,
+        compact: i64,
+        progress: Option<&AtomicU64>,
+    ) -> Result<KeyFacts, MvccError> {
         let bucket = db
             .bucket(KEY_BUCKET)?
             .ok_or_else(|| MvccError::MissingBucket("key".into()))?;
@@ -326,12 +346,10 @@ impl KeyFacts {
             ..KeyFacts::default()
         };
         let mut it = bucket.iter();
+        let mut unpublished = 0u64;
         while let Some(item) = it.next_borrowed() {
             let (k, v, _) = item?;
             let rk = parse_revision_key(k)?;
-            if upto.is_some_and(|u| rk.rev.main > u) {
-                break;
-            }
             let bad = |reason: &str| MvccError::Inconsistent {
                 bucket: "key",
                 entry: format!("{}_{}", rk.rev.main, rk.rev.sub),
@@ -348,6 +366,13 @@ impl KeyFacts {
             let key = xxh3_64(kv.key);
             f.newest_of.insert(key, (rk.rev.main, rk.tombstone));
             let len = k.len() + v.len();
+            unpublished += len as u64;
+            if unpublished >= 1 << 20 {
+                if let Some(p) = progress {
+                    p.fetch_add(unpublished, Ordering::Relaxed);
+                }
+                unpublished = 0;
+            }
             if rk.rev.main <= compact {
                 let crc = crc32c::crc32c_append(crc32c::crc32c(k), v);
                 f.early.push(Early {

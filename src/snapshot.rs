@@ -1,0 +1,554 @@
+//! `etcd-migrate snapshot`: a snapshot of a running member over the v3 API, streamed to a temp
+//! file beside its final name, made durable, and counted as a backup only once our own readers
+//! have read it back whole and the member has vouched for what they found (its HashKV and key
+//! count at the snapshot's revision). Then the oldest beyond `--keep` go. With `--every` it runs
+//! in a loop, as a sidecar in the etcd pod.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::etcd::v3::{ClientTls, V3Error, V3};
+use crate::fsutil::{self, FsError};
+use crate::meter::{Meter, Unit};
+use crate::storage::snapcheck::{self, SnapshotError, SnapshotFacts, Trailer, TRAILER_LEN};
+
+/// A member that sends nothing for this long while streaming has stalled.
+const STALL: Duration = Duration::from_secs(60);
+/// Unary requests (status, HashKV, count) give up after this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Writeback of the temp file is started every this many bytes, so the final fsync is short.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+/// What a verified snapshot's name ends with.
+const SUFFIX: &str = ".db";
+/// What a snapshot that failed verification is renamed to end with: kept, never counted.
+const UNVERIFIED: &str = ".db.unverified";
+
+/// How `snapshot` runs, resolved from flags and env.
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    pub endpoint: String,
+    pub out: PathBuf,
+    pub keep: usize,
+    pub every: Option<Duration>,
+    pub tls: Option<ClientTls>,
+}
+
+/// Why a snapshot was not taken. 2: bad input, nothing written; 1: the member, the disk or
+/// the verification failed (no file under a final name unless it verified).
+#[derive(Debug, Error)]
+pub enum TakeError {
+    #[error("snapshot dir {path}: {why}")]
+    OutDir { path: PathBuf, why: String },
+    #[error("member at {endpoint} is not serving: {source}; check that etcd runs there (and the client TLS flags in ETCD_CREDS)")]
+    NotServing { endpoint: String, source: V3Error },
+    #[error("snapshot stream from {endpoint}: {why}; nothing was kept")]
+    Stream { endpoint: String, why: String },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("snapshot {path} does not read back: {source}; {kept}")]
+    Unreadable {
+        path: PathBuf,
+        source: Box<SnapshotError>,
+        kept: String,
+    },
+    #[error("snapshot {path} does not match what the member holds at revision {revision}: {what}; {kept}")]
+    Mismatch {
+        path: PathBuf,
+        revision: i64,
+        what: String,
+        kept: String,
+    },
+}
+
+impl TakeError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TakeError::OutDir { .. } => 2,
+            TakeError::NotServing { .. }
+            | TakeError::Stream { .. }
+            | TakeError::Fs(_)
+            | TakeError::Unreadable { .. }
+            | TakeError::Mismatch { .. } => 1,
+        }
+    }
+}
+
+/// A verified snapshot.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub path: PathBuf,
+    pub facts: SnapshotFacts,
+    pub member_hash: u32,
+    pub elapsed: Duration,
+    pub stream: Duration,
+    pub verify: Duration,
+    pub pruned: Vec<PathBuf>,
+}
+
+/// Takes snapshots: once, or every `config.every` until stopped (a failed one is logged and
+/// the next is tried on time).
+pub async fn run(config: &SnapshotConfig) -> Result<(), TakeError> {
+    let Some(every) = config.every else {
+        return take(config).await.map(|_| ());
+    };
+    tracing::info!(every_s = every.as_secs(), dir = %config.out.display(), keep = config.keep, "taking a snapshot now and then every {}", human(every));
+    loop {
+        let started = Instant::now();
+        if let Err(e) = take(config).await {
+            tracing::error!(
+                exit_code = e.exit_code(),
+                "{e}; next try in {}",
+                human(every.saturating_sub(started.elapsed()))
+            );
+        }
+        tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
+    }
+}
+
+/// Takes one verified snapshot and prunes the old ones.
+pub async fn take(config: &SnapshotConfig) -> Result<Taken, TakeError> {
+    let t0 = Instant::now();
+    prepare_dir(&config.out)?;
+    let not_serving = |source| TakeError::NotServing {
+        endpoint: config.endpoint.clone(),
+        source,
+    };
+    let mut api = V3::connect_tls(&config.endpoint, Some(REQUEST_TIMEOUT), config.tls.as_ref())
+        .await
+        .map_err(not_serving)?;
+    let status = api.member_status().await.map_err(not_serving)?;
+    let name = member_name(&mut api, status.id).await;
+    let stamp = crate::backup::stamp();
+    let tmp = config
+        .out
+        .join(format!(".{name}-{stamp}.db.tmp-{}", std::process::id()));
+    let streamed = stream_to(config, &tmp, status.db_size).await;
+    let streamed = match streamed {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let t_stream = t0.elapsed();
+    let t1 = Instant::now();
+    let checked = verify(&mut api, &tmp, &streamed, &status.version).await;
+    let (facts, member_hash) = match checked {
+        Ok(v) => v,
+        Err(e) => return Err(set_aside(&config.out, &tmp, &name, &stamp, e)),
+    };
+    let path = config
+        .out
+        .join(format!("{name}-{stamp}-rev{}{SUFFIX}", facts.revision));
+    fsutil::rename_durable(&tmp, &path)?;
+    let verify_time = t1.elapsed();
+    let pruned = prune(&config.out, &name, config.keep, &path)?;
+    let taken = Taken {
+        path,
+        facts,
+        member_hash,
+        elapsed: t0.elapsed(),
+        stream: t_stream,
+        verify: verify_time,
+        pruned,
+    };
+    log_taken(&taken, &status.version);
+    Ok(taken)
+}
+
+fn log_taken(t: &Taken, version: &str) {
+    let mb = t.facts.size as f64 / 1e6;
+    tracing::info!(path = %t.path.display(), bytes = t.facts.size, revision = t.facts.revision, keys = t.facts.keys,
+        entries = t.facts.entries, hash_kv = t.member_hash, compact_revision = t.facts.hash.compact_revision,
+        sha256 = %t.facts.sha256, member_release = version, elapsed_ms = t.elapsed.as_millis() as u64,
+        stream_ms = t.stream.as_millis() as u64, verify_ms = t.verify.as_millis() as u64,
+        mb_per_s = (mb / t.elapsed.as_secs_f64().max(1e-3)).round(), pruned = t.pruned.len(),
+        peak_rss_mb = crate::meter::own_peak_rss_mb(),
+        "snapshot verified: every page read, {} keys at revision {}, HashKV {} as the member computes it", t.facts.keys, t.facts.revision, t.member_hash);
+    println!("{}", t.path.display());
+}
+
+/// The dir exists (created if missing) and is a dir we can write; temp files a killed run left
+/// are removed.
+fn prepare_dir(dir: &Path) -> Result<(), TakeError> {
+    let bad = |why: String| TakeError::OutDir {
+        path: dir.to_path_buf(),
+        why,
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => return Err(bad("exists and is not a directory".into())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fsutil::create_dir_mode(dir, 0o700).map_err(|e| bad(e.to_string()))?
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    }
+    let probe = dir.join(format!(".probe.tmp-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| bad(format!("cannot write there: {e}")))?;
+    let stale = fsutil::remove_stale_temps(dir)?;
+    if stale > 0 {
+        tracing::warn!(dir = %dir.display(), files = stale, "removed partial snapshots an interrupted run left");
+    }
+    Ok(())
+}
+
+/// The member's name (for the file name); its id in hex when it has none.
+async fn member_name(api: &mut V3, id: u64) -> String {
+    let listed = api.member_list().await.unwrap_or_default();
+    let name = listed
+        .iter()
+        .find(|m| m.id == id)
+        .map(|m| m.name.clone())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("{id:x}"));
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// What the stream brought: its size and checksums, computed as it went.
+struct Streamed {
+    size: u64,
+    trailer: Trailer,
+    sha256: String,
+}
+
+/// Streams the member's snapshot into `tmp` (created, written, fsynced), hashing as it goes.
+async fn stream_to(
+    config: &SnapshotConfig,
+    tmp: &Path,
+    db_size: i64,
+) -> Result<Streamed, TakeError> {
+    let stream_err = |why: String| TakeError::Stream {
+        endpoint: config.endpoint.clone(),
+        why,
+    };
+    let mut api = V3::connect_tls(&config.endpoint, None, config.tls.as_ref())
+        .await
+        .map_err(|source| TakeError::NotServing {
+            endpoint: config.endpoint.clone(),
+            source,
+        })?;
+    let mut stream = api
+        .snapshot()
+        .await
+        .map_err(|e| stream_err(e.to_string()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode_0600()
+        .open(tmp)
+        .map_err(FsError::io("create", tmp))?;
+    let meter = Meter::count(
+        "snapshot",
+        Unit::Bytes,
+        (db_size > 0).then_some(db_size as u64),
+    );
+    let mut hasher = Sha256::new();
+    let mut tail: Vec<u8> = Vec::with_capacity(2 * TRAILER_LEN);
+    let (mut size, mut synced) = (0u64, 0u64);
+    loop {
+        let msg = tokio::time::timeout(STALL, stream.message())
+            .await
+            .map_err(|_| stream_err(format!("nothing received for {}", human(STALL))))?
+            .map_err(|e| stream_err(e.to_string()))?;
+        let Some(msg) = msg else { break };
+        let blob = msg.blob();
+        file.write_all(blob).map_err(FsError::io("write", tmp))?;
+        // Everything but the last 32 bytes seen so far is the body etcd's checksum covers.
+        tail.extend_from_slice(blob);
+        if tail.len() > TRAILER_LEN {
+            let cut = tail.len() - TRAILER_LEN;
+            hasher.update(&tail[..cut]);
+            tail.drain(..cut);
+        }
+        size += blob.len() as u64;
+        meter.counter().store(size, Ordering::Relaxed);
+        if size - synced >= WRITEBACK_EVERY {
+            fsutil::start_writeback(&file, synced, size - synced);
+            synced = size;
+        }
+    }
+    file.sync_all().map_err(FsError::io("fsync", tmp))?;
+    drop(file);
+    meter.finish();
+    if tail.len() < TRAILER_LEN {
+        return Err(stream_err(format!(
+            "ended after {size} bytes, before etcd's checksum"
+        )));
+    }
+    let whole = {
+        let mut h = hasher.clone();
+        h.update(&tail);
+        snapcheck::hex(&h.finalize())
+    };
+    if hasher.finalize().as_slice() != tail.as_slice() {
+        return Err(stream_err(
+            "etcd's SHA-256 of the stream does not match the bytes received".into(),
+        ));
+    }
+    Ok(Streamed {
+        size,
+        trailer: Trailer::Valid,
+        sha256: whole,
+    })
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+/// Why a streamed file is not counted: unreadable by our readers, or not what the member holds.
+enum Rejected {
+    Unreadable(SnapshotError),
+    Mismatch { revision: i64, what: String },
+}
+
+/// Reads the file back whole with our readers, and asks the member for its HashKV and key
+/// count at the revision the file holds.
+async fn verify(
+    api: &mut V3,
+    tmp: &Path,
+    streamed: &Streamed,
+    member_version: &str,
+) -> Result<(SnapshotFacts, u32), Rejected> {
+    let meter = Meter::count("verifying the snapshot", Unit::Bytes, Some(streamed.size));
+    let path = tmp.to_path_buf();
+    let pre = (streamed.size, streamed.trailer, streamed.sha256.clone());
+    let progress = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = progress.clone();
+    let rule = rule_of(member_version);
+    let read = tokio::task::spawn_blocking(move || {
+        snapcheck::check_read(&path, pre, Some(rule), &counted)
+    });
+    let facts = loop {
+        if read.is_finished() {
+            break read.await.map_err(|e| {
+                Rejected::Unreadable(SnapshotError::Io {
+                    path: tmp.to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?;
+        }
+        meter
+            .counter()
+            .store(progress.load(Ordering::Relaxed), Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    .map_err(Rejected::Unreadable)?;
+    meter.finish();
+    let revision = facts.revision;
+    let mismatch = |what: String| Rejected::Mismatch { revision, what };
+    let member = api
+        .hash_kv(revision)
+        .await
+        .map_err(|e| mismatch(format!("the member cannot give its HashKV there ({e})")))?;
+    let ours = if member.compact_revision == facts.hash.compact_revision {
+        facts.hash
+    } else {
+        snapcheck::hash_kv(tmp, member.compact_revision, rule).map_err(Rejected::Unreadable)?
+    };
+    if ours.hash != member.hash {
+        return Err(mismatch(format!(
+            "HashKV {} from the member (compaction {}), {} from the file",
+            member.hash, member.compact_revision, ours.hash
+        )));
+    }
+    let count = api
+        .count_at(revision)
+        .await
+        .map_err(|e| mismatch(format!("the member cannot count its keys there ({e})")))?;
+    if count != facts.keys {
+        return Err(mismatch(format!(
+            "{count} keys on the member, {} in the file",
+            facts.keys
+        )));
+    }
+    Ok((facts, member.hash))
+}
+
+/// "30m", "90s".
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// HashKV's tombstone rule of the member's release ("3.5.30").
+fn rule_of(version: &str) -> bool {
+    let mut it = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (a, b, c) = (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    );
+    snapcheck::skips_compacted_tombstone(a, b, c)
+}
+
+/// A streamed file that failed verification is kept beside the backups under a name that is
+/// never counted as one (nor pruned), and the error says where.
+fn set_aside(dir: &Path, tmp: &Path, name: &str, stamp: &str, why: Rejected) -> TakeError {
+    let aside = dir.join(format!("{name}-{stamp}{UNVERIFIED}"));
+    let kept = match fsutil::rename_durable(tmp, &aside) {
+        Ok(()) => format!(
+            "the file is kept as {} for inspection, not counted as a backup",
+            aside.display()
+        ),
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp);
+            format!("it could not be set aside ({e}) and was removed")
+        }
+    };
+    match why {
+        Rejected::Unreadable(source) => TakeError::Unreadable {
+            path: aside,
+            source: Box::new(source),
+            kept,
+        },
+        Rejected::Mismatch { revision, what } => TakeError::Mismatch {
+            path: aside,
+            revision,
+            what,
+            kept,
+        },
+    }
+}
+
+/// This member's verified snapshots in `dir`, oldest first (names sort by time).
+pub fn list(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!("{name}-");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| is_snapshot_name(n, &prefix))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// `<name>-<YYYYMMDDTHHMMSSZ>-rev<N>.db`.
+fn is_snapshot_name(file: &str, prefix: &str) -> bool {
+    let Some(rest) = file
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_suffix(SUFFIX))
+    else {
+        return false;
+    };
+    let Some((stamp, rev)) = rest.split_once("-rev") else {
+        return false;
+    };
+    stamp.len() == 16
+        && stamp.as_bytes()[8] == b'T'
+        && stamp.ends_with('Z')
+        && !rev.is_empty()
+        && rev.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Removes this member's oldest verified snapshots beyond `keep`; never `just_taken`.
+fn prune(
+    dir: &Path,
+    name: &str,
+    keep: usize,
+    just_taken: &Path,
+) -> Result<Vec<PathBuf>, TakeError> {
+    let all = list(dir, name);
+    let excess = all.len().saturating_sub(keep.max(1));
+    let mut removed = Vec::new();
+    for old in all.into_iter().take(excess).filter(|p| p != just_taken) {
+        std::fs::remove_file(&old).map_err(FsError::io("remove", &old))?;
+        tracing::info!(path = %old.display(), keep, "removed an old snapshot (keeping the newest {keep})");
+        removed.push(old);
+    }
+    if !removed.is_empty() {
+        fsutil::fsync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_are_recognised_exactly() {
+        let p = "m1-";
+        assert!(is_snapshot_name("m1-20261203T101500Z-rev42.db", p));
+        for bad in [
+            "m1-20261203T101500Z-rev42.db.unverified",
+            "m10-20261203T101500Z-rev42.db",
+            ".m1-20261203T101500Z.db.tmp-7",
+            "m1-20261203T101500Z-rev.db",
+            "m1-2026120T101500Z-rev42.db",
+            "m1-20261203T101500Z-rev4x.db",
+        ] {
+            assert!(!is_snapshot_name(bad, p), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_never_the_one_just_taken() {
+        let d = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (1..=5)
+            .map(|i| format!("m1-2026120{i}T000000Z-rev{i}.db"))
+            .collect();
+        for n in &names {
+            std::fs::write(d.path().join(n), b"x").unwrap();
+        }
+        std::fs::write(d.path().join("m2-20261201T000000Z-rev1.db"), b"x").unwrap();
+        std::fs::write(d.path().join("m1-20261201T000000Z.db.unverified"), b"x").unwrap();
+        let newest = d.path().join(&names[4]);
+        let removed = prune(d.path(), "m1", 2, &newest).unwrap();
+        assert_eq!(removed.len(), 3);
+        assert_eq!(
+            list(d.path(), "m1"),
+            vec![d.path().join(&names[3]), newest.clone()]
+        );
+        assert!(
+            d.path().join("m2-20261201T000000Z-rev1.db").exists(),
+            "another member's"
+        );
+        assert!(
+            d.path().join("m1-20261201T000000Z.db.unverified").exists(),
+            "set aside"
+        );
+        // keep 0 is taken as 1: the snapshot just taken stays.
+        prune(d.path(), "m1", 0, &newest).unwrap();
+        assert_eq!(list(d.path(), "m1"), vec![newest]);
+    }
+
+    #[test]
+    fn tombstone_rule_follows_the_members_release() {
+        assert!(!rule_of("3.4.23"));
+        assert!(rule_of("3.5.30"));
+        assert!(!rule_of("3.5.1"));
+    }
+}
