@@ -145,6 +145,7 @@ pub async fn take(config: &SnapshotConfig) -> Result<Taken, TakeError> {
     let path = config
         .out
         .join(format!("{name}-{stamp}-rev{}{SUFFIX}", facts.revision));
+    fail::fail_point!("snapshot-before-rename");
     fsutil::rename_durable(&tmp, &path)?;
     let verify_time = t1.elapsed();
     let pruned = prune(&config.out, &name, config.keep, &path)?;
@@ -164,7 +165,7 @@ pub async fn take(config: &SnapshotConfig) -> Result<Taken, TakeError> {
 fn log_taken(t: &Taken, version: &str) {
     let mb = t.facts.size as f64 / 1e6;
     tracing::info!(path = %t.path.display(), bytes = t.facts.size, revision = t.facts.revision, keys = t.facts.keys,
-        entries = t.facts.entries, hash_kv = t.member_hash, compact_revision = t.facts.hash.compact_revision,
+        entries = t.facts.entries, other_keys = t.facts.other_elements, hash_kv = t.member_hash, compact_revision = t.facts.hash.compact_revision,
         sha256 = %t.facts.sha256, member_release = version, elapsed_ms = t.elapsed.as_millis() as u64,
         stream_ms = t.stream.as_millis() as u64, verify_ms = t.verify.as_millis() as u64,
         mb_per_s = (mb / t.elapsed.as_secs_f64().max(1e-3)).round(), pruned = t.pruned.len(),
@@ -276,6 +277,7 @@ async fn stream_to(
             tail.drain(..cut);
         }
         size += blob.len() as u64;
+        fail::fail_point!("snapshot-streaming");
         meter.counter().store(size, Ordering::Relaxed);
         if size - synced >= WRITEBACK_EVERY {
             fsutil::start_writeback(&file, synced, size - synced);

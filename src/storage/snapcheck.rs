@@ -102,7 +102,8 @@ pub struct SnapshotFacts {
     pub keys: u64,
     /// Revision entries in bucket `key` (history and deletes included).
     pub entries: u64,
-    /// Elements read in every other bucket.
+    /// Elements read in every other bucket (bucket `key`'s entries plus these are what
+    /// `etcdctl snapshot status` calls the total keys).
     pub other_elements: u64,
     /// Compaction asked for (`scheduledCompactRev`), and completed (`finishedCompactRev`).
     pub scheduled_compact: Option<i64>,
@@ -276,12 +277,11 @@ fn cluster_version(db: &Db) -> Result<Option<String>, BboltError> {
 }
 
 /// Walks every bucket but `key` (read by [`KeyFacts`]), nested ones too: every page of those
-/// trees is read. Returns the elements seen.
+/// trees is read. Returns the elements seen in them (as `etcdctl snapshot status` counts keys).
 fn walk_other_buckets(db: &Db) -> Result<u64, BboltError> {
     let mut n = 0;
     for item in db.root().iter() {
         let (name, value) = item?;
-        n += 1;
         if let Value::Bucket(b) = value {
             if name != KEY_BUCKET {
                 walk(&b, 1, &mut n)?;
