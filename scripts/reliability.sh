@@ -25,7 +25,7 @@ fuzz="no fuzz run recorded yet: run \`make fuzz\`"
   echo "|---|---|---|"
   sed -n 's/^RESULT failpoints crashed \(.*\)/| crash at every named failpoint (storage migration, native rollback, minor rollback, swap, durable writes, executor), rerun, compare with an uninterrupted run | \1 | tests\/crash.rs |/p' "$out"
   sed -n 's/^RESULT random kills \(.*\)/| kill -9 at a seeded random time during a multi-step run (etcd2 -> etcd3 with snapshot cut, then 3.5.1), rerun, compare | \1 | tests\/crash.rs |/p' "$out"
-  sed -n 's/^RESULT bad inputs \(.*\)/| bad input (env, flags, version.txt, data dir shapes, bundle, targets, ports, locks, protobuf or writes only in the WAL on rollback), exit code + message + tree hash unchanged | \1 | tests\/reliability.rs |/p' "$out"
+  sed -n 's/^RESULT bad inputs \(.*\)/| bad input (env, flags, version.txt, data dir shapes, bundle, targets, ports, locks, protobuf or writes only in the WAL on rollback, RESTORE_SNAPSHOT files that are missing, truncated, corrupted, not bbolt, too new or over other data, snapshot settings and a member not serving), exit code + message + tree hash unchanged | \1 | tests\/reliability.rs |/p' "$out"
   sed -n 's/^RESULT disk-full cases \(.*\)/| disk full on a tmpfs (storage migration refused early and full midway, minor rollback refused early, native rollback full midway, upgrade on a full disk): version.txt intact, data usable, rerun after freeing space completes | \1 | tests\/reliability.rs |/p' "$out"
   echo
   echo "## Fuzzing"

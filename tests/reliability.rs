@@ -32,7 +32,7 @@ fn fake_bin(dir: &Path, script: &str) -> PathBuf {
 }
 
 /// The bad-input tests below, each a group of the table.
-const GROUPS: usize = 7;
+const GROUPS: usize = 9;
 
 /// Groups of the table that passed and the cases they checked: the last one to pass reports the
 /// whole table (scripts/reliability.sh reads that one RESULT line).
@@ -897,4 +897,245 @@ async fn a_full_disk_fails_the_step_cleanly_and_a_rerun_after_freeing_space_comp
         cases.len()
     );
     assert_eq!(resumable, cases.len());
+}
+
+/// A verified snapshot of a member of `version` holding 30 keys, saved into `dir`.
+async fn snapshot_of(version: &str, dir: &Path) -> PathBuf {
+    let m = Member::start(version, &dir.join(format!("m-{version}")), "m1");
+    m.wait_cluster_version();
+    seed(&mut m.client().await, 30, 0).await;
+    let o = Command::new(env!("CARGO_BIN_EXE_etcd-migrate"))
+        .arg("snapshot")
+        .env_clear()
+        .env("SNAPSHOT_ENDPOINT", &m.client_url)
+        .env("SNAPSHOT_DIR", dir.join("snaps"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "snapshot: {}", text(&o));
+    m.stop();
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+#[tokio::test]
+async fn a_bad_restore_snapshot_is_refused_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let s34 = snapshot_of("3.4.23", t.path()).await;
+    let s35 = snapshot_of(&newest_35(), t.path()).await;
+    let bytes = fs::read(&s34).unwrap();
+    let bad = |name: &str, content: &[u8]| {
+        let p = t.path().join(name);
+        fs::write(&p, content).unwrap();
+        p
+    };
+    let truncated = bad("truncated.db", &bytes[..bytes.len() / 2 + 32]);
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 3] ^= 0x40;
+    let corrupted = bad("corrupted.db", &flipped);
+    let text_file = bad("notes.db", &b"not a database\n".repeat(1024)[..8192]);
+    // The pod's data dir, empty (its disk was replaced); the table hashes its parent, so that
+    // nothing may be created beside it either.
+    let pod = t.path().join("pod");
+    let data = pod.join("data");
+    fs::create_dir_all(&data).unwrap();
+    let mut tb = Table::on(&pod);
+    let env = |file: &Path, target: &str| {
+        let mut e = MigrateEnv::new(&data, "m1", target, "etcd3");
+        e.set("RESTORE_SNAPSHOT", &file.to_string_lossy());
+        e
+    };
+    let new = newest_35();
+    let cases: [(&str, MigrateEnv, &str, &str); 6] = [
+        (
+            "restore: no such file",
+            env(&t.path().join("gone.db"), "3.4.23"),
+            "No such file",
+            "nothing was changed",
+        ),
+        (
+            "restore: truncated",
+            env(&truncated, "3.4.23"),
+            "the file is truncated",
+            "nothing was changed",
+        ),
+        (
+            "restore: a byte changed",
+            env(&corrupted, "3.4.23"),
+            "does not match the file",
+            "nothing was changed",
+        ),
+        (
+            "restore: not a bbolt file",
+            env(&text_file, "3.4.23"),
+            "not a bbolt database",
+            "nothing was changed",
+        ),
+        (
+            "restore: newer than the target",
+            env(&s35, "3.4.23"),
+            "cannot serve data newer",
+            "set TARGET_VERSION to a 3.5 release",
+        ),
+        (
+            "restore: no release of its line bundled",
+            {
+                let mut e = env(&s34, &new);
+                e.set("BUNDLED_VERSIONS", &new);
+                e
+            },
+            "has no 3.4 release",
+            "nothing was changed",
+        ),
+    ];
+    for (name, e, problem, remedy) in cases {
+        tb.migrate(name, &e, 2, problem, remedy);
+    }
+    // A data dir with data it was never restored from: never replaced.
+    let (_t2, base, _) = bad_input_dir().await;
+    let mut e = base();
+    e.set("RESTORE_SNAPSHOT", &s34.to_string_lossy());
+    let mut tb2 = Table::on(Path::new(
+        &e.vars
+            .iter()
+            .find(|(k, _)| k == "DATA_DIRECTORY")
+            .unwrap()
+            .1,
+    ));
+    tb2.migrate(
+        "restore over data never restored",
+        &e,
+        2,
+        "never restored from a snapshot",
+        "move the data dir away",
+    );
+    tb.checked.extend(tb2.checked.drain(..));
+    tb.done(7);
+}
+
+#[tokio::test]
+async fn bad_snapshot_settings_and_a_member_not_serving_are_refused_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let m = Member::start("3.4.23", &t.path().join("m"), "m1");
+    let out = t.path().join("snaps");
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("keep-me.db"), b"an operator's file").unwrap();
+    let a_file = t.path().join("a-file");
+    fs::write(&a_file, b"x").unwrap();
+    let mut tb = Table::on(&out);
+    let run = |vars: Vec<(&'static str, String)>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-migrate"));
+        cmd.arg("snapshot")
+            .env_clear()
+            .envs(vars)
+            .stdin(Stdio::null());
+        cmd.output().unwrap()
+    };
+    let ep = m.client_url.clone();
+    let dir = out.to_string_lossy().into_owned();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let cases: [(&str, Vec<(&'static str, String)>, i32, &str, &str); 6] = [
+        (
+            "snapshot: no SNAPSHOT_DIR",
+            vec![("SNAPSHOT_ENDPOINT", ep.clone())],
+            2,
+            "--out is required",
+            "SNAPSHOT_DIR",
+        ),
+        (
+            "snapshot: SNAPSHOT_DIR is a file",
+            vec![
+                ("SNAPSHOT_ENDPOINT", ep.clone()),
+                ("SNAPSHOT_DIR", a_file.to_string_lossy().into_owned()),
+            ],
+            2,
+            "is not a directory",
+            "snapshot dir",
+        ),
+        (
+            "snapshot: endpoint not a URL",
+            vec![
+                ("SNAPSHOT_ENDPOINT", "127.0.0.1:2379".into()),
+                ("SNAPSHOT_DIR", dir.clone()),
+            ],
+            2,
+            "SNAPSHOT_ENDPOINT",
+            "expected a client URL",
+        ),
+        (
+            "snapshot: SNAPSHOT_KEEP 0",
+            vec![
+                ("SNAPSHOT_ENDPOINT", ep.clone()),
+                ("SNAPSHOT_DIR", dir.clone()),
+                ("SNAPSHOT_KEEP", "0".into()),
+            ],
+            2,
+            "SNAPSHOT_KEEP",
+            ">= 1",
+        ),
+        (
+            "snapshot: https without a CA",
+            vec![
+                ("SNAPSHOT_ENDPOINT", ep.replace("http:", "https:")),
+                ("SNAPSHOT_DIR", dir.clone()),
+            ],
+            2,
+            "needs the CA",
+            "--trusted-ca-file",
+        ),
+        (
+            "snapshot: member not serving",
+            vec![("SNAPSHOT_ENDPOINT", dead), ("SNAPSHOT_DIR", dir.clone())],
+            1,
+            "is not serving",
+            "check that etcd runs there",
+        ),
+    ];
+    for (name, vars, code, problem, remedy) in cases {
+        tb.expect(name, || run(vars), code, problem, remedy);
+    }
+    m.stop();
+    tb.done(6);
+}
+
+#[tokio::test]
+async fn a_snapshot_onto_a_full_disk_leaves_no_file_and_succeeds_once_there_is_room() {
+    let t = tempfile::tempdir().unwrap();
+    let m = Member::start("3.4.23", &t.path().join("m"), "m1");
+    let mut c = m.client().await;
+    for i in 0..300 {
+        c.put(
+            format!("/registry/configmaps/default/c{i}"),
+            "x".repeat(10_000),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let fsdir = t.path().join("fs");
+    let tmpfs = Tmpfs::mount(&fsdir, 16 << 20);
+    let out = fsdir.join("snaps");
+    fs::create_dir_all(&out).unwrap();
+    let filler = tmpfs.leave_free(1 << 20);
+    let snap = || {
+        Command::new(env!("CARGO_BIN_EXE_etcd-migrate"))
+            .arg("snapshot")
+            .env_clear()
+            .env("SNAPSHOT_ENDPOINT", &m.client_url)
+            .env("SNAPSHOT_DIR", &out)
+            .output()
+            .unwrap()
+    };
+    let o = snap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("No space left"), "{}", text(&o));
+    assert_eq!(
+        fs::read_dir(&out).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+    fs::remove_file(filler).unwrap();
+    let o = snap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(fs::read_dir(&out).unwrap().count(), 1);
+    drop(c);
+    m.stop();
 }

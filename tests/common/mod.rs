@@ -521,6 +521,14 @@ impl Member {
         );
     }
 
+    /// Waits until the cluster version is decided (and so recorded in the backend, where a
+    /// snapshot carries it).
+    pub fn wait_cluster_version(&self) {
+        wait_until("the cluster version", Duration::from_secs(20), || {
+            http_get(&self.client_url, "/version").filter(|v| !v.contains("not_decided"))
+        });
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect([self.client_url.as_str()], None)
             .await
