@@ -1007,9 +1007,12 @@ async fn a_bad_restore_snapshot_is_refused_untouched() {
         "never restored from a snapshot",
         "move the data dir away",
     );
-    tb.checked.extend(tb2.checked.drain(..));
+    tb.checked.append(&mut tb2.checked);
     tb.done(7);
 }
+
+/// (case, env of `snapshot`, exit code, problem, remedy).
+type SnapshotCase = (&'static str, Vec<(&'static str, String)>, i32, &'static str, &'static str);
 
 #[tokio::test]
 async fn bad_snapshot_settings_and_a_member_not_serving_are_refused_untouched() {
@@ -1032,7 +1035,7 @@ async fn bad_snapshot_settings_and_a_member_not_serving_are_refused_untouched() 
     let ep = m.client_url.clone();
     let dir = out.to_string_lossy().into_owned();
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let cases: [(&str, Vec<(&'static str, String)>, i32, &str, &str); 6] = [
+    let cases: [SnapshotCase; 6] = [
         (
             "snapshot: no SNAPSHOT_DIR",
             vec![("SNAPSHOT_ENDPOINT", ep.clone())],
