@@ -250,11 +250,11 @@ async fn losing_every_member_and_coming_back_from_the_newest_snapshot() {
     }
 
     // 3. Each pod restarted once more, env unchanged: nothing restored twice.
-    for i in 0..3 {
-        stop_child(&mut procs.0[i], Duration::from_secs(20));
+    for (i, (s, p)) in specs.iter().zip(procs.0.iter_mut()).enumerate() {
+        stop_child(p, Duration::from_secs(20));
         let restore = (i == 0).then_some(newest.as_path());
-        procs.0[i] = pod(&specs[i], &version, restore, &log(&specs[i]));
-        wait_healthy(&specs[i], &log(&specs[i]));
+        *p = pod(s, &version, restore, &log(s));
+        wait_healthy(s, &log(s));
     }
     assert_eq!(restores(&specs[0].data_dir), 1, "restored once");
     let pod_log = fs::read_to_string(log(&specs[0])).unwrap();
