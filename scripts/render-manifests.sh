@@ -36,7 +36,8 @@ KEYS=(TARGET_VERSION TARGET_STORAGE ETCD_HOSTNAME ETCD_ADVERTISE_HOST ETCD_HOST_
   ETCD_EVENTS_INITIAL_CLUSTER ETCD_CLUSTER_STATE ETCD_CREDS ETCD_APISERVER_CREDS ETCD_EXTRA_ARGS
   ETCDCTL_CERTS ETCD_IMAGE ETCD_DATA_ROOT ETCD_CREDS_DIR ETCD_RUN_AS_USER ETCD_RUN_AS_GROUP
   ETCD_CPU_REQUEST ETCD_EVENTS_CPU_REQUEST ETCD_SNAPSHOT_COUNT ETCD_LIVENESS_INITIAL_DELAY
-  ETCD_STARTUP_FAILURE_THRESHOLD ETCD_TERMINATION_GRACE ETCD_REJOIN_IF_EMPTY)
+  ETCD_STARTUP_FAILURE_THRESHOLD ETCD_TERMINATION_GRACE ETCD_REJOIN_IF_EMPTY ETCD_SNAPSHOT_EVERY
+  ETCD_SNAPSHOT_KEEP ETCD_SNAPSHOT_DIR ETCD_EVENTS_SNAPSHOT_DIR ETCD_RESTORE_SNAPSHOT ETCD_EVENTS_RESTORE_SNAPSHOT)
 declare -A S=(
   [TARGET_VERSION]=3.5.30 [TARGET_STORAGE]=etcd3 [ETCD_HOSTNAME]="$(hostname)" [ETCD_ADVERTISE_HOST]=""
   [ETCD_HOST_IP]=127.0.0.1 [ETCD_LISTEN_CLIENT_IP]=127.0.0.1 [ETCD_PEER_PROTOCOL]=http
@@ -47,7 +48,11 @@ declare -A S=(
   [ETCD_DATA_ROOT]=/var/etcd [ETCD_CREDS_DIR]=/etc/srv/kubernetes [ETCD_RUN_AS_USER]=0
   [ETCD_RUN_AS_GROUP]=0 [ETCD_CPU_REQUEST]=200m [ETCD_EVENTS_CPU_REQUEST]=100m
   [ETCD_SNAPSHOT_COUNT]=10000 [ETCD_LIVENESS_INITIAL_DELAY]=15 [ETCD_STARTUP_FAILURE_THRESHOLD]=90
-  [ETCD_TERMINATION_GRACE]=60 [ETCD_REJOIN_IF_EMPTY]=false)
+  [ETCD_TERMINATION_GRACE]=60 [ETCD_REJOIN_IF_EMPTY]=false [ETCD_SNAPSHOT_EVERY]="" [ETCD_SNAPSHOT_KEEP]=10
+  [ETCD_SNAPSHOT_DIR]=/var/lib/etcd-snapshots [ETCD_EVENTS_SNAPSHOT_DIR]=/var/lib/etcd-events-snapshots
+  [ETCD_RESTORE_SNAPSHOT]="" [ETCD_EVENTS_RESTORE_SNAPSHOT]="")
+# Where the snapshot dir (ETCD_SNAPSHOT_DIR or ETCD_EVENTS_SNAPSHOT_DIR) is mounted in the pod.
+SNAPSHOT_MOUNT=/etcd-snapshots
 
 # The settings file: KEY=value, optional quotes, `#` comments; nothing is expanded.
 if [ -n "$settings" ]; then
@@ -117,9 +122,48 @@ json_args() {
   printf '%s' "$acc"
 }
 
-# render TEMPLATE OUT client_port peer_port migrate_port initial_cluster cpu
+# Snapshots and restore. The sidecar's ETCD_CREDS is ETCD_CREDS then ETCD_APISERVER_CREDS:
+# `etcd-migrate snapshot` takes its client TLS (--trusted-ca-file, --cert-file, --key-file or
+# --client-cert-file, --client-key-file) from there and ignores the --peer-* flags.
+every=${S[ETCD_SNAPSHOT_EVERY]}
+if [ -n "$every" ] && ! [[ $every =~ ^0*[1-9][0-9]*[smh]$ ]]; then
+  die "ETCD_SNAPSHOT_EVERY=$every: expected empty (no snapshot sidecar) or a duration other than 0: digits then s, m or h, e.g. 30m"
+fi
+[[ ${S[ETCD_SNAPSHOT_KEEP]} =~ ^0*[1-9][0-9]*$ ]] || die "ETCD_SNAPSHOT_KEEP=${S[ETCD_SNAPSHOT_KEEP]}: expected a whole number >= 1"
+for k in ETCD_SNAPSHOT_DIR ETCD_EVENTS_SNAPSHOT_DIR; do
+  v=${S[$k]}
+  while [[ $v == */ ]]; do v=${v%/}; done
+  [[ $v == /?* ]] || die "$k=${S[$k]}: expected an absolute path other than /"
+  S[$k]=$v
+done
+snapshot_creds=${S[ETCD_CREDS]}${S[ETCD_CREDS]:+${S[ETCD_APISERVER_CREDS]:+ }}${S[ETCD_APISERVER_CREDS]}
+if [ -n "$every" ]; then
+  # Both members are named etcd-<hostname>: in one dir each sidecar would prune the other's files.
+  [ "${S[ETCD_SNAPSHOT_DIR]}" != "${S[ETCD_EVENTS_SNAPSHOT_DIR]}" ] \
+    || die "ETCD_SNAPSHOT_DIR and ETCD_EVENTS_SNAPSHOT_DIR are both ${S[ETCD_SNAPSHOT_DIR]}: give etcd and etcd-events a dir each (their snapshots have the same member name)"
+  a=$(json_args "$snapshot_creds" "ETCD_CREDS with ETCD_APISERVER_CREDS")
+  if [ "${S[ETCD_CLIENT_PROTOCOL]}" = https ] && [[ $a != *'"--trusted-ca-file='* && $a != *'"--trusted-ca-file"'* ]]; then
+    die "ETCD_SNAPSHOT_EVERY=$every with ETCD_CLIENT_PROTOCOL=https: the snapshot sidecar needs --trusted-ca-file in ETCD_APISERVER_CREDS (or ETCD_CREDS)"
+  fi
+fi
+# A snapshot to restore is named by its path on the host, in the member's own snapshot dir; the
+# pod sees it under $SNAPSHOT_MOUNT.
+declare -A RESTORE_IN_POD=()
+for spec in etcd:ETCD_SNAPSHOT_DIR:ETCD_RESTORE_SNAPSHOT etcd-events:ETCD_EVENTS_SNAPSHOT_DIR:ETCD_EVENTS_RESTORE_SNAPSHOT; do
+  IFS=: read -r name dk rk <<<"$spec"
+  f=${S[$rk]} d=${S[$dk]}
+  RESTORE_IN_POD[$name]=
+  [ -n "$f" ] || continue
+  rel=${f#"$d"/}
+  if [[ $f != "$d"/* || /$rel/ == *//* || /$rel/ == */./* || /$rel/ == */../* ]]; then
+    die "$rk=$f: expected the host path of a snapshot file in $dk (${d}), which the pod mounts at $SNAPSHOT_MOUNT"
+  fi
+  RESTORE_IN_POD[$name]=$SNAPSHOT_MOUNT/$rel
+done
+
+# render TEMPLATE client_port peer_port migrate_port initial_cluster cpu snapshot_dir restore_in_pod
 render() {
-  local name=$1 port=$2 server_port=$3 migrate_port=$4 cluster=$5 cpu=$6
+  local name=$1 port=$2 server_port=$3 migrate_port=$4 cluster=$5 cpu=$6 snapdir=$7 restore=$8
   local tpl="$templates/$name.manifest" dst="$out/$name.manifest" text key val
   [ -f "$tpl" ] || die "no template $tpl"
   local host=${S[ETCD_HOSTNAME]} adv=${S[ETCD_ADVERTISE_HOST]} pproto=${S[ETCD_PEER_PROTOCOL]} cproto=${S[ETCD_CLIENT_PROTOCOL]}
@@ -142,6 +186,8 @@ render() {
   a_apicreds=$(json_args "${S[ETCD_APISERVER_CREDS]}" ETCD_APISERVER_CREDS); a_extra=$(json_args "${S[ETCD_EXTRA_ARGS]}" ETCD_EXTRA_ARGS)
   j_image=$(json "${S[ETCD_IMAGE]}"); j_root=$(json "${S[ETCD_DATA_ROOT]}")
   j_credsdir=$(json "${S[ETCD_CREDS_DIR]}"); j_cpu=$(json "$cpu"); j_probe=$(json "$probe")
+  local j_snapdir j_snapcreds j_restore
+  j_snapdir=$(json "$snapdir"); j_snapcreds=$(json "$snapshot_creds"); j_restore=$(json "$restore")
   declare -A V=(
     [hostname]=$j_host
     [advertise_host]=$j_adv
@@ -172,8 +218,30 @@ render() {
     [liveness_probe_initial_delay]=${S[ETCD_LIVENESS_INITIAL_DELAY]}
     [startup_failure_threshold]=${S[ETCD_STARTUP_FAILURE_THRESHOLD]}
     [termination_grace]=${S[ETCD_TERMINATION_GRACE]}
+    [snapshot_mount]=$SNAPSHOT_MOUNT
+    [snapshot_dir]=$j_snapdir
+    [snapshot_every]=${S[ETCD_SNAPSHOT_EVERY]}
+    [snapshot_keep]=${S[ETCD_SNAPSHOT_KEEP]}
+    [snapshot_creds]=$j_snapcreds
+    [restore_snapshot]=$j_restore
   )
+  # Optional parts: {{#part}}...{{/part}} is kept (without the markers) when on, else dropped.
+  local -A ON=(
+    [sidecar]=${S[ETCD_SNAPSHOT_EVERY]:+1}
+    [snapshots_mounted]=${S[ETCD_SNAPSHOT_EVERY]:+1}${restore:+1}
+    [restore]=${restore:+1}
+  )
+  local part head rest
   text=$(<"$tpl")
+  for part in "${!ON[@]}"; do
+    while [[ $text == *"{{#$part}}"* ]]; do
+      head=${text%%"{{#$part}}"*}
+      rest=${text#*"{{#$part}}"}
+      [[ $rest == *"{{/$part}}"* ]] || die "$tpl: {{#$part}} without {{/$part}}"
+      if [ -n "${ON[$part]}" ]; then head+=${rest%%"{{/$part}}"*}; fi
+      text=$head${rest#*"{{/$part}}"}
+    done
+  done
   for key in "${!V[@]}"; do
     val=${V[$key]}
     text=${text//"{{ $key }}"/"$val"}
@@ -184,12 +252,14 @@ render() {
   mkdir -p "$out"
   printf '%s\n' "$text" >"$out/.$name.manifest.tmp"
   mv -f "$out/.$name.manifest.tmp" "$dst"
-  echo "rendered $dst: ${S[TARGET_VERSION]}/${S[TARGET_STORAGE]}, client port $port, peer port $server_port, migrate port ${migrate_port:-default}"
+  echo "rendered $dst: ${S[TARGET_VERSION]}/${S[TARGET_STORAGE]}, client port $port, peer port $server_port, migrate port ${migrate_port:-default}${ON[sidecar]:+, a snapshot every ${S[ETCD_SNAPSHOT_EVERY]} to $snapdir}${restore:+, restores $restore if the data dir is empty}"
 }
 
 case $only in
-  '' | etcd) render etcd "${S[ETCD_CLIENT_PORT]}" "${S[ETCD_PEER_PORT]}" "${S[ETCD_MIGRATE_PORT]}" "${S[ETCD_INITIAL_CLUSTER]}" "${S[ETCD_CPU_REQUEST]}" ;;&
-  '' | etcd-events) render etcd-events "${S[ETCD_EVENTS_CLIENT_PORT]}" "${S[ETCD_EVENTS_PEER_PORT]}" "${S[ETCD_EVENTS_MIGRATE_PORT]}" "${S[ETCD_EVENTS_INITIAL_CLUSTER]}" "${S[ETCD_EVENTS_CPU_REQUEST]}" ;;
+  '' | etcd) render etcd "${S[ETCD_CLIENT_PORT]}" "${S[ETCD_PEER_PORT]}" "${S[ETCD_MIGRATE_PORT]}" "${S[ETCD_INITIAL_CLUSTER]}" "${S[ETCD_CPU_REQUEST]}" \
+    "${S[ETCD_SNAPSHOT_DIR]}" "${RESTORE_IN_POD[etcd]}" ;;&
+  '' | etcd-events) render etcd-events "${S[ETCD_EVENTS_CLIENT_PORT]}" "${S[ETCD_EVENTS_PEER_PORT]}" "${S[ETCD_EVENTS_MIGRATE_PORT]}" "${S[ETCD_EVENTS_INITIAL_CLUSTER]}" "${S[ETCD_EVENTS_CPU_REQUEST]}" \
+    "${S[ETCD_EVENTS_SNAPSHOT_DIR]}" "${RESTORE_IN_POD[etcd-events]}" ;;
   etcd) ;;
   *) die "--only $only: expected etcd or etcd-events" ;;
 esac

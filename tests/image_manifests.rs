@@ -978,6 +978,21 @@ fn render_refuses_bad_settings_and_leaves_the_manifests_alone() {
         ),
         ("ETCD_CLUSTER_STATE", "maybe", "new or existing"),
         ("ETCD_REJOIN_IF_EMPTY", "maybe", "true or false"),
+        ("ETCD_SNAPSHOT_EVERY", "soon", "ETCD_SNAPSHOT_EVERY=soon"),
+        ("ETCD_SNAPSHOT_EVERY", "0m", "ETCD_SNAPSHOT_EVERY=0m"),
+        ("ETCD_SNAPSHOT_EVERY", "30", "ETCD_SNAPSHOT_EVERY=30"),
+        ("ETCD_SNAPSHOT_KEEP", "0", "ETCD_SNAPSHOT_KEEP=0"),
+        ("ETCD_SNAPSHOT_KEEP", "ten", "ETCD_SNAPSHOT_KEEP=ten"),
+        (
+            "ETCD_SNAPSHOT_DIR",
+            "snapshots",
+            "ETCD_SNAPSHOT_DIR=snapshots",
+        ),
+        (
+            "ETCD_RESTORE_SNAPSHOT",
+            "/elsewhere/etcd.db",
+            "ETCD_RESTORE_SNAPSHOT=/elsewhere/etcd.db",
+        ),
     ] {
         let mut bad = Settings::for_test(t.path(), "3.4.23");
         bad.set(k, v);
@@ -1024,6 +1039,287 @@ fn generator_reproduces_the_committed_test_data() {
     );
 }
 
+// ---- snapshots and restore by env --------------------------------------------------------
+
+const SIDECAR: &str = "etcd-snapshot";
+
+fn containers(pod: &Pod) -> &[Container] {
+    &pod.spec.as_ref().unwrap().containers
+}
+
+fn sidecar(pod: &Pod) -> Option<&Container> {
+    containers(pod).iter().find(|c| c.name == SIDECAR)
+}
+
+fn env_in(c: &Container) -> BTreeMap<String, String> {
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+/// The container's mount of the hostPath dir `host`, if any: (mount path, read-only).
+fn mount_of(pod: &Pod, c: &Container, host: &str) -> Option<(String, bool)> {
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    c.volume_mounts.iter().flatten().find_map(|m| {
+        let v = volumes.iter().find(|v| v.name == m.name)?;
+        (v.host_path.as_ref()?.path == host)
+            .then(|| (m.mount_path.clone(), m.read_only.unwrap_or(false)))
+    })
+}
+
+/// Settings with a snapshot dir each for etcd and etcd-events under `dir`.
+fn snapshot_settings(dir: &Path) -> Settings {
+    let mut s = Settings::for_test(dir, "3.4.23");
+    for (k, sub) in [
+        ("ETCD_SNAPSHOT_DIR", "snap-etcd"),
+        ("ETCD_EVENTS_SNAPSHOT_DIR", "snap-events"),
+    ] {
+        s.set(k, &dir.join(sub).to_string_lossy());
+    }
+    s
+}
+
+/// Off by default: one container, no RESTORE_SNAPSHOT, no snapshot volume; not a trace of the
+/// optional parts (or of their template markers) in the text.
+#[test]
+fn default_render_has_no_snapshot_sidecar_and_no_restore() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    snapshot_settings(t.path()).render(&out);
+    for m in ["etcd.manifest", "etcd-events.manifest"] {
+        let raw = fs::read_to_string(out.join(m)).unwrap();
+        for word in [
+            "etcd-snapshot",
+            "RESTORE_SNAPSHOT",
+            "SNAPSHOT_DIR",
+            "{{",
+            "}}",
+        ] {
+            assert!(!raw.contains(word), "{m} holds {word:?}:\n{raw}");
+        }
+        let pod = load_pod(&out.join(m));
+        assert_eq!(containers(&pod).len(), 1, "{m}");
+        assert!(!env_of(&pod).contains_key("RESTORE_SNAPSHOT"), "{m}");
+        let volumes = pod.spec.as_ref().unwrap().volumes.clone().unwrap();
+        let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["varetcd", "etc"], "{m}");
+    }
+}
+
+/// ETCD_SNAPSHOT_EVERY=30m: each pod gets the sidecar, on the etcd container's image and binary,
+/// snapshotting its own member's client URL (scheme and port of --advertise-client-urls) into its
+/// own host dir, with the client TLS flags, the cert dir, and no probe; etcd sees the dir too.
+#[test]
+fn snapshot_every_adds_the_sidecar_to_both_pods() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    let mut s = snapshot_settings(t.path());
+    s.set("ETCD_SNAPSHOT_EVERY", "30m")
+        .set("ETCD_SNAPSHOT_KEEP", "4")
+        .set("ETCD_CLIENT_PROTOCOL", "https")
+        .set("ETCD_CREDS", "--peer-cert-file=/etc/srv/kubernetes/peer.crt")
+        .set(
+            "ETCD_APISERVER_CREDS",
+            "--trusted-ca-file=/etc/srv/kubernetes/ca.crt --cert-file '/etc/srv/kubernetes/etcd server.crt'",
+        );
+    s.render(&out);
+    for (m, dir_key) in [
+        ("etcd.manifest", "ETCD_SNAPSHOT_DIR"),
+        ("etcd-events.manifest", "ETCD_EVENTS_SNAPSHOT_DIR"),
+    ] {
+        let pod = load_pod(&out.join(m));
+        let main = container(&pod);
+        assert_eq!(containers(&pod).len(), 2, "{m}");
+        let side = sidecar(&pod).unwrap_or_else(|| panic!("{m}: no {SIDECAR} container"));
+        assert_eq!(side.image, main.image, "{m}");
+        let cmd = side.command.clone().unwrap();
+        assert_eq!(cmd, ["/usr/local/bin/etcd-migrate", "snapshot"], "{m}");
+        assert_eq!(cmd[0], main.command.as_ref().unwrap()[0], "{m}");
+        assert!(side.args.is_none(), "{m}");
+        assert!(
+            side.liveness_probe.is_none() && side.startup_probe.is_none(),
+            "{m}"
+        );
+        let requests = side.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert!(
+            requests.contains_key("cpu") && requests.contains_key("memory"),
+            "{m}"
+        );
+        assert_eq!(side.security_context, main.security_context, "{m}");
+
+        let env = env_in(side);
+        let advertised = flag(&etcd_flags(&pod), "--advertise-client-urls").to_string();
+        assert!(advertised.starts_with("https://127.0.0.1:"), "{advertised}");
+        assert_eq!(env["SNAPSHOT_ENDPOINT"], advertised, "{m}");
+        assert_eq!(env["SNAPSHOT_EVERY"], "30m", "{m}");
+        assert_eq!(env["SNAPSHOT_KEEP"], "4", "{m}");
+        // The peer flags the etcd container has, then the client TLS flags snapshot reads.
+        assert_eq!(
+            env["ETCD_CREDS"],
+            format!(
+                "{} {}",
+                env_of(&pod)["ETCD_CREDS"],
+                s.vars["ETCD_APISERVER_CREDS"]
+            ),
+            "{m}"
+        );
+        assert_eq!(env.len(), 5, "{m}: {env:?}");
+
+        // SNAPSHOT_DIR is where the sidecar mounts this pod's host dir, writable.
+        let host = &s.vars[dir_key];
+        let (at, ro) =
+            mount_of(&pod, side, host).unwrap_or_else(|| panic!("{m}: {host} not mounted"));
+        assert_eq!(env["SNAPSHOT_DIR"], at, "{m}");
+        assert!(!ro, "{m}: the sidecar's snapshot dir is read-only");
+        let spec = pod.spec.as_ref().unwrap();
+        let vol = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.host_path.as_ref().is_some_and(|h| &h.path == host));
+        assert_eq!(
+            vol.unwrap().host_path.as_ref().unwrap().type_.as_deref(),
+            Some("DirectoryOrCreate")
+        );
+        // The cert dir the etcd container mounts, at the same path, read-only.
+        let certs = &s.vars["ETCD_CREDS_DIR"];
+        let main_certs = mount_of(&pod, main, certs).unwrap();
+        assert_eq!(mount_of(&pod, side, certs), Some(main_certs), "{m}");
+        // Not the data dir.
+        assert!(
+            mount_of(&pod, side, &s.vars["ETCD_DATA_ROOT"]).is_none(),
+            "{m}"
+        );
+        // etcd sees the same dir, read-only, at the same path (so RESTORE_SNAPSHOT can name a file).
+        assert_eq!(mount_of(&pod, main, host), Some((at, true)), "{m}");
+        assert!(!env_of(&pod).contains_key("RESTORE_SNAPSHOT"), "{m}");
+    }
+    // Plain http and no TLS flags: the sidecar's ETCD_CREDS is the etcd container's.
+    let mut s = snapshot_settings(t.path());
+    s.set("ETCD_SNAPSHOT_EVERY", "90s").set(
+        "ETCD_CREDS",
+        "--peer-key-file '/etc/srv/kubernetes/peer key.pem'",
+    );
+    s.render(&out);
+    let pod = load_pod(&out.join("etcd.manifest"));
+    let env = env_in(sidecar(&pod).unwrap());
+    assert_eq!(env["ETCD_CREDS"], env_of(&pod)["ETCD_CREDS"]);
+    assert_eq!(env["SNAPSHOT_KEEP"], "10");
+    assert_eq!(
+        env["SNAPSHOT_ENDPOINT"],
+        format!("http://127.0.0.1:{}", s.port("ETCD_CLIENT_PORT"))
+    );
+}
+
+/// ETCD_RESTORE_SNAPSHOT, the host path of a file in the member's snapshot dir, becomes the etcd
+/// container's RESTORE_SNAPSHOT: the same file as that container sees it. etcd-events has its own
+/// setting; no sidecar unless ETCD_SNAPSHOT_EVERY is set.
+#[test]
+fn restore_snapshot_names_the_file_as_the_etcd_container_sees_it() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    let mut s = snapshot_settings(t.path());
+    let file = format!(
+        "{}/old/etcd-master-1-20261203T101500Z-rev42.db",
+        s.vars["ETCD_SNAPSHOT_DIR"]
+    );
+    s.set("ETCD_RESTORE_SNAPSHOT", &file);
+    s.render(&out);
+    let main = load_pod(&out.join("etcd.manifest"));
+    assert!(sidecar(&main).is_none());
+    let host = &s.vars["ETCD_SNAPSHOT_DIR"];
+    let (at, ro) = mount_of(&main, container(&main), host).expect("snapshot dir not mounted");
+    assert!(ro, "etcd's mount of the snapshot dir is writable");
+    let in_pod = &env_of(&main)["RESTORE_SNAPSHOT"];
+    let rel = in_pod
+        .strip_prefix(&format!("{at}/"))
+        .unwrap_or_else(|| panic!("RESTORE_SNAPSHOT {in_pod} is not under the mount {at}"));
+    assert_eq!(format!("{host}/{rel}"), file);
+    // Only the env it asks for: REJOIN_IF_EMPTY and the rest as before.
+    let env = env_of(&main);
+    assert_eq!(env["REJOIN_IF_EMPTY"], "false");
+    assert_eq!(env["ETCDCTL_API"], "3");
+    let events = load_pod(&out.join("etcd-events.manifest"));
+    assert!(!env_of(&events).contains_key("RESTORE_SNAPSHOT"));
+    assert_eq!(containers(&events).len(), 1);
+    assert!(mount_of(
+        &events,
+        container(&events),
+        &s.vars["ETCD_EVENTS_SNAPSHOT_DIR"]
+    )
+    .is_none());
+
+    // etcd-events: its own file in its own dir.
+    let events_file = format!("{}/e.db", s.vars["ETCD_EVENTS_SNAPSHOT_DIR"]);
+    s.set("ETCD_EVENTS_RESTORE_SNAPSHOT", &events_file);
+    s.render(&out);
+    let events = load_pod(&out.join("etcd-events.manifest"));
+    let (at, _) = mount_of(
+        &events,
+        container(&events),
+        &s.vars["ETCD_EVENTS_SNAPSHOT_DIR"],
+    )
+    .unwrap();
+    assert_eq!(env_of(&events)["RESTORE_SNAPSHOT"], format!("{at}/e.db"));
+}
+
+/// Settings that would render a sidecar or restore that cannot work are refused, naming them.
+#[test]
+fn render_refuses_snapshot_settings_that_cannot_work() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    let base = snapshot_settings(t.path());
+    let etcd_dir = base.vars["ETCD_SNAPSHOT_DIR"].clone();
+    let cases: Vec<(Vec<(&str, String)>, String)> = vec![
+        // https without a CA for the sidecar.
+        (
+            vec![
+                ("ETCD_SNAPSHOT_EVERY", "30m".into()),
+                ("ETCD_CLIENT_PROTOCOL", "https".into()),
+                (
+                    "ETCD_APISERVER_CREDS",
+                    "--cert-file=/etc/srv/kubernetes/s.crt".into(),
+                ),
+            ],
+            "--trusted-ca-file".into(),
+        ),
+        // One dir for both: the same member name, each sidecar would prune the other's.
+        (
+            vec![
+                ("ETCD_SNAPSHOT_EVERY", "30m".into()),
+                ("ETCD_EVENTS_SNAPSHOT_DIR", format!("{etcd_dir}/")),
+            ],
+            "ETCD_EVENTS_SNAPSHOT_DIR".into(),
+        ),
+        // etcd-events' restore in etcd's dir, which its pod does not mount.
+        (
+            vec![("ETCD_EVENTS_RESTORE_SNAPSHOT", format!("{etcd_dir}/x.db"))],
+            "ETCD_EVENTS_RESTORE_SNAPSHOT".into(),
+        ),
+        (
+            vec![("ETCD_RESTORE_SNAPSHOT", format!("{etcd_dir}/../x.db"))],
+            "ETCD_RESTORE_SNAPSHOT".into(),
+        ),
+        (
+            vec![("ETCD_RESTORE_SNAPSHOT", format!("{etcd_dir}/"))],
+            "ETCD_RESTORE_SNAPSHOT".into(),
+        ),
+    ];
+    for (set, want) in cases {
+        let mut bad = snapshot_settings(t.path());
+        for (k, v) in &set {
+            bad.set(k, v);
+        }
+        let o = bad.try_render(&out);
+        assert_eq!(o.status.code(), Some(2), "{set:?}: {}", text(&o));
+        assert!(text(&o).contains(&want), "{set:?}: {}", text(&o));
+        assert!(!out.exists(), "{set:?} wrote manifests");
+    }
+}
+
 // ---- the fake kubelet ---------------------------------------------------------------------
 
 /// What a kubelet would run for a pod's container, with the image's paths mapped into the
@@ -1043,9 +1339,9 @@ fn volume<'a>(pod: &'a Pod, name: &str) -> &'a Volume {
         .unwrap_or_else(|| panic!("no volume {name}"))
 }
 
-fn path_maps(pod: &Pod, root: &Path) -> Vec<(String, String)> {
+fn path_maps(pod: &Pod, c: &Container, root: &Path) -> Vec<(String, String)> {
     let mut maps = Vec::new();
-    for m in container(pod).volume_mounts.as_ref().unwrap() {
+    for m in c.volume_mounts.as_ref().unwrap() {
         let vol = volume(pod, &m.name);
         let host = &vol.host_path.as_ref().unwrap().path;
         fs::create_dir_all(host).unwrap(); // type DirectoryOrCreate
@@ -1070,8 +1366,13 @@ fn map_paths(s: &str, maps: &[(String, String)]) -> String {
 /// are the rootfs's, ETCD_BIN_DIR and PATH point there (the image's default bin dir), HOSTNAME
 /// is the node's (hostNetwork).
 fn container_run(pod: &Pod, argv: &[String]) -> ContainerRun {
+    container_run_in(pod, container(pod), argv)
+}
+
+/// The same for any container of the pod (the snapshot sidecar), with its own mounts and env.
+fn container_run_in(pod: &Pod, c: &Container, argv: &[String]) -> ContainerRun {
     let root = rootfs();
-    let maps = path_maps(pod, root);
+    let maps = path_maps(pod, c, root);
     let argv = argv
         .iter()
         .map(|a| {
@@ -1082,7 +1383,7 @@ fn container_run(pod: &Pod, argv: &[String]) -> ContainerRun {
             }
         })
         .collect();
-    let mut env: Vec<(String, String)> = env_of(pod)
+    let mut env: Vec<(String, String)> = env_in(c)
         .into_iter()
         .map(|(k, v)| (k, map_paths(&v, &maps)))
         .collect();
@@ -1509,6 +1810,73 @@ async fn etcd_and_etcd_events_run_side_by_side_and_upgrade_together() {
     for (_, p) in running.iter_mut() {
         p.stop();
     }
+}
+
+/// The snapshot sidecar's command and env, run by the fake kubelet next to the running pod,
+/// leave a verified snapshot in ETCD_SNAPSHOT_DIR; with the data dir moved away,
+/// ETCD_RESTORE_SNAPSHOT naming that file brings every key back, and a later start with the
+/// setting still there serves the data as it is.
+#[tokio::test]
+async fn kubelet_runs_the_snapshot_sidecar_and_restores_by_env() {
+    let t = tempfile::tempdir().unwrap();
+    let manifests = t.path().join("manifests");
+    let log = t.path().join("etcd-pod.log");
+    let mut s = snapshot_settings(t.path());
+    s.set("ETCD_SNAPSHOT_EVERY", "30m");
+    let port = s.port("ETCD_CLIENT_PORT");
+    let data = t.path().join("var-etcd/data");
+    let snaps = PathBuf::from(&s.vars["ETCD_SNAPSHOT_DIR"]);
+    s.render(&manifests);
+    let (pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    let mut c = p.wait_serving().await;
+    seed_registry(&mut c).await;
+    let before = dump(&mut c).await;
+
+    // The sidecar once: its env without SNAPSHOT_EVERY (with it, it takes one every 30m).
+    let side = sidecar(&pod).expect("no sidecar");
+    let mut run = container_run_in(&pod, side, side.command.as_ref().unwrap());
+    run.env.retain(|(k, _)| k != "SNAPSHOT_EVERY");
+    let out = Command::new(&run.argv[0])
+        .args(&run.argv[1..])
+        .env_clear()
+        .envs(run.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the sidecar: {}", text(&out));
+    let file = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(file.parent(), Some(snaps.as_path()), "{}", text(&out));
+    assert!(file.is_file(), "{}", file.display());
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("etcd-master-1-") && name.ends_with(".db"),
+        "{name}"
+    );
+    drop(c);
+    p.stop();
+
+    // Restore by env: the data dir moved away, the file named by its path on the host.
+    fs::rename(&data, t.path().join("var-etcd/data.before-restore")).unwrap();
+    s.set("ETCD_RESTORE_SNAPSHOT", &file.to_string_lossy());
+    s.render(&manifests);
+    let (pod, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    assert!(env_of(&pod).contains_key("RESTORE_SNAPSHOT"));
+    let mut c = p.wait_serving().await;
+    assert_same_keys(&before, &dump(&mut c).await, "restored from the snapshot");
+    c.put("/registry/after-restore", "1", None).await.unwrap();
+    let after = dump(&mut c).await;
+    drop(c);
+    p.stop();
+    // The setting stays: the next start restores nothing and keeps the newer write.
+    let (_, mut p) = start_pod(&manifests.join("etcd.manifest"), &log, port);
+    let mut c = p.wait_serving().await;
+    assert_same_keys(
+        &after,
+        &dump(&mut c).await,
+        "restarted with ETCD_RESTORE_SNAPSHOT set",
+    );
+    drop(c);
+    p.stop();
 }
 
 /// The Kubernetes-style command line of the rendered pod's flags.
