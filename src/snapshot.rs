@@ -23,6 +23,8 @@ const STALL: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Writeback of the temp file is started every this many bytes, so the final fsync is short.
 const WRITEBACK_EVERY: u64 = 64 << 20;
+/// With `--every`, how soon a failed snapshot is tried again (at most one period).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
 /// What a verified snapshot's name ends with.
 const SUFFIX: &str = ".db";
 /// What a snapshot that failed verification is renamed to end with: kept, never counted.
@@ -99,14 +101,20 @@ pub async fn run(config: &SnapshotConfig) -> Result<(), TakeError> {
     tracing::info!(every_s = every.as_secs(), dir = %config.out.display(), keep = config.keep, "taking a snapshot now and then every {}", human(every));
     loop {
         let started = Instant::now();
-        if let Err(e) = take(config).await {
-            tracing::error!(
-                exit_code = e.exit_code(),
-                "{e}; next try in {}",
-                human(every.saturating_sub(started.elapsed()))
-            );
-        }
-        tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
+        let wait = match take(config).await {
+            Ok(_) => every,
+            // Soon again, not a whole period later: the member may only have been starting.
+            Err(e) => {
+                let wait = every.min(RETRY_AFTER_FAILURE);
+                tracing::error!(
+                    exit_code = e.exit_code(),
+                    "{e}; next try in {}",
+                    human(wait)
+                );
+                wait
+            }
+        };
+        tokio::time::sleep(wait.saturating_sub(started.elapsed())).await;
     }
 }
 
@@ -411,7 +419,7 @@ fn rule_of(version: &str) -> bool {
 }
 
 /// A streamed file that failed verification is kept beside the backups under a name that is
-/// never counted as one (nor pruned), and the error says where.
+/// never counted as one (the newest `--keep` of those are kept too), and the error says where.
 fn set_aside(dir: &Path, tmp: &Path, name: &str, stamp: &str, why: Rejected) -> TakeError {
     let aside = dir.join(format!("{name}-{stamp}{UNVERIFIED}"));
     let kept = match fsutil::rename_durable(tmp, &aside) {
@@ -475,23 +483,59 @@ fn is_snapshot_name(file: &str, prefix: &str) -> bool {
         && rev.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// Removes this member's oldest verified snapshots beyond `keep`; never `just_taken`.
+/// This member's snapshots that failed verification, oldest first.
+fn unverified(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!("{name}-");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.strip_suffix(UNVERIFIED)
+                    .and_then(|r| r.strip_prefix(&prefix))
+                    .is_some_and(|stamp| stamp.len() == 16 && stamp.ends_with('Z'))
+            })
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Removes this member's oldest verified snapshots beyond `keep`, never `just_taken`, and the
+/// oldest of those that failed verification beyond `keep` likewise.
 fn prune(
     dir: &Path,
     name: &str,
     keep: usize,
     just_taken: &Path,
 ) -> Result<Vec<PathBuf>, TakeError> {
-    let all = list(dir, name);
+    let mut removed = prune_list(list(dir, name), keep, just_taken, "an old snapshot")?;
+    removed.extend(prune_list(
+        unverified(dir, name),
+        keep,
+        just_taken,
+        "an old snapshot that failed verification",
+    )?);
+    if !removed.is_empty() {
+        fsutil::fsync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+fn prune_list(
+    all: Vec<PathBuf>,
+    keep: usize,
+    just_taken: &Path,
+    what: &str,
+) -> Result<Vec<PathBuf>, TakeError> {
     let excess = all.len().saturating_sub(keep.max(1));
     let mut removed = Vec::new();
     for old in all.into_iter().take(excess).filter(|p| p != just_taken) {
         std::fs::remove_file(&old).map_err(FsError::io("remove", &old))?;
-        tracing::info!(path = %old.display(), keep, "removed an old snapshot (keeping the newest {keep})");
+        tracing::info!(path = %old.display(), keep, "removed {what} (keeping the newest {keep})");
         removed.push(old);
-    }
-    if !removed.is_empty() {
-        fsutil::fsync_dir(dir)?;
     }
     Ok(removed)
 }
@@ -542,6 +586,14 @@ mod tests {
             d.path().join("m1-20261201T000000Z.db.unverified").exists(),
             "set aside"
         );
+        for i in 2..=4 {
+            let n = format!("m1-2026120{i}T000000Z.db.unverified");
+            std::fs::write(d.path().join(n), b"x").unwrap();
+        }
+        prune(d.path(), "m1", 2, &newest).unwrap();
+        let left = unverified(d.path(), "m1");
+        assert_eq!(left.len(), 2, "the newest two that failed stay: {left:?}");
+        assert!(left[1].ends_with("m1-20261204T000000Z.db.unverified"));
         // keep 0 is taken as 1: the snapshot just taken stays.
         prune(d.path(), "m1", 0, &newest).unwrap();
         assert_eq!(list(d.path(), "m1"), vec![newest]);
