@@ -450,16 +450,17 @@ fn set_aside(dir: &Path, tmp: &Path, name: &str, stamp: &str, why: Rejected) -> 
 /// This member's verified snapshots in `dir`, oldest first (names sort by time).
 pub fn list(dir: &Path, name: &str) -> Vec<PathBuf> {
     let prefix = format!("{name}-");
+    files_named(dir, |n| is_snapshot_name(n, &prefix))
+}
+
+/// The files in `dir` whose names `pick` accepts, sorted.
+fn files_named(dir: &Path, pick: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| is_snapshot_name(n, &prefix))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&pick))
         .collect();
     found.sort();
     found
@@ -486,21 +487,11 @@ fn is_snapshot_name(file: &str, prefix: &str) -> bool {
 /// This member's snapshots that failed verification, oldest first.
 fn unverified(dir: &Path, name: &str) -> Vec<PathBuf> {
     let prefix = format!("{name}-");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.strip_suffix(UNVERIFIED)
-                    .and_then(|r| r.strip_prefix(&prefix))
-                    .is_some_and(|stamp| stamp.len() == 16 && stamp.ends_with('Z'))
-            })
-        })
-        .collect();
-    found.sort();
-    found
+    files_named(dir, |n| {
+        n.strip_suffix(UNVERIFIED)
+            .and_then(|r| r.strip_prefix(&prefix))
+            .is_some_and(|stamp| stamp.len() == 16 && stamp.ends_with('Z'))
+    })
 }
 
 /// Removes this member's oldest verified snapshots beyond `keep`, never `just_taken`, and the

@@ -81,16 +81,6 @@ fn newest_snapshot(dir: &Path) -> Option<PathBuf> {
     v.pop()
 }
 
-fn revision_of(path: &Path) -> i64 {
-    let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    name.rsplit_once("-rev")
-        .unwrap()
-        .1
-        .trim_end_matches(".db")
-        .parse()
-        .unwrap()
-}
-
 /// The env names the snapshot; the journal tells how many restores happened.
 fn restores(data_dir: &Path) -> usize {
     journal(data_dir)
@@ -178,7 +168,7 @@ async fn losing_every_member_and_coming_back_from_the_newest_snapshot() {
         fs::remove_dir_all(&s.data_dir).unwrap();
     }
     let newest = newest_snapshot(&snaps).expect("a snapshot");
-    let rev = revision_of(&newest);
+    let rev = snapshot_revision(&newest);
     let acked = acked.lock().unwrap().clone();
     let held: BTreeMap<String, Vec<u8>> = acked
         .iter()

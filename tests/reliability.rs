@@ -1012,7 +1012,13 @@ async fn a_bad_restore_snapshot_is_refused_untouched() {
 }
 
 /// (case, env of `snapshot`, exit code, problem, remedy).
-type SnapshotCase = (&'static str, Vec<(&'static str, String)>, i32, &'static str, &'static str);
+type SnapshotCase = (
+    &'static str,
+    Vec<(&'static str, String)>,
+    i32,
+    &'static str,
+    &'static str,
+);
 
 #[tokio::test]
 async fn bad_snapshot_settings_and_a_member_not_serving_are_refused_untouched() {

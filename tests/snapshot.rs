@@ -51,35 +51,13 @@ fn dbs(dir: &Path) -> Vec<String> {
     v
 }
 
-/// The revision in a snapshot's name (`<member>-<utc>-rev<N>.db`).
-fn revision_of(path: &Path) -> i64 {
-    let name = path.file_name().unwrap().to_string_lossy();
-    name.rsplit_once("-rev")
-        .unwrap()
-        .1
-        .trim_end_matches(".db")
-        .parse()
-        .unwrap()
-}
-
 /// Every key live at `rev`, as the member serves it.
 async fn dump_at(c: &mut Client, rev: i64) -> BTreeMap<Vec<u8>, Kv> {
     let opts = GetOptions::new().with_range(vec![0u8]).with_revision(rev);
     let r = c.get(vec![0u8], Some(opts)).await.unwrap();
     r.kvs()
         .iter()
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                Kv {
-                    value: kv.value().to_vec(),
-                    create_revision: kv.create_revision(),
-                    mod_revision: kv.mod_revision(),
-                    version: kv.version(),
-                    lease: kv.lease(),
-                },
-            )
-        })
+        .map(|kv| (kv.key().to_vec(), Kv::of(kv)))
         .collect()
 }
 
@@ -161,7 +139,7 @@ async fn a_snapshot_under_writes_matches_the_member_and_restores_by_env_once() {
         writer.abort();
         assert!(o.status.success(), "{version}: {}", text(&o));
         let file = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-        let rev = revision_of(&file);
+        let rev = snapshot_revision(&file);
         assert!(file
             .file_name()
             .unwrap()

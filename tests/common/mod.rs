@@ -585,6 +585,29 @@ pub struct Kv {
     pub lease: i64,
 }
 
+impl Kv {
+    /// A key as the v3 API returned it.
+    pub fn of(kv: &etcd_client::KeyValue) -> Kv {
+        Kv {
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            version: kv.version(),
+            lease: kv.lease(),
+        }
+    }
+}
+
+/// The revision in the name of a snapshot `etcd-migrate snapshot` took
+/// (`<member>-<utc>-rev<N>.db`).
+pub fn snapshot_revision(path: &Path) -> i64 {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    name.rsplit_once("-rev")
+        .and_then(|(_, r)| r.strip_suffix(".db"))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("not a snapshot's name: {name}"))
+}
+
 /// Every key of a v3 store (paged: gRPC caps a response at 4 MiB).
 ///
 /// Waits out "not capable": an etcd started on data whose cluster version is 2.x (data just
@@ -607,16 +630,7 @@ pub async fn dump(c: &mut Client) -> BTreeMap<Vec<u8>, Kv> {
         )
         .await;
         for kv in r.kvs() {
-            out.insert(
-                kv.key().to_vec(),
-                Kv {
-                    value: kv.value().to_vec(),
-                    create_revision: kv.create_revision(),
-                    mod_revision: kv.mod_revision(),
-                    version: kv.version(),
-                    lease: kv.lease(),
-                },
-            );
+            out.insert(kv.key().to_vec(), Kv::of(kv));
         }
         match r.kvs().last() {
             Some(last) if r.more() => {
