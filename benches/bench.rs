@@ -1,4 +1,4 @@
-//! Benchmarks with real etcd: `make bench` (or `cargo bench --bench bench -- [p1 p2 p3 p3step p4 p6 ha rejoin sizes]`).
+//! Benchmarks with real etcd: `make bench` (or `cargo bench --bench bench -- [p1 p2 p3 p3step p4 p6 ha rejoin sizes dr]`).
 //! Each prints its figures and BENCHMARKS.md is rewritten with them and the command that made them.
 
 #[path = "support/bigmember.rs"]
@@ -146,6 +146,12 @@ async fn bare_cycle(version: &str, dir: &Path, name: &str, extra: &[&str]) -> Du
     let mut spec = MemberSpec::new(version, dir, name);
     spec.extra = extra.iter().map(|s| s.to_string()).collect();
     let t = Instant::now();
+    first_write_cycle(spec).await;
+    t.elapsed()
+}
+
+/// Starts `spec`, waits for the first successful write through it, stops it (SIGTERM, wait).
+async fn first_write_cycle(spec: MemberSpec) {
     let m = Member::spawn(spec);
     loop {
         if let Ok(mut c) = Client::connect(
@@ -165,7 +171,6 @@ async fn bare_cycle(version: &str, dir: &Path, name: &str, extra: &[&str]) -> Du
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     m.stop();
-    t.elapsed()
 }
 
 async fn seeded(version: &str, dir: &Path, name: &str, n: usize, value_len: usize) {
@@ -1191,6 +1196,240 @@ async fn rejoin(root: &Path) -> Vec<Row> {
     ]
 }
 
+/// What the snapshot runs of one release measured (medians).
+struct Snaps {
+    ratio: f64,
+    ours: f64,
+    ctl: f64,
+    stream: f64,
+    verify: f64,
+    own_mb: u64,
+    bytes: u64,
+    /// The last run's verified snapshot, kept for the restore rows.
+    kept: PathBuf,
+}
+
+/// `etcd-migrate snapshot` of the member at `url` into the fresh dir `out`: wall time, the
+/// file, and the log's "snapshot verified" line.
+fn our_snapshot(url: &str, out: &Path) -> (f64, PathBuf, String) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let t = Instant::now();
+    let ran = Command::new(env!("CARGO_BIN_EXE_etcd-migrate"))
+        .arg("snapshot")
+        .env_clear()
+        .env("SNAPSHOT_ENDPOINT", url)
+        .env("SNAPSHOT_DIR", out)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .output()
+        .unwrap();
+    let took = secs(t.elapsed());
+    let log = fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(ran.status.success(), "etcd-migrate snapshot failed:\n{log}");
+    let path = PathBuf::from(String::from_utf8(ran.stdout).unwrap().trim());
+    assert!(path.is_file(), "no snapshot at {}:\n{log}", path.display());
+    (took, path, log)
+}
+
+/// `etcdctl snapshot save` of the member at `url` to `file`: wall time.
+fn ctl_snapshot(release: &str, url: &str, file: &Path) -> f64 {
+    let t = Instant::now();
+    let out = Command::new(bundle().join(format!("etcdctl-{release}")))
+        .env_clear()
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", url, "snapshot", "save"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let took = secs(t.elapsed());
+    assert!(
+        out.status.success(),
+        "etcdctl snapshot save: {}",
+        text(&out)
+    );
+    took
+}
+
+/// Snapshots of the cached member `seed` served by etcd-`release` (on a copy), `runs` of ours
+/// and of etcdctl's alternating, each into a fresh dir on the same filesystem, files deleted
+/// between runs (but the last of ours, moved to `keep`).
+async fn snapshot_case(root: &Path, seed: &Path, release: &str, runs: usize, keep: &Path) -> Snaps {
+    let data = root.join(format!("snap-{release}/data"));
+    fs::create_dir_all(data.parent().unwrap()).unwrap();
+    fresh_copy(seed, &data);
+    let _ = fs::remove_file(data.join("version.txt"));
+    let mut spec = MemberSpec::new(release, &data, "m1");
+    spec.extra = vec![BARE_QUOTA.to_string()];
+    let m = Member::spawn(spec);
+    m.wait_healthy(Duration::from_secs(300));
+    let url = m.client_url.clone();
+    let (mut ours, mut ctl, mut stream, mut verify, mut own, mut bytes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
+    for r in 0..runs {
+        let a = root.join(format!("snap-{release}-a{r}"));
+        fs::create_dir_all(&a).unwrap();
+        let (took, file, log) = our_snapshot(&url, &a);
+        let field = |k: &str| log_field(&log, "snapshot verified", k).unwrap_or(0);
+        ours.push(took);
+        stream.push(field("stream_ms") as f64 / 1000.0);
+        verify.push(field("verify_ms") as f64 / 1000.0);
+        own = own.max(field("peak_rss_mb"));
+        bytes = fs::metadata(&file).unwrap().len();
+        if r + 1 == runs {
+            fs::rename(&file, keep).unwrap();
+        }
+        fs::remove_dir_all(&a).unwrap();
+        assert!(Command::new("sync").status().unwrap().success());
+        let b = root.join(format!("snap-{release}-b{r}"));
+        fs::create_dir_all(&b).unwrap();
+        ctl.push(ctl_snapshot(release, &url, &b.join("snapshot.db")));
+        fs::remove_dir_all(&b).unwrap();
+        assert!(Command::new("sync").status().unwrap().success());
+    }
+    m.stop();
+    fs::remove_dir_all(data.parent().unwrap()).unwrap();
+    println!("snapshot of the 1 GB member at etcd {release}: etcd-migrate {ours:.2?} s (stream {stream:.2?}, verify {verify:.2?}), etcdctl {ctl:.2?} s, peak RSS {own} MiB");
+    let ratios: Vec<f64> = ours.iter().zip(&ctl).map(|(o, c)| o / c).collect();
+    Snaps {
+        ratio: median(ratios),
+        ours: median(ours),
+        ctl: median(ctl),
+        stream: median(stream),
+        verify: median(verify),
+        own_mb: own,
+        bytes,
+        kept: keep.to_path_buf(),
+    }
+}
+
+/// The rows of a [`snapshot_case`]: `ids` for the time and the RSS row.
+fn snapshot_rows(
+    s: &Snaps,
+    ids: (&'static str, &'static str),
+    release: &str,
+    shape: &str,
+    runs: usize,
+) -> Vec<Row> {
+    vec![
+        Row { id: ids.0, what: format!("`etcd-migrate snapshot` (verification included) of the 1 GB member ({shape}) served by etcd {release} / `etcdctl-{release} snapshot save` of it, each into a fresh dir on the same disk (median of {runs}, alternating)"), figure: format!("{:.3} ({:.2} s: stream {:.2} s, verify {:.2} s; etcdctl {:.2} s; {:.0} MB file)", s.ratio, s.ours, s.stream, s.verify, s.ctl, s.bytes as f64 / 1e6), goal: "<= 1.10", met: Some(s.ratio <= 1.10) },
+        Row { id: ids.1, what: format!("the same at etcd {release}: peak RSS of etcd-migrate (its log's peak_rss_mb)"), figure: format!("{} MiB", s.own_mb), goal: "<= 128 MB", met: Some(s.own_mb <= 122) },
+    ]
+}
+
+/// Restores of `file` (a 3.4.23 snapshot) as a new one-member cluster, `runs` alternating:
+/// `etcd-migrate migrate` with RESTORE_SNAPSHOT onto an empty data dir, against `etcdctl
+/// snapshot restore` then etcd-3.4.23 started on it until the first write, then stopped.
+async fn restore_row(root: &Path, file: &Path, shape: &str, runs: usize) -> Row {
+    let (mut ours, mut hand, mut restore, mut prove, mut ctl) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let a = root.join(format!("restore-a{r}/data"));
+        fs::create_dir_all(a.parent().unwrap()).unwrap();
+        let mut env = MigrateEnv::new(&a, "m1", "3.4.23", "etcd3");
+        env.set("RESTORE_SNAPSHOT", &file.to_string_lossy())
+            .set("CHILD_OUTPUT", "quiet");
+        let ran = run_migrate(&env, &["migrate"]);
+        assert!(
+            ran.log.contains("restored the snapshot"),
+            "no restore:\n{}",
+            ran.log
+        );
+        ours.push(secs(ran.took));
+        let d = journal(&a)
+            .into_iter()
+            .rfind(|e| e["event"] == "restore-snapshot")
+            .map(|e| e["detail"].clone())
+            .unwrap_or_default();
+        restore.push(d["restore_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+        prove.push(d["prove_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+        fs::remove_dir_all(a.parent().unwrap()).unwrap();
+        assert!(Command::new("sync").status().unwrap().success());
+        let b = root.join(format!("restore-b{r}/data"));
+        fs::create_dir_all(b.parent().unwrap()).unwrap();
+        let mut spec = MemberSpec::new("3.4.23", &b, "m1");
+        spec.extra = vec![BARE_QUOTA.to_string()];
+        let peer = spec.peer_url();
+        let t = Instant::now();
+        let out = Command::new(bundle().join("etcdctl-3.4.23"))
+            .env_clear()
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore"])
+            .arg(file)
+            .arg("--data-dir")
+            .arg(&b)
+            .args([
+                "--name",
+                "m1",
+                "--initial-cluster",
+                &format!("m1={peer}"),
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl snapshot restore: {}",
+            text(&out)
+        );
+        ctl.push(secs(t.elapsed()));
+        first_write_cycle(spec).await;
+        hand.push(secs(t.elapsed()));
+        fs::remove_dir_all(b.parent().unwrap()).unwrap();
+        assert!(Command::new("sync").status().unwrap().success());
+    }
+    println!("restore of the 1 GB member's snapshot at 3.4.23: etcd-migrate {ours:.2?} s (restore {restore:.2?}, prove {prove:.2?}), by hand {hand:.2?} s (etcdctl snapshot restore {ctl:.2?})");
+    let ratios: Vec<f64> = ours.iter().zip(&hand).map(|(o, h)| o / h).collect();
+    let r = median(ratios);
+    // What the restore and prove stages leave of our runs: the file's verification before
+    // anything is touched, start-up, preflight.
+    let before: Vec<f64> = (0..runs).map(|i| ours[i] - restore[i] - prove[i]).collect();
+    let started: Vec<f64> = hand.iter().zip(&ctl).map(|(h, c)| h - c).collect();
+    let bytes = fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    Row {
+        id: "restore 1g",
+        what: format!("`etcd-migrate migrate` with RESTORE_SNAPSHOT (a {:.0} MB snapshot of the 1 GB member: {shape}), TARGET_VERSION=3.4.23, onto an empty data dir, to its exit / by hand: `etcdctl-3.4.23 snapshot restore`, etcd-3.4.23 started on it until the first write, stopped (default election flags, as the bare rows; median of {runs}, alternating)", bytes as f64 / 1e6),
+        figure: format!("{r:.3} ({:.2} s: verification of the file and the rest {:.2} s, restore {:.2} s, prove {:.2} s; by hand {:.2} s: etcdctl snapshot restore {:.2} s, start to first write and stop {:.2} s)", median(ours), median(before), median(restore), median(prove), median(hand), median(ctl), median(started)),
+        goal: "<= 1.15",
+        met: Some(r <= 1.15),
+    }
+}
+
+/// Disaster recovery on the cached 1 GB member: `etcd-migrate snapshot` against `etcdctl
+/// snapshot save` (at 3.4.23, and at the newest 3.5 on a copy it upgraded in place), and the
+/// restore of the 3.4.23 snapshot by RESTORE_SNAPSHOT against restore + first start by hand.
+async fn dr(root: &Path) -> Vec<Row> {
+    const RUNS: usize = 3;
+    let big = bigmember::member("1g", 1 << 30).await;
+    let shape = bigmember::describe(&big);
+    let kept = root.join("kept-3.4.23.db");
+    let s = snapshot_case(root, &big, "3.4.23", RUNS, &kept).await;
+    let mut rows = snapshot_rows(&s, ("snapshot 1g", "RSS snapshot"), "3.4.23", &shape, RUNS);
+    rows.push(restore_row(root, &s.kept, &shape, RUNS).await);
+    fs::remove_file(&s.kept).unwrap();
+    // BENCH_DR_35=0 leaves out the newest 3.5 (a copy of the 3.4.23 member upgraded in place
+    // by its first start).
+    if std::env::var("BENCH_DR_35")
+        .map(|v| v != "0")
+        .unwrap_or(true)
+    {
+        let new = new35();
+        let kept = root.join(format!("kept-{new}.db"));
+        let s = snapshot_case(root, &big, &new, RUNS, &kept).await;
+        fs::remove_file(&s.kept).unwrap();
+        let shape = format!("{shape}; upgraded in place by {new}'s first start");
+        rows.extend(snapshot_rows(
+            &s,
+            ("snapshot 1g 3.5", "RSS snapshot 3.5"),
+            &new,
+            &shape,
+            RUNS,
+        ));
+    }
+    rows
+}
+
 /// How long each release's private etcd took to stop, over every run of this benchmark.
 fn stops_row() -> Option<Row> {
     let stops = STOPS.lock().unwrap();
@@ -1247,7 +1486,7 @@ fn main() {
         .collect();
     if which.is_empty() || which.iter().any(|w| w == "all") {
         which = [
-            "p1", "p2", "p3", "p3step", "p4", "p6", "ha", "rejoin", "sizes",
+            "p1", "p2", "p3", "p3step", "p4", "p6", "ha", "rejoin", "sizes", "dr",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1285,6 +1524,7 @@ fn main() {
                 "ha" => ha(&dir).await,
                 "rejoin" => rejoin(&dir).await,
                 "sizes" => sizes(&dir).await,
+                "dr" => dr(&dir).await,
                 // Only make (or find) the cached big members.
                 "gen1g" => {
                     println!("{}", bigmember::member("1g", 1 << 30).await.display());
