@@ -255,7 +255,7 @@ async fn stream_to(
         .snapshot()
         .await
         .map_err(|e| stream_err(e.to_string()))?;
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode_0600()
@@ -266,54 +266,108 @@ async fn stream_to(
         Unit::Bytes,
         (db_size > 0).then_some(db_size as u64),
     );
-    let mut hasher = Sha256::new();
-    let mut tail: Vec<u8> = Vec::with_capacity(2 * TRAILER_LEN);
-    let (mut size, mut synced) = (0u64, 0u64);
-    loop {
-        let msg = tokio::time::timeout(STALL, stream.message())
-            .await
-            .map_err(|_| stream_err(format!("nothing received for {}", human(STALL))))?
-            .map_err(|e| stream_err(e.to_string()))?;
-        let Some(msg) = msg else { break };
-        let blob = msg.blob();
-        file.write_all(blob).map_err(FsError::io("write", tmp))?;
-        // Everything but the last 32 bytes seen so far is the body etcd's checksum covers.
-        tail.extend_from_slice(blob);
-        if tail.len() > TRAILER_LEN {
-            let cut = tail.len() - TRAILER_LEN;
-            hasher.update(&tail[..cut]);
-            tail.drain(..cut);
+    // The file is written and hashed on a thread of its own: this one only receives.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
+    let path = tmp.to_path_buf();
+    let writer = std::thread::Builder::new()
+        .name("snapshot-writer".into())
+        .spawn(move || write_and_hash(file, &path, rx))
+        .map_err(FsError::io("spawn a writer for", tmp))?;
+    let mut size = 0u64;
+    let received = loop {
+        let msg = match tokio::time::timeout(STALL, stream.message()).await {
+            Err(_) => break Err(stream_err(format!("nothing received for {}", human(STALL)))),
+            Ok(Err(e)) => break Err(stream_err(e.to_string())),
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Ok(Some(msg))) => msg,
+        };
+        size += msg.blob().len() as u64;
+        if tx.send(msg.blob().to_vec()).is_err() {
+            break Ok(()); // the writer failed: its error is reported below
         }
-        size += blob.len() as u64;
         fail::fail_point!("snapshot-streaming");
         meter.counter().store(size, Ordering::Relaxed);
-        if size - synced >= WRITEBACK_EVERY {
-            fsutil::start_writeback(&file, synced, size - synced);
-            synced = size;
-        }
-    }
-    file.sync_all().map_err(FsError::io("fsync", tmp))?;
-    drop(file);
+    };
+    drop(tx);
+    let written = writer.join().unwrap_or_else(|_| {
+        Err(FsError::io("write", tmp)(std::io::Error::other(
+            "the writer panicked",
+        )))
+    });
     meter.finish();
-    if tail.len() < TRAILER_LEN {
+    received?;
+    let w = written?;
+    if w.size < TRAILER_LEN as u64 {
         return Err(stream_err(format!(
-            "ended after {size} bytes, before etcd's checksum"
+            "ended after {} bytes, before etcd's checksum",
+            w.size
         )));
     }
-    let whole = {
-        let mut h = hasher.clone();
-        h.update(&tail);
-        snapcheck::hex(&h.finalize())
-    };
-    if hasher.finalize().as_slice() != tail.as_slice() {
+    if !w.trailer_matches {
         return Err(stream_err(
             "etcd's SHA-256 of the stream does not match the bytes received".into(),
         ));
     }
     Ok(Streamed {
-        size,
+        size: w.size,
         trailer: Trailer::Valid,
-        sha256: whole,
+        sha256: w.sha256,
+    })
+}
+
+/// What the writer thread made of the stream.
+struct Written {
+    size: u64,
+    /// The last 32 bytes are the SHA-256 of all before them.
+    trailer_matches: bool,
+    /// SHA-256 of the whole file, hex.
+    sha256: String,
+}
+
+/// Writes the chunks to `file` (buffered, writeback started as it goes, fsynced at the end) and
+/// hashes them: everything but the last 32 bytes is the body etcd's checksum covers.
+fn write_and_hash(
+    file: std::fs::File,
+    path: &Path,
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<Written, FsError> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut body = Sha256::new();
+    let mut held: Vec<u8> = Vec::with_capacity(2 * TRAILER_LEN);
+    let (mut size, mut synced) = (0u64, 0u64);
+    for chunk in rx {
+        out.write_all(&chunk).map_err(FsError::io("write", path))?;
+        size += chunk.len() as u64;
+        if chunk.len() >= TRAILER_LEN {
+            body.update(&held);
+            let cut = chunk.len() - TRAILER_LEN;
+            body.update(&chunk[..cut]);
+            held.clear();
+            held.extend_from_slice(&chunk[cut..]);
+        } else {
+            held.extend_from_slice(&chunk);
+            if held.len() > TRAILER_LEN {
+                let cut = held.len() - TRAILER_LEN;
+                body.update(&held[..cut]);
+                held.drain(..cut);
+            }
+        }
+        if size - synced >= WRITEBACK_EVERY {
+            out.flush().map_err(FsError::io("write", path))?;
+            fsutil::start_writeback(out.get_ref(), synced, size - synced);
+            synced = size;
+        }
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| FsError::io("write", path)(e.into_error()))?;
+    file.sync_all().map_err(FsError::io("fsync", path))?;
+    let mut whole = body.clone();
+    whole.update(&held);
+    Ok(Written {
+        size,
+        trailer_matches: held.len() == TRAILER_LEN && body.finalize().as_slice() == held.as_slice(),
+        sha256: snapcheck::hex(&whole.finalize()),
     })
 }
 
@@ -334,20 +388,73 @@ enum Rejected {
     Mismatch { revision: i64, what: String },
 }
 
-/// Reads the file back whole with our readers, and asks the member for its HashKV and key
-/// count at the revision the file holds.
+/// Reads the file back whole with our readers while the member computes its HashKV and counts
+/// its keys at the revision the file holds (found first, from the tree's last key), then
+/// compares.
 async fn verify(
     api: &mut V3,
     tmp: &Path,
     streamed: &Streamed,
     member_version: &str,
 ) -> Result<(SnapshotFacts, u32), Rejected> {
+    let revision = snapcheck::newest_revision(tmp).map_err(Rejected::Unreadable)?;
+    let mut member_api = api.clone();
+    let member = tokio::spawn(async move {
+        let t = Instant::now();
+        let hash = member_api.hash_kv(revision).await;
+        let count = member_api.count_at(revision).await;
+        (hash, count, t.elapsed())
+    });
+    let rule = rule_of(member_version);
+    let t = Instant::now();
+    let facts = read_back(tmp, streamed, rule).await?;
+    let read_ms = t.elapsed().as_millis() as u64;
+    let mismatch = |what: String| Rejected::Mismatch { revision, what };
+    if facts.revision != revision {
+        return Err(mismatch(format!(
+            "the file's newest revision read {} on a full read",
+            facts.revision
+        )));
+    }
+    let (hash, count, member_took) = member
+        .await
+        .map_err(|e| mismatch(format!("asking the member failed: {e}")))?;
+    let member =
+        hash.map_err(|e| mismatch(format!("the member cannot give its HashKV there ({e})")))?;
+    tracing::info!(
+        read_ms,
+        member_ms = member_took.as_millis() as u64,
+        "read the snapshot back; the member's HashKV and key count alongside"
+    );
+    let ours = if member.compact_revision == facts.hash.compact_revision {
+        facts.hash
+    } else {
+        snapcheck::hash_kv(tmp, member.compact_revision, rule).map_err(Rejected::Unreadable)?
+    };
+    if ours.hash != member.hash {
+        return Err(mismatch(format!(
+            "HashKV {} from the member (compaction {}), {} from the file",
+            member.hash, member.compact_revision, ours.hash
+        )));
+    }
+    let count =
+        count.map_err(|e| mismatch(format!("the member cannot count its keys there ({e})")))?;
+    if count != facts.keys {
+        return Err(mismatch(format!(
+            "{count} keys on the member, {} in the file",
+            facts.keys
+        )));
+    }
+    Ok((facts, member.hash))
+}
+
+/// Our readers over the whole file, on a blocking thread, with progress shown.
+async fn read_back(tmp: &Path, streamed: &Streamed, rule: bool) -> Result<SnapshotFacts, Rejected> {
     let meter = Meter::count("verifying the snapshot", Unit::Bytes, Some(streamed.size));
     let path = tmp.to_path_buf();
     let pre = (streamed.size, streamed.trailer, streamed.sha256.clone());
     let progress = std::sync::Arc::new(AtomicU64::new(0));
     let counted = progress.clone();
-    let rule = rule_of(member_version);
     let read = tokio::task::spawn_blocking(move || {
         snapcheck::check_read(&path, pre, Some(rule), &counted)
     });
@@ -364,37 +471,9 @@ async fn verify(
             .counter()
             .store(progress.load(Ordering::Relaxed), Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    .map_err(Rejected::Unreadable)?;
-    meter.finish();
-    let revision = facts.revision;
-    let mismatch = |what: String| Rejected::Mismatch { revision, what };
-    let member = api
-        .hash_kv(revision)
-        .await
-        .map_err(|e| mismatch(format!("the member cannot give its HashKV there ({e})")))?;
-    let ours = if member.compact_revision == facts.hash.compact_revision {
-        facts.hash
-    } else {
-        snapcheck::hash_kv(tmp, member.compact_revision, rule).map_err(Rejected::Unreadable)?
     };
-    if ours.hash != member.hash {
-        return Err(mismatch(format!(
-            "HashKV {} from the member (compaction {}), {} from the file",
-            member.hash, member.compact_revision, ours.hash
-        )));
-    }
-    let count = api
-        .count_at(revision)
-        .await
-        .map_err(|e| mismatch(format!("the member cannot count its keys there ({e})")))?;
-    if count != facts.keys {
-        return Err(mismatch(format!(
-            "{count} keys on the member, {} in the file",
-            facts.keys
-        )));
-    }
-    Ok((facts, member.hash))
+    meter.finish();
+    facts.map_err(Rejected::Unreadable)
 }
 
 /// "30m", "90s".

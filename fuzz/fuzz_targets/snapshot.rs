@@ -44,6 +44,11 @@ fn check(path: &std::path::Path, data: &[u8]) {
             assert_eq!(facts.trailer, want);
             assert!(facts.keys <= facts.entries, "{facts:?}");
             assert_eq!(facts.hash.revision, facts.revision);
+            assert_eq!(
+                snapcheck::newest_revision(path).expect("the last key of a file that verified"),
+                facts.revision,
+                "the last key names the newest revision"
+            );
             let again = snapcheck::hash_kv(path, facts.hash.compact_revision, false)
                 .expect("the hash of a file that verified");
             let rule_free = snapcheck::hash_kv(path, facts.hash.compact_revision, true)

@@ -941,6 +941,33 @@ impl<'db> Bucket<'db> {
         }
     }
 
+    /// The greatest key (the last element of the rightmost leaf), without walking the bucket;
+    /// `None` for an empty bucket.
+    pub fn last_key(&self) -> Result<Option<Vec<u8>>> {
+        let mut page = match &self.root {
+            Root::Page(p) => self.db.read_page(*p)?,
+            Root::Inline(p) => p.clone(),
+        };
+        for _ in 0..MAX_DEPTH {
+            let pgid = page.pgid;
+            let at = |fault: PageFault| self.db.tree_error(&self.name, pgid, fault);
+            let Some(last) = page.count.checked_sub(1) else {
+                return Ok(None);
+            };
+            if page.branch {
+                let (_, child) = page.branch_element(last).map_err(at)?;
+                page = self.db.read_page(child)?;
+                continue;
+            }
+            return Ok(Some(page.leaf_element(last).map_err(at)?.key.to_vec()));
+        }
+        Err(self.db.tree_error(
+            &self.name,
+            page.pgid,
+            format!("deeper than {MAX_DEPTH} levels"),
+        ))
+    }
+
     /// Descends to the leaf holding `key`; returns its element flags and value.
     fn lookup(&self, key: &[u8]) -> Result<Option<(u32, Vec<u8>)>> {
         let mut page = match &self.root {

@@ -246,6 +246,29 @@ pub fn check_read(
     })
 }
 
+/// The snapshot's revision (the newest main revision in bucket `key`, its last key), read
+/// without walking the bucket; 0 when it is empty.
+pub fn newest_revision(path: &Path) -> Result<i64, SnapshotError> {
+    let db = Db::open(path).map_err(|source| SnapshotError::NotBbolt {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mvcc_err = |source| SnapshotError::Mvcc {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bucket = db
+        .bucket(KEY_BUCKET)
+        .map_err(|e| mvcc_err(e.into()))?
+        .ok_or_else(|| SnapshotError::NotEtcd {
+            path: path.to_path_buf(),
+        })?;
+    match bucket.last_key().map_err(|e| mvcc_err(e.into()))? {
+        None => Ok(0),
+        Some(k) => Ok(parse_revision_key(&k).map_err(mvcc_err)?.rev.main),
+    }
+}
+
 /// HashKV of the file at `path`'s newest revision with another compaction revision (the
 /// member's, when it differs from what the file records), under `rule` (see
 /// [`skips_compacted_tombstone`]).

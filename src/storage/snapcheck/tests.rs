@@ -117,6 +117,12 @@ fn our_hash_is_the_members_hashkv() {
         let f = check_file(&Path::new(seeds).join(file)).unwrap();
         assert_eq!(f.trailer, Trailer::Valid, "{file}");
         assert_eq!((f.revision, f.hash.compact_revision), (18, 15), "{file}");
+        let path = Path::new(seeds).join(file);
+        assert_eq!(
+            newest_revision(&path).unwrap(),
+            18,
+            "{file}: from the last key"
+        );
         assert_eq!(f.hash.hash, want, "{file}: {f:?}");
         // 12 puts, k2 and k4 deleted, one event.
         assert_eq!(f.keys, 11, "{file}");
