@@ -430,15 +430,78 @@ impl KeyFacts {
             if !kept || (skip_compacted_tombstone && e.tombstone && e.main == self.compact) {
                 continue;
             }
-            crc = crc32c::crc32c_combine(crc, e.crc, e.len as usize);
+            crc = crc_combine(crc, e.crc, e.len as u64);
         }
-        crc = crc32c::crc32c_combine(crc, self.late_crc, self.late_len);
+        crc = crc_combine(crc, self.late_crc, self.late_len as u64);
         KvHash {
             hash: crc,
             revision: self.newest,
             compact_revision: self.compact,
         }
     }
+}
+
+/// CRC-32C (reflected polynomial) of `a || b` from the CRCs of `a` and `b` and the length of
+/// `b`: `crc(a)` times x^(8 len) modulo the polynomial, plus `crc(b)`. zlib's method (powers
+/// x^(2^k) from a table, a multiply per set bit of the length): a fraction of a microsecond,
+/// where the crc32c crate's matrix method took microseconds, per entry of a large bucket.
+pub fn crc_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+    if len_b == 0 {
+        return crc_a; // b is empty (its CRC is 0), as zlib has it
+    }
+    mult_mod_p(x_pow_8n(len_b), crc_a) ^ crc_b
+}
+
+const CASTAGNOLI_REFLECTED: u32 = 0x82F6_3B78;
+
+/// a * b modulo the polynomial, bit-reflected (x^0 is the top bit).
+const fn mult_mod_p(a: u32, mut b: u32) -> u32 {
+    let mut m: u32 = 1 << 31;
+    let mut p = 0;
+    loop {
+        if a & m != 0 {
+            p ^= b;
+            if a & (m - 1) == 0 {
+                return p;
+            }
+        }
+        m >>= 1;
+        b = if b & 1 != 0 {
+            (b >> 1) ^ CASTAGNOLI_REFLECTED
+        } else {
+            b >> 1
+        };
+        if m == 0 {
+            return p;
+        }
+    }
+}
+
+/// x^(2^k) modulo the polynomial, for k in 0..67 (8 n for any u64 n).
+const X2N: [u32; 67] = {
+    let mut t = [0u32; 67];
+    let mut p: u32 = 1 << 30; // x^1
+    let mut k = 0;
+    while k < 67 {
+        t[k] = p;
+        p = mult_mod_p(p, p);
+        k += 1;
+    }
+    t
+};
+
+/// x^(8 n) modulo the polynomial: n zero bytes appended.
+fn x_pow_8n(mut n: u64) -> u32 {
+    let mut p: u32 = 1 << 31; // x^0
+    let mut k = 3; // 8 n = n * 2^3
+    while n != 0 {
+        if n & 1 != 0 {
+            p = mult_mod_p(X2N[k], p);
+        }
+        n >>= 1;
+        k += 1;
+    }
+    p
 }
 
 #[cfg(test)]

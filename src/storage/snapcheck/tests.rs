@@ -78,13 +78,23 @@ fn a_changed_byte_or_a_cut_is_named() {
 
 #[test]
 fn combining_crcs_equals_one_crc_over_the_concatenation() {
-    let parts: [&[u8]; 4] = [b"key", b"", b"abc", &[7u8; 5000]];
+    let big: Vec<u8> = (0..70_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let parts: [&[u8]; 6] = [b"key", b"", b"abc", &[7u8; 5000], &big, b"z"];
     let whole: Vec<u8> = parts.concat();
     let mut crc = crc32c::crc32c(parts[0]);
     for p in &parts[1..] {
-        crc = crc32c::crc32c_combine(crc, crc32c::crc32c(p), p.len());
+        let next = crc_combine(crc, crc32c::crc32c(p), p.len() as u64);
+        assert_eq!(next, crc32c::crc32c_combine(crc, crc32c::crc32c(p), p.len()));
+        crc = next;
     }
     assert_eq!(crc, crc32c::crc32c(&whole));
+    for len in [0u64, 1, 2, 3, 31, 32, 33, 4095, 4096, 1 << 20, (1 << 33) + 5] {
+        assert_eq!(
+            crc_combine(0x1234_5678, 0x9abc_def0, len),
+            crc32c::crc32c_combine(0x1234_5678, 0x9abc_def0, len as usize),
+            "len {len}"
+        );
+    }
 }
 
 #[test]
