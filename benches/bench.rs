@@ -1479,6 +1479,57 @@ fn machine() -> String {
     )
 }
 
+/// One table row as BENCHMARKS.md has it.
+fn row_line(r: &Row) -> String {
+    let met = match r.met {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "-",
+    };
+    println!("{:<8} {:<10} {}  ({})", r.id, met, r.figure, r.goal);
+    format!("| {} | {} | {} | {} | {met} |", r.id, r.what, r.figure, r.goal)
+}
+
+/// `BENCH_MERGE=1`: a subset's rows replace the rows of the same id in BENCHMARKS.md (new ids
+/// are added at the end of the table) and the header says which rows this run made, when.
+fn merge_into_benchmarks_md(which: &[String], rows: &[Row]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+    let old = fs::read_to_string(&path).unwrap_or_default();
+    let id_of = |line: &str| line.split('|').nth(1).map(|c| c.trim().to_string());
+    let mut new: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.id.to_string(), row_line(r)))
+        .collect();
+    let mut out = Vec::new();
+    let mut in_table = false;
+    for line in old.lines() {
+        if line.starts_with("| id |") {
+            in_table = true;
+        } else if in_table && !line.starts_with('|') {
+            out.extend(new.drain(..).map(|(_, l)| l));
+            in_table = false;
+        } else if in_table && !line.starts_with("|---") {
+            if let Some(i) = id_of(line).and_then(|id| new.iter().position(|(n, _)| *n == id)) {
+                out.push(new.remove(i).1);
+                continue;
+            }
+        }
+        out.push(line.to_string());
+        if line.starts_with("Made by") {
+            out.push(String::new());
+            out.push(format!(
+                "Rows {} rerun by `BENCH_MERGE=1 cargo bench --bench bench -- {}` on {}, {}.",
+                rows.iter().map(|r| r.id).collect::<Vec<_>>().join(", "),
+                which.join(" "),
+                time::OffsetDateTime::now_utc().date(),
+                machine()
+            ));
+        }
+    }
+    out.extend(new.into_iter().map(|(_, l)| l));
+    fs::write(&path, out.join("\n") + "\n").unwrap();
+}
+
 fn main() {
     let mut which: Vec<String> = std::env::args()
         .skip(1)
@@ -1541,6 +1592,10 @@ fn main() {
             let _ = fs::remove_dir_all(&dir);
         }
         rows.extend(r);
+    }
+    if std::env::var_os("BENCH_MERGE").is_some() {
+        // The stops row sums every run's stops: a subset's would replace it with a part.
+        return merge_into_benchmarks_md(&which, &rows);
     }
     rows.extend(stops_row());
     let mut md = String::from("# Benchmarks\n\n");
