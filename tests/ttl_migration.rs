@@ -99,7 +99,21 @@ async fn check_migrated(
     let mut c = m.client().await;
     let after = dump(&mut c).await;
     let elapsed = captured_at.elapsed().as_secs() as i64 + 1;
-    assert_eq!(after.len(), before.len(), "every key came through");
+    // Every key came through, but for one whose TTL ran out since it was read (the shortest
+    // masterlease has 30 s: a slow machine may take that long).
+    let missing: Vec<(&String, Option<i64>)> = before
+        .iter()
+        .filter(|(k, _)| !after.contains_key(k.as_bytes()))
+        .map(|(k, v)| (k, v.3))
+        .collect();
+    assert!(
+        missing
+            .iter()
+            .all(|(_, ttl)| ttl.is_some_and(|t| t <= elapsed + granularity)),
+        "every key came through but for expired ones; missing: {:?} ({elapsed}s elapsed)",
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(after.len() + missing.len(), before.len());
     let mut lease_ttl: HashMap<i64, i64> = HashMap::new();
     for (k, kv) in &after {
         let key = String::from_utf8(k.clone()).unwrap();

@@ -4,6 +4,28 @@ use std::time::Duration;
 
 use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 
+/// One directory's listing as it is parsed: leaves and the directory itself (when empty) go to
+/// the walk's visit; subdirectories, which a listing without recursion shows without their
+/// children, are kept to be listed next.
+struct Listing<S, E> {
+    state: S,
+    visit: fn(&mut S, Entry) -> Result<(), E>,
+    listed: String,
+    subdirs: Vec<String>,
+}
+
+impl<S, E> Listing<S, E> {
+    fn see(&mut self, entry: Entry) -> Result<(), E> {
+        match entry {
+            Entry::EmptyDir(d) if d.trim_end_matches('/') != self.listed.trim_end_matches('/') => {
+                self.subdirs.push(d);
+                Ok(())
+            }
+            e => (self.visit)(&mut self.state, e),
+        }
+    }
+}
+
 /// A v2 request failure.
 #[derive(Debug, thiserror::Error)]
 #[error("v2 {op} {key}: {message}")]
@@ -115,30 +137,52 @@ impl V2 {
         Ok(tree)
     }
 
-    /// Visits every leaf key and every empty directory of the store, streaming one recursive
-    /// read: the response is parsed as it arrives, on a thread of its own, so memory holds one
-    /// key at a time whatever the store's size. Leaves come in the store's tree order (each
-    /// directory's children sorted), not in key byte order. `visit` runs on that thread, with
-    /// `state`, which is handed back at the end; an error from it ends the walk.
+    /// Visits every leaf key and every empty directory of the store, one directory at a time:
+    /// each directory is listed without recursion and its listing parsed as it arrives, on a
+    /// thread of its own, so neither etcd (which builds each response whole) nor we hold more
+    /// than one directory's listing, whatever the store's size (one recursive read of a 1 GB
+    /// store had etcd 3.4 peak at 16 GB). Each directory's children come sorted, a
+    /// directory's leaves before its subdirectories; not in key byte order. `visit` runs on
+    /// those threads, with `state`, which is handed back at the end; an error from it ends the
+    /// walk.
     pub async fn walk<S: Send + 'static, E: std::fmt::Display + Send + 'static>(
         &self,
         state: S,
         visit: fn(&mut S, Entry) -> Result<(), E>,
     ) -> Result<S, WalkError<E>> {
+        let mut listing = Listing {
+            state,
+            visit,
+            listed: String::new(),
+            subdirs: Vec::new(),
+        };
+        // Depth first, each directory's subdirectories in sorted order.
+        let mut pending = vec!["/".to_string()];
+        while let Some(dir) = pending.pop() {
+            listing.listed = dir;
+            listing = self.list(listing).await?;
+            pending.extend(listing.subdirs.drain(..).rev());
+        }
+        Ok(listing.state)
+    }
+
+    /// Streams one directory's listing through `listing`.
+    async fn list<S: Send + 'static, E: std::fmt::Display + Send + 'static>(
+        &self,
+        listing: Listing<S, E>,
+    ) -> Result<Listing<S, E>, WalkError<E>> {
+        let dir = listing.listed.clone();
         let e = |message: String| V2Error {
             op: "get",
-            key: "/".into(),
+            key: dir.clone(),
             message,
         };
+        let url = self.key_url(&dir).map_err(|x| WalkError::V2(e(x)))?;
         let mut resp = self
             .http
-            .get(self.url("/"))
-            .query(&[
-                ("recursive", "true"),
-                ("sorted", "true"),
-                ("quorum", "true"),
-            ])
-            // The whole store comes in one response: no overall deadline, only between chunks.
+            .get(url)
+            .query(&[("sorted", "true"), ("quorum", "true")])
+            // One directory may be large: no overall deadline, only between chunks.
             .timeout(Duration::from_secs(24 * 3600))
             .send()
             .await
@@ -151,7 +195,7 @@ impl V2 {
         let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
         let parser = std::thread::Builder::new()
             .name("v2-walk".into())
-            .spawn(move || parse_walk(ChunkReader::new(rx), state, visit))
+            .spawn(move || parse_walk(ChunkReader::new(rx), listing, Listing::<S, E>::see))
             .map_err(|x| WalkError::V2(e(x.to_string())))?;
         let mut sent = Ok(());
         loop {
@@ -182,6 +226,20 @@ impl V2 {
             Parse::Json(m) => WalkError::V2(e(m)),
             Parse::Visit(v) => WalkError::Visit(v),
         })
+    }
+
+    /// `/v2/keys<key>` with each path segment percent-encoded.
+    fn key_url(&self, key: &str) -> Result<reqwest::Url, String> {
+        let mut url = reqwest::Url::parse(&format!("{}/v2/keys", self.base)).map_err(|x| x.to_string())?;
+        url.path_segments_mut()
+            .map_err(|()| format!("{} cannot take a path", self.base))?
+            .extend(key.split('/').filter(|s| !s.is_empty()));
+        if key == "/" || key.is_empty() {
+            url.path_segments_mut()
+                .map_err(|()| format!("{} cannot take a path", self.base))?
+                .push("");
+        }
+        Ok(url)
     }
 
     /// Fingerprint of every leaf key (probe keys excluded), streaming.
