@@ -1576,6 +1576,8 @@ fn main() {
                 "rejoin" => rejoin(&dir).await,
                 "sizes" => sizes(&dir).await,
                 "dr" => dr(&dir).await,
+                // The storage migration of the 1 GB etcd2 member alone (also part of `sizes`).
+                "mig1g" => storage_migration_1g(&dir).await,
                 // Only make (or find) the cached big members.
                 "gen1g" => {
                     println!("{}", bigmember::member("1g", 1 << 30).await.display());
