@@ -36,6 +36,15 @@ pub enum SnapError {
         /// Decoder error.
         source: prost::DecodeError,
     },
+    /// A field etcd writes once appears twice: readers disagree on such a file (protobuf keeps
+    /// the last, a streaming reader meets the first), so it is not read at all.
+    #[error("{}: {what} appears twice: not a snapshot etcd wrote", path.display())]
+    Repeated {
+        /// File.
+        path: PathBuf,
+        /// Which field.
+        what: &'static str,
+    },
     /// Empty file, empty data or zero CRC (etcd's `ErrEmptySnapshot`).
     #[error("{}: empty snapshot", path.display())]
     Empty {
@@ -111,6 +120,13 @@ pub fn decode_snap_file(bytes: &[u8], path: &Path) -> Result<RaftSnapshot> {
         what: "snappb.Snapshot",
         source,
     })?;
+    let repeated = |what| SnapError::Repeated {
+        path: path.to_path_buf(),
+        what,
+    };
+    if field_count(bytes, 2) > 1 {
+        return Err(repeated("snappb.Snapshot data"));
+    }
     let data = f.data.unwrap_or_default();
     if data.is_empty() || f.crc == 0 {
         return Err(empty());
@@ -123,11 +139,32 @@ pub fn decode_snap_file(bytes: &[u8], path: &Path) -> Result<RaftSnapshot> {
             computed,
         });
     }
-    RaftSnapshot::decode(&data[..]).map_err(|source| SnapError::BadProtobuf {
+    let snap = RaftSnapshot::decode(&data[..]).map_err(|source| SnapError::BadProtobuf {
         path: path.to_path_buf(),
         what: "raftpb.Snapshot",
         source,
-    })
+    })?;
+    if field_count(&data, 1) > 1 {
+        return Err(repeated("raftpb.Snapshot data"));
+    }
+    if field_count(&data, 2) > 1 {
+        return Err(repeated("raftpb.Snapshot metadata"));
+    }
+    Ok(snap)
+}
+
+/// How many times field `number` occurs at the top level of the protobuf message `bytes` (0
+/// where the bytes do not scan as protobuf: the decoder has said so already).
+fn field_count(bytes: &[u8], number: u64) -> usize {
+    let mut r = bytes;
+    let mut n = 0;
+    while let Ok(Some(tag)) = read_varint(&mut r) {
+        n += usize::from(tag >> 3 == number);
+        if skip_field(&mut r, tag & 7, bytes.len() as u64).is_err() {
+            return 0;
+        }
+    }
+    n
 }
 
 /// Reads and checks one `.snap` file.
@@ -275,6 +312,12 @@ pub fn stream_snap_file<T>(
     while let Some(tag) = read_varint(&mut r).map_err(io_err)? {
         match (tag >> 3, tag & 7) {
             (1, 0) => scan.stored_crc = Some(stream.varint(&mut r, "truncated crc")? as u32),
+            (2, 2) if scan.inner_crc.is_some() => {
+                return Err(SnapError::Repeated {
+                    path: path.to_path_buf(),
+                    what: "snappb.Snapshot data",
+                })
+            }
             (2, 2) => stream.read_snapshot(&mut r, &mut scan)?,
             (_, wire) => skip_field(&mut r, wire, file_len).map_err(io_err)?,
         }
@@ -324,6 +367,13 @@ impl SnapStream<'_> {
         }
     }
 
+    fn repeated(&self, what: &'static str) -> SnapError {
+        SnapError::Repeated {
+            path: self.path.to_path_buf(),
+            what,
+        }
+    }
+
     /// A malformed file, said as etcd's reader would fail on it.
     fn bad(&self, what: &str) -> SnapError {
         self.io_err(io::Error::new(io::ErrorKind::InvalidData, what.to_string()))
@@ -358,9 +408,15 @@ impl SnapStream<'_> {
             r: r.take(n),
             crc: 0,
         };
+        let mut store_seen = false;
         while let Some(tag) = read_varint(&mut inner).map_err(|e| self.io_err(e))? {
             match (tag >> 3, tag & 7) {
+                (1, 2) if store_seen => return Err(self.repeated("raftpb.Snapshot data")),
+                (2, 2) if scan.metadata.is_some() => {
+                    return Err(self.repeated("raftpb.Snapshot metadata"))
+                }
                 (1, 2) => {
+                    store_seen = true;
                     let m = self.field_len(&mut inner, n, "store", "the snapshot")?;
                     let mut data = (&mut inner).take(m);
                     if let Some(f) = scan.on_data.take() {
@@ -561,6 +617,64 @@ mod tests {
                 term: 2,
             },
         }
+    }
+
+    /// A `.snap` file around `inner` (an encoded `raftpb.Snapshot`) with a valid CRC.
+    fn file_around(inner: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x08];
+        let mut crc = u64::from(crc32c::crc32c(inner));
+        while crc >= 0x80 {
+            out.push((crc as u8) | 0x80);
+            crc >>= 7;
+        }
+        out.push(crc as u8);
+        out.push(0x12);
+        out.push(inner.len() as u8);
+        out.extend_from_slice(inner);
+        out
+    }
+
+    /// Found by the fuzz target `snap`: the store data field twice. prost keeps the last, the
+    /// streaming reader met the first; both now refuse the file.
+    #[test]
+    fn a_field_etcd_writes_once_given_twice_is_refused_by_both_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        for (inner, what) in [
+            (
+                &[0x0a, 0x01, 0x08, 0x0a, 0x01, 0x25, 0x40, 0x30][..],
+                "raftpb.Snapshot data",
+            ),
+            (
+                &[0x12, 0x00, 0x12, 0x02, 0x10, 0x01][..],
+                "raftpb.Snapshot metadata",
+            ),
+        ] {
+            let bytes = file_around(inner);
+            let path = dir.path().join("0000000000000001-0000000000000001.snap");
+            fs::write(&path, &bytes).unwrap();
+            let whole = decode_snap_file(&bytes, &path);
+            assert!(
+                matches!(whole, Err(SnapError::Repeated { what: w, .. }) if w == what),
+                "{whole:?}"
+            );
+            let streamed = stream_snap_file(&path, |_| ());
+            assert!(
+                matches!(streamed, Err(SnapError::Repeated { what: w, .. }) if w == what),
+                "{streamed:?}"
+            );
+        }
+        let mut twice = file_around(&[0x0a, 0x01, 0x08]);
+        twice.extend_from_slice(&[0x12, 0x03, 0x0a, 0x01, 0x08]);
+        let path = dir.path().join("0000000000000001-0000000000000002.snap");
+        fs::write(&path, &twice).unwrap();
+        assert!(matches!(
+            decode_snap_file(&twice, &path),
+            Err(SnapError::Repeated { .. })
+        ));
+        assert!(matches!(
+            stream_snap_file(&path, |_| ()),
+            Err(SnapError::Repeated { .. })
+        ));
     }
 
     #[test]
