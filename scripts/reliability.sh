@@ -32,6 +32,8 @@ fuzz="no fuzz run recorded yet: run \`make fuzz\`"
   echo
   echo "$fuzz"
   echo
+  cat testdata/fuzz/FINDINGS.md
+  echo
   echo "## What happens when an etcd is started on the data dir during a migration"
   echo
   echo "A second etcd-migrate exits 3 at once, naming the lock holder. An etcd started by hand on the"
