@@ -479,3 +479,34 @@ async fn a_restore_crashed_midway_converges_on_the_next_run() {
         r.stop();
     }
 }
+
+#[tokio::test]
+async fn a_restore_takes_the_cluster_token_the_pods_etcd_would_use() {
+    let t = tempfile::tempdir().unwrap();
+    let m = Member::start("3.4.23", &t.path().join("m"), "m1");
+    seed(&mut m.client().await, 10, 0).await;
+    let file = snapshot_ok(&m.client_url, &t.path().join("snaps"), &[]);
+    m.stop();
+    let mut ids = Vec::new();
+    for (i, token) in ["", "prod-east", "prod-east"].iter().enumerate() {
+        let data = t.path().join(format!("d{i}"));
+        let mut env = MigrateEnv::new(&data, "m1", "3.4.23", "etcd3");
+        let listen = format!("http://127.0.0.1:{}", env.peer_port);
+        // The same peer URL each time: the cluster id hashes the token and the peer URLs.
+        env.set("INITIAL_CLUSTER", "m1=http://127.0.0.1:2380")
+            .set("INITIAL_ADVERTISE_PEER_URLS", "http://127.0.0.1:2380")
+            .set("LISTEN_PEER_URLS", &listen)
+            .set("RESTORE_SNAPSHOT", &file.to_string_lossy())
+            .set("ETCD_INITIAL_CLUSTER_TOKEN", token);
+        env.run_ok(&["migrate"], "restore");
+        let mut spec = MemberSpec::new("3.4.23", &data, "m1");
+        spec.extra = vec!["--initial-advertise-peer-urls=http://127.0.0.1:2380".into()];
+        let r = Member::spawn(spec);
+        r.wait_healthy(Duration::from_secs(30));
+        let list = r.client().await.member_list().await.unwrap();
+        ids.push(list.header().unwrap().cluster_id());
+        r.stop();
+    }
+    assert_ne!(ids[0], ids[1], "a token makes another cluster id");
+    assert_eq!(ids[1], ids[2], "the same token, the same cluster id");
+}

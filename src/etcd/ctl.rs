@@ -147,6 +147,16 @@ pub async fn snapshot_restore(
         m.advertise_peer_urls.clone(),
     ];
     let mut args = args;
+    // A new cluster's id comes from its token: the one the pod's etcd would use (etcd reads
+    // ETCD_INITIAL_CLUSTER_TOKEN for --initial-cluster-token), else etcd's default.
+    if let Some((_, token)) = config
+        .child_env
+        .iter()
+        .find(|(k, v)| k == "ETCD_INITIAL_CLUSTER_TOKEN" && !v.is_empty())
+    {
+        args.push("--initial-cluster-token".into());
+        args.push(token.to_string_lossy().into_owned());
+    }
     if copied_from_data_dir {
         args.push("--skip-hash-check".into());
     }
