@@ -230,7 +230,8 @@ impl V2 {
 
     /// `/v2/keys<key>` with each path segment percent-encoded.
     fn key_url(&self, key: &str) -> Result<reqwest::Url, String> {
-        let mut url = reqwest::Url::parse(&format!("{}/v2/keys", self.base)).map_err(|x| x.to_string())?;
+        let mut url =
+            reqwest::Url::parse(&format!("{}/v2/keys", self.base)).map_err(|x| x.to_string())?;
         url.path_segments_mut()
             .map_err(|()| format!("{} cannot take a path", self.base))?
             .extend(key.split('/').filter(|s| !s.is_empty()));

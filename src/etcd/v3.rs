@@ -332,6 +332,27 @@ impl V3 {
         Ok(())
     }
 
+    /// Deletes `keys` in transactions of up to 128 deletes (etcd 3.4's default `--max-txn-ops`),
+    /// each tried up to three times (a delete is idempotent): a mass expiry of tens of thousands
+    /// of keys is a few hundred requests, not one each.
+    pub async fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<(), V3Error> {
+        for chunk in keys.chunks(128) {
+            let mut tries = 0;
+            loop {
+                let ops: Vec<TxnOp> = chunk
+                    .iter()
+                    .map(|k| TxnOp::delete(k.clone(), None))
+                    .collect();
+                match self.client.txn(Txn::new().and_then(ops)).await {
+                    Ok(_) => break,
+                    Err(_) if tries < 2 => tries += 1,
+                    Err(e) => return Err(err("delete")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads every key in key order, a page at a time, at one revision.
     pub async fn for_each_key(&mut self, mut f: impl FnMut(KeyValue)) -> Result<i64, V3Error> {
         let mut start: Vec<u8> = vec![0];

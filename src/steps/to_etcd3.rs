@@ -532,9 +532,14 @@ async fn delete_expired_since_migrate(
         }
     })
     .await?;
-    for k in &gone {
-        tracing::info!(key = %String::from_utf8_lossy(k), "expired in v2 after migrate; removed from v3 as well");
-        v3.delete(k).await?;
+    if !gone.is_empty() {
+        let named: Vec<String> = gone
+            .iter()
+            .take(5)
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        tracing::info!(keys = gone.len(), first = ?named, "expired in v2 after migrate; removing them from v3 as well");
+        v3.delete_many(&gone).await?;
     }
     Ok(gone.len() as u64)
 }

@@ -38,6 +38,12 @@ impl KeyDigest {
         self.sum.iter().rev().map(|w| format!("{w:016x}")).collect()
     }
 
+    /// Adds one entry of main revision `main` (as a scan does).
+    pub(crate) fn add(&mut self, key: &[u8], value: &[u8], main: i64) {
+        self.add_entry(key, value);
+        self.newest = self.newest.max(main);
+    }
+
     fn add_entry(&mut self, key: &[u8], value: &[u8]) {
         self.add_sum(xxh3_128_with_seed(value, xxh3_64(key)));
         self.entries += 1;

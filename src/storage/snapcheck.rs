@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::storage::bbolt::{BboltError, Bucket, Db, Value};
+use crate::storage::keydigest::KeyDigest;
 use crate::storage::mvcc::{self, parse_revision_key, KeyValueRef, MvccError, KEY_BUCKET};
 
 /// Bytes of the SHA-256 etcd appends to a snapshot stream.
@@ -112,6 +113,9 @@ pub struct SnapshotFacts {
     pub cluster_version: Option<String>,
     /// HashKV at `revision` with the compaction the file records (scheduled, else finished).
     pub hash: KvHash,
+    /// Our digest of every entry of bucket `key` (keydigest), which a restore of the file must
+    /// leave as it was.
+    pub digest: KeyDigest,
 }
 
 /// Reads the file once for its checksums: the whole-file SHA-256 and, when the size says a
@@ -182,10 +186,27 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Checks and reads the snapshot at `path`: checksums, then every bucket, then bucket `key`.
+/// The checksums are read on a thread of their own, beside the walk; a file whose checksum is
+/// wrong is named as such, whatever the walk found.
 pub fn check(path: &Path, progress: &AtomicU64) -> Result<SnapshotFacts, SnapshotError> {
-    let sums = checksums(path, progress)?;
-    progress.store(0, Ordering::Relaxed);
-    check_read(path, sums, None, progress)
+    let placeholder = (0, Trailer::Absent, String::new());
+    let (sums, read) = std::thread::scope(|s| {
+        let sums = s.spawn(|| checksums(path, &AtomicU64::new(0)));
+        let read = check_read(path, placeholder, None, progress);
+        (sums.join(), read)
+    });
+    let (size, trailer, sha256) = sums.unwrap_or_else(|_| {
+        Err(SnapshotError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("the checksum thread panicked"),
+        })
+    })?;
+    Ok(SnapshotFacts {
+        size,
+        trailer,
+        sha256,
+        ..read?
+    })
 }
 
 /// [`check`] of a file whose checksums were computed as it was written (size, trailer state,
@@ -231,6 +252,7 @@ pub fn check_read(
         e => mvcc_err(e),
     })?;
     let hash = scan.hash(rule);
+    let digest = scan.digest;
     Ok(SnapshotFacts {
         size,
         trailer,
@@ -243,6 +265,7 @@ pub fn check_read(
         finished_compact,
         cluster_version,
         hash,
+        digest,
     })
 }
 
@@ -352,6 +375,8 @@ pub struct KeyFacts {
     /// CRC-32C of the entries after the compaction, and their length.
     late_crc: u32,
     late_len: usize,
+    /// Our digest of every entry.
+    pub digest: KeyDigest,
 }
 
 impl KeyFacts {
@@ -386,6 +411,7 @@ impl KeyFacts {
             }
             f.newest = rk.rev.main;
             f.entries += 1;
+            f.digest.add(k, v, rk.rev.main);
             let key = xxh3_64(kv.key);
             f.newest_of.insert(key, (rk.rev.main, rk.tombstone));
             let len = k.len() + v.len();

@@ -84,11 +84,26 @@ fn combining_crcs_equals_one_crc_over_the_concatenation() {
     let mut crc = crc32c::crc32c(parts[0]);
     for p in &parts[1..] {
         let next = crc_combine(crc, crc32c::crc32c(p), p.len() as u64);
-        assert_eq!(next, crc32c::crc32c_combine(crc, crc32c::crc32c(p), p.len()));
+        assert_eq!(
+            next,
+            crc32c::crc32c_combine(crc, crc32c::crc32c(p), p.len())
+        );
         crc = next;
     }
     assert_eq!(crc, crc32c::crc32c(&whole));
-    for len in [0u64, 1, 2, 3, 31, 32, 33, 4095, 4096, 1 << 20, (1 << 33) + 5] {
+    for len in [
+        0u64,
+        1,
+        2,
+        3,
+        31,
+        32,
+        33,
+        4095,
+        4096,
+        1 << 20,
+        (1 << 33) + 5,
+    ] {
         assert_eq!(
             crc_combine(0x1234_5678, 0x9abc_def0, len),
             crc32c::crc32c_combine(0x1234_5678, 0x9abc_def0, len as usize),
