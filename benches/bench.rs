@@ -1487,7 +1487,10 @@ fn row_line(r: &Row) -> String {
         None => "-",
     };
     println!("{:<8} {:<10} {}  ({})", r.id, met, r.figure, r.goal);
-    format!("| {} | {} | {} | {} | {met} |", r.id, r.what, r.figure, r.goal)
+    format!(
+        "| {} | {} | {} | {} | {met} |",
+        r.id, r.what, r.figure, r.goal
+    )
 }
 
 /// `BENCH_MERGE=1`: a subset's rows replace the rows of the same id in BENCHMARKS.md (new ids
@@ -1527,6 +1530,12 @@ fn merge_into_benchmarks_md(which: &[String], rows: &[Row]) {
         }
     }
     out.extend(new.into_iter().map(|(_, l)| l));
+    // The notes as BENCHMARKS.notes.md has them now.
+    if let Some(at) = out.iter().position(|l| l.starts_with("## Notes")) {
+        out.truncate(at);
+        let notes = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.notes.md");
+        out.extend(fs::read_to_string(notes).unwrap_or_default().lines().map(String::from));
+    }
     fs::write(&path, out.join("\n") + "\n").unwrap();
 }
 
