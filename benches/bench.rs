@@ -1534,7 +1534,12 @@ fn merge_into_benchmarks_md(which: &[String], rows: &[Row]) {
     if let Some(at) = out.iter().position(|l| l.starts_with("## Notes")) {
         out.truncate(at);
         let notes = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.notes.md");
-        out.extend(fs::read_to_string(notes).unwrap_or_default().lines().map(String::from));
+        out.extend(
+            fs::read_to_string(notes)
+                .unwrap_or_default()
+                .lines()
+                .map(String::from),
+        );
     }
     fs::write(&path, out.join("\n") + "\n").unwrap();
 }
