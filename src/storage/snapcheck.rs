@@ -219,10 +219,7 @@ pub fn check_read(
     rule: Option<bool>,
     progress: &AtomicU64,
 ) -> Result<SnapshotFacts, SnapshotError> {
-    let db = Db::open(path).map_err(|source| SnapshotError::NotBbolt {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let db = open(path)?;
     let mvcc_err = |source| SnapshotError::Mvcc {
         path: path.to_path_buf(),
         source,
@@ -272,10 +269,7 @@ pub fn check_read(
 /// The snapshot's revision (the newest main revision in bucket `key`, its last key), read
 /// without walking the bucket; 0 when it is empty.
 pub fn newest_revision(path: &Path) -> Result<i64, SnapshotError> {
-    let db = Db::open(path).map_err(|source| SnapshotError::NotBbolt {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let db = open(path)?;
     let mvcc_err = |source| SnapshotError::Mvcc {
         path: path.to_path_buf(),
         source,
@@ -296,16 +290,21 @@ pub fn newest_revision(path: &Path) -> Result<i64, SnapshotError> {
 /// member's, when it differs from what the file records), under `rule` (see
 /// [`skips_compacted_tombstone`]).
 pub fn hash_kv(path: &Path, compact: i64, rule: bool) -> Result<KvHash, SnapshotError> {
-    let db = Db::open(path).map_err(|source| SnapshotError::NotBbolt {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let db = open(path)?;
     KeyFacts::read(&db, compact, None)
         .map(|s| s.hash(rule))
         .map_err(|source| SnapshotError::Mvcc {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Opens the file with our bbolt reader.
+fn open(path: &Path) -> Result<Db, SnapshotError> {
+    Db::open(path).map_err(|source| SnapshotError::NotBbolt {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
