@@ -22,6 +22,7 @@ pub fn scratch_dir(target: &str) -> &'static Path {
 }
 
 /// FNV-1a 64, bbolt's meta checksum.
+#[allow(dead_code)] // each target is its own crate: not every one uses every helper
 fn fnv1a64(data: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {
@@ -33,6 +34,7 @@ fn fnv1a64(data: &[u8]) -> u64 {
 
 /// The input with the checksums of meta page 0 (offset 0) and meta page 1 (one page in,
 /// page size taken from meta 0) recomputed; `None` when nothing changes.
+#[allow(dead_code)]
 pub fn fix_meta_checksums(data: &[u8]) -> Option<Vec<u8>> {
     const HEADER: usize = 16;
     const SUMMED: usize = 56;
