@@ -25,6 +25,20 @@ struct Row {
     met: Option<bool>,
 }
 
+/// `etcdctl-3.4.23 snapshot restore` of `file` into `dir` as member m1 at `peer`.
+fn etcdctl_restore(file: &Path, dir: &Path, peer: &str) -> Command {
+    let mut cmd = Command::new(bundle().join("etcdctl-3.4.23"));
+    cmd.env_clear()
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--name", "m1", "--initial-cluster", &format!("m1={peer}")])
+        .args(["--initial-advertise-peer-urls", peer]);
+    cmd
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -753,20 +767,7 @@ async fn p6_case(root: &Path, seed: &Path, from: &str, runs: usize) -> P6 {
             std::thread::sleep(Duration::from_millis(5));
         }
         m.stop();
-        let st = Command::new(bundle().join("etcdctl-3.4.23"))
-            .args(["snapshot", "restore"])
-            .arg(&snap)
-            .arg("--data-dir")
-            .arg(b.with_file_name("restored"))
-            .args([
-                "--name",
-                "m1",
-                "--initial-cluster",
-                &format!("m1={peer}"),
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .env("ETCDCTL_API", "3")
+        let st = etcdctl_restore(&snap, &b.with_file_name("restored"), &peer)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -1351,23 +1352,7 @@ async fn restore_row(root: &Path, file: &Path, shape: &str, runs: usize) -> Row 
         spec.extra = vec![BARE_QUOTA.to_string()];
         let peer = spec.peer_url();
         let t = Instant::now();
-        let out = Command::new(bundle().join("etcdctl-3.4.23"))
-            .env_clear()
-            .env("ETCDCTL_API", "3")
-            .args(["snapshot", "restore"])
-            .arg(file)
-            .arg("--data-dir")
-            .arg(&b)
-            .args([
-                "--name",
-                "m1",
-                "--initial-cluster",
-                &format!("m1={peer}"),
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .output()
-            .unwrap();
+        let out = etcdctl_restore(file, &b, &peer).output().unwrap();
         assert!(
             out.status.success(),
             "etcdctl snapshot restore: {}",

@@ -336,13 +336,7 @@ pub fn resolve(opts: &Opts, env: &Env, needs_target: bool) -> Result<Config, Con
         Duration::from_secs(30),
     )?;
     let backup_retention = resolve_backup_retention(opts, &r)?;
-    let log_format = r.choice(
-        opts.log_format.clone(),
-        "--log-format",
-        "LOG_FORMAT",
-        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-        "expected text or json",
-    )?;
+    let log_format = resolve_log_format(opts, &r)?;
     let child_output = ChildOutput {
         logged: r.choice(
             opts.child_output.clone(),
@@ -627,13 +621,7 @@ pub fn resolve_snapshot(
             "an https endpoint needs the CA that signed the member's certificate: set ETCD_CREDS with --trusted-ca-file (and --cert-file/--key-file if it asks for a client certificate)",
         ));
     }
-    let log_format = r.choice(
-        opts.log_format.clone(),
-        "--log-format",
-        "LOG_FORMAT",
-        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-        "expected text or json",
-    )?;
+    let log_format = resolve_log_format(opts, &r)?;
     let config = crate::snapshot::SnapshotConfig {
         endpoint,
         out,
@@ -642,6 +630,17 @@ pub fn resolve_snapshot(
         tls: if scheme == "https" { tls } else { None },
     };
     Ok((config, log_format))
+}
+
+/// LOG_FORMAT: text or json.
+fn resolve_log_format(opts: &Opts, r: &Resolver) -> Result<LogFormat, ConfigError> {
+    r.choice(
+        opts.log_format.clone(),
+        "--log-format",
+        "LOG_FORMAT",
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        "expected text or json",
+    )
 }
 
 /// ETCD_CREDS, shell-split into etcd flags.

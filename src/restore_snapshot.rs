@@ -54,13 +54,9 @@ pub enum RestoreSnapshotError {
 }
 
 impl RestoreSnapshotError {
+    /// Every variant is a refusal before anything is touched.
     pub fn exit_code(&self) -> i32 {
-        match self {
-            RestoreSnapshotError::Unreadable { .. }
-            | RestoreSnapshotError::TooNew { .. }
-            | RestoreSnapshotError::NoRelease { .. }
-            | RestoreSnapshotError::HasData { .. } => 2,
-        }
+        2
     }
 }
 
@@ -95,6 +91,28 @@ pub fn decide(
         facts,
         release,
     }))
+}
+
+/// Restores `pending` into the data dir (see `steps::from_snapshot`), as a one-member cluster.
+pub async fn restore(
+    config: &Config,
+    bundle: &Bundle,
+    layout: &Layout,
+    pending: &Pending,
+) -> Result<(), crate::steps::StepError> {
+    let ctx = crate::steps::Ctx {
+        config,
+        bundle,
+        layout,
+        data_dir: &config.data_dir,
+        members: 1,
+    };
+    let r = crate::steps::from_snapshot::run(&ctx, &pending.path, &pending.facts, pending.release)
+        .await?;
+    tracing::info!(version = %r.at, keys = r.keys, revisions_verified = r.revisions, restore_ms = r.restore_ms,
+        prove_ms = r.prove_ms, sha256 = %pending.facts.sha256,
+        "restored the snapshot: every revision read back as in the file, etcd {} serves it as a one-member cluster", r.at.version);
+    Ok(())
 }
 
 /// Reads the whole file with our readers: checksums, every bucket, keys and revision.

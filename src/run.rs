@@ -247,12 +247,8 @@ pub async fn migrate<O: EtcdOps>(
     let layout = config.layout();
     let prepared = prepare(config, false)?;
     let target = prepared.target;
-    let restore = restore_snapshot::decide(
-        config,
-        prepared.inspection.on_disk.has_data(),
-        &prepared.bundle,
-        target,
-    )?;
+    let has_data = prepared.inspection.on_disk.has_data();
+    let restore = restore_snapshot::decide(config, has_data, &prepared.bundle, target)?;
     let leftovers = layout.staging().exists() || layout.swap_intent().exists();
     if prepared.plan.as_ref().is_some_and(|p| p.steps.is_empty()) && !leftovers {
         tracing::info!(version = %target, elapsed_ms = t0.elapsed().as_millis() as u64, "data is already at the target; nothing to do");
@@ -270,7 +266,16 @@ pub async fn migrate<O: EtcdOps>(
     // Under the lock, look again: another run may have moved things, a recovery may have finished a step.
     let mut prepared = prepare(config, false)?;
     if let (Some(pending), None) = (&restore, &prepared.plan) {
-        restore_from(config, &prepared, &layout, pending).await?;
+        // The verified file becomes the data; the plan then continues from there.
+        preflight::check_ports_free(config)?;
+        restore_snapshot::restore(config, &prepared.bundle, &layout, pending)
+            .await
+            .map_err(|e| RunError::Step {
+                n: 1,
+                of: 1,
+                step: format!("restore {} at {}", pending.path.display(), pending.release),
+                source: Box::new(e),
+            })?;
         prepared = prepare(config, false)?;
     }
     let Some(plan) = prepared.plan else {
@@ -298,37 +303,6 @@ pub async fn migrate<O: EtcdOps>(
     tracing::info!(version = %target, steps = plan.steps.len(), elapsed_ms = t0.elapsed().as_millis() as u64,
         peak_rss_mb = crate::meter::own_peak_rss_mb(), etcd_peak_rss_mb = crate::meter::children_peak_rss_mb(), "migration complete");
     Ok(Migrated::at(target))
-}
-
-/// RESTORE_SNAPSHOT on a data dir with no etcd data: the verified file becomes the data, served
-/// by the release of its line; the plan then continues from there.
-async fn restore_from(
-    config: &Config,
-    prepared: &Prepared,
-    layout: &Layout,
-    pending: &restore_snapshot::Pending,
-) -> Result<(), RunError> {
-    preflight::check_ports_free(config)?;
-    let ctx = Ctx {
-        config,
-        bundle: &prepared.bundle,
-        layout,
-        data_dir: &config.data_dir,
-        members: 1,
-    };
-    let label = format!("restore {} at {}", pending.path.display(), pending.release);
-    let r = crate::steps::from_snapshot::run(&ctx, &pending.path, &pending.facts, pending.release)
-        .await
-        .map_err(|e| RunError::Step {
-            n: 1,
-            of: 1,
-            step: label,
-            source: Box::new(e),
-        })?;
-    tracing::info!(version = %r.at, keys = r.keys, revisions_verified = r.revisions, restore_ms = r.restore_ms,
-        prove_ms = r.prove_ms, sha256 = %pending.facts.sha256,
-        "restored the snapshot: every revision read back as in the file, etcd {} serves it as a one-member cluster", r.at.version);
-    Ok(())
 }
 
 /// No etcd data: a lost member rejoins its cluster (opt-in), else the target is recorded and

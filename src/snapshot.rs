@@ -44,38 +44,27 @@ pub struct SnapshotConfig {
 /// the verification failed (no file under a final name unless it verified).
 #[derive(Debug, Error)]
 pub enum TakeError {
-    #[error("snapshot dir {path}: {why}")]
-    OutDir { path: PathBuf, why: String },
-    #[error("member at {endpoint} is not serving: {source}; check that etcd runs there (and the client TLS flags in ETCD_CREDS)")]
-    NotServing { endpoint: String, source: V3Error },
-    #[error("snapshot stream from {endpoint}: {why}; nothing was kept")]
-    Stream { endpoint: String, why: String },
+    #[error("snapshot dir {0}: {1}")]
+    OutDir(PathBuf, String),
+    #[error("member at {0} is not serving: {1}; check that etcd runs there (and the client TLS flags in ETCD_CREDS)")]
+    NotServing(String, #[source] V3Error),
+    #[error("snapshot stream from {0}: {1}; nothing was kept")]
+    Stream(String, String),
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("snapshot {path} does not read back: {source}; {kept}")]
-    Unreadable {
-        path: PathBuf,
-        source: Box<SnapshotError>,
-        kept: String,
-    },
-    #[error("snapshot {path} does not match what the member holds at revision {revision}: {what}; {kept}")]
-    Mismatch {
-        path: PathBuf,
-        revision: i64,
-        what: String,
-        kept: String,
-    },
+    /// Streamed, but not counted as a backup: (the file, why, what became of it).
+    #[error("snapshot {0} {1}; {2}")]
+    Rejected(PathBuf, String, String),
 }
 
 impl TakeError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            TakeError::OutDir { .. } => 2,
-            TakeError::NotServing { .. }
-            | TakeError::Stream { .. }
+            TakeError::OutDir(..) => 2,
+            TakeError::NotServing(..)
+            | TakeError::Stream(..)
             | TakeError::Fs(_)
-            | TakeError::Unreadable { .. }
-            | TakeError::Mismatch { .. } => 1,
+            | TakeError::Rejected(..) => 1,
         }
     }
 }
@@ -122,10 +111,7 @@ pub async fn run(config: &SnapshotConfig) -> Result<(), TakeError> {
 pub async fn take(config: &SnapshotConfig) -> Result<Taken, TakeError> {
     let t0 = Instant::now();
     prepare_dir(&config.out)?;
-    let not_serving = |source| TakeError::NotServing {
-        endpoint: config.endpoint.clone(),
-        source,
-    };
+    let not_serving = |source| TakeError::NotServing(config.endpoint.clone(), source);
     let mut api = V3::connect_tls(&config.endpoint, Some(REQUEST_TIMEOUT), config.tls.as_ref())
         .await
         .map_err(not_serving)?;
@@ -185,10 +171,7 @@ fn log_taken(t: &Taken, version: &str) {
 /// The dir exists (created if missing) and is a dir we can write; temp files a killed run left
 /// are removed.
 fn prepare_dir(dir: &Path) -> Result<(), TakeError> {
-    let bad = |why: String| TakeError::OutDir {
-        path: dir.to_path_buf(),
-        why,
-    };
+    let bad = |why: String| TakeError::OutDir(dir.to_path_buf(), why);
     match std::fs::metadata(dir) {
         Ok(m) if !m.is_dir() => return Err(bad("exists and is not a directory".into())),
         Ok(_) => {}
@@ -241,16 +224,10 @@ async fn stream_to(
     tmp: &Path,
     db_size: i64,
 ) -> Result<Streamed, TakeError> {
-    let stream_err = |why: String| TakeError::Stream {
-        endpoint: config.endpoint.clone(),
-        why,
-    };
+    let stream_err = |why: String| TakeError::Stream(config.endpoint.clone(), why);
     let mut api = V3::connect_tls(&config.endpoint, None, config.tls.as_ref())
         .await
-        .map_err(|source| TakeError::NotServing {
-            endpoint: config.endpoint.clone(),
-            source,
-        })?;
+        .map_err(|source| TakeError::NotServing(config.endpoint.clone(), source))?;
     let mut stream = api
         .snapshot()
         .await
@@ -511,19 +488,13 @@ fn set_aside(dir: &Path, tmp: &Path, name: &str, stamp: &str, why: Rejected) -> 
             format!("it could not be set aside ({e}) and was removed")
         }
     };
-    match why {
-        Rejected::Unreadable(source) => TakeError::Unreadable {
-            path: aside,
-            source: Box::new(source),
-            kept,
-        },
-        Rejected::Mismatch { revision, what } => TakeError::Mismatch {
-            path: aside,
-            revision,
-            what,
-            kept,
-        },
-    }
+    let why = match why {
+        Rejected::Unreadable(source) => format!("does not read back: {source}"),
+        Rejected::Mismatch { revision, what } => {
+            format!("does not match what the member holds at revision {revision}: {what}")
+        }
+    };
+    TakeError::Rejected(aside, why, kept)
 }
 
 /// This member's verified snapshots in `dir`, oldest first (names sort by time).

@@ -202,25 +202,31 @@ async fn crash_at_failpoints(s: &Scenario, root: &Path) -> (usize, usize) {
             s.name,
             text(&out)
         );
-        check_after_crash(s, &data, &root.join("scratch"), fp).await;
-        env.run_ok(&["migrate"], &format!("{}: rerun after {fp}", s.name));
+        rerun_converges(s, &env, &data, root, fp).await;
         assert_eq!(
             recorded_version(&data),
             format!("{}/{}", s.target.0, s.target.1)
-        );
-        wait_no_etcd(&data);
-        nothing_left_behind(&data);
-        let got = content(&data, s.member, &root.join("scratch")).await;
-        assert!(
-            got == s.reference,
-            "{}: after a crash at {fp} and a rerun: {}",
-            s.name,
-            differences(&got, &s.reference)
         );
         converged += 1;
         let _ = fs::remove_dir_all(data.parent().unwrap());
     }
     (converged, s.failpoints.len())
+}
+
+/// After a crash (`what`): the data dir is consistent; a rerun completes, leaves nothing behind
+/// and no etcd running, and the data is what an uninterrupted run gives.
+async fn rerun_converges(s: &Scenario, env: &MigrateEnv, data: &Path, root: &Path, what: &str) {
+    check_after_crash(s, data, &root.join("scratch"), what).await;
+    env.run_ok(&["migrate"], &format!("{}: rerun after {what}", s.name));
+    wait_no_etcd(data);
+    nothing_left_behind(data);
+    let got = content(data, s.member, &root.join("scratch")).await;
+    assert!(
+        got == s.reference,
+        "{}: after {what} and a rerun: {}",
+        s.name,
+        differences(&got, &s.reference)
+    );
 }
 
 /// The keys two contents disagree on (at most 10 named).
@@ -263,26 +269,7 @@ async fn random_kills(s: &Scenario, root: &Path, n: usize, seed: u64) -> (usize,
         std::thread::sleep(at);
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         child.wait().unwrap();
-        check_after_crash(
-            s,
-            &data,
-            &root.join("scratch"),
-            &format!("kill -9 at {at:?}"),
-        )
-        .await;
-        env.run_ok(
-            &["migrate"],
-            &format!("{}: rerun after kill -9 at {at:?}", s.name),
-        );
-        wait_no_etcd(&data);
-        nothing_left_behind(&data);
-        let got = content(&data, s.member, &root.join("scratch")).await;
-        assert!(
-            got == s.reference,
-            "{}: kill -9 at {at:?}: {}",
-            s.name,
-            differences(&got, &s.reference)
-        );
+        rerun_converges(s, &env, &data, root, &format!("kill -9 at {at:?}")).await;
         converged += 1;
         let _ = fs::remove_dir_all(data.parent().unwrap());
     }
@@ -341,9 +328,9 @@ async fn storage_scenario(root: &Path) -> Scenario {
         ("write-durable-before-fsync", "panic"),
         ("write-durable-before-rename", "1*off->panic"),
         ("write-durable-after-rename", "2*off->panic"),
-        ("swap-before-exchange", "panic"),
-        ("swap-after-exchange", "panic"),
-        ("swap-after-backup-rename", "panic"),
+        SWAP[0],
+        SWAP[1],
+        SWAP[2],
         ("executor-after-record", "panic"),
         ("record-before-write", "1*off->panic"),
         ("upgrade-etcd-running", "panic"),
@@ -351,6 +338,13 @@ async fn storage_scenario(root: &Path) -> Scenario {
     ];
     reference("storage", "etcd-test", data, ("3.5.1", "etcd3"), fps, root).await
 }
+
+/// The crash points of the staged swap, which every rewriting step goes through.
+const SWAP: [(&str, &str); 3] = [
+    ("swap-before-exchange", "panic"),
+    ("swap-after-exchange", "panic"),
+    ("swap-after-backup-rename", "panic"),
+];
 
 async fn native_rollback_scenario(root: &Path) -> Scenario {
     let dir = root.join("src-rollback");
@@ -361,9 +355,9 @@ async fn native_rollback_scenario(root: &Path) -> Scenario {
         ("to-etcd2-before-write", "panic"),
         ("to-etcd2-mid-write", "30*off->panic"),
         ("to-etcd2-before-swap", "panic"),
-        ("swap-before-exchange", "panic"),
-        ("swap-after-exchange", "panic"),
-        ("swap-after-backup-rename", "panic"),
+        SWAP[0],
+        SWAP[1],
+        SWAP[2],
         ("executor-before-record", "panic"),
     ];
     reference(
@@ -385,9 +379,9 @@ async fn minor_rollback_scenario(root: &Path) -> Scenario {
         ("minor-rollback-after-save", "panic"),
         ("minor-rollback-after-restore", "panic"),
         ("minor-rollback-before-swap", "panic"),
-        ("swap-before-exchange", "panic"),
-        ("swap-after-exchange", "panic"),
-        ("swap-after-backup-rename", "panic"),
+        SWAP[0],
+        SWAP[1],
+        SWAP[2],
         ("executor-after-record", "panic"),
     ];
     reference("minor-rollback", "m1", data, ("3.4.23", "etcd3"), fps, root).await

@@ -81,14 +81,6 @@ fn newest_snapshot(dir: &Path) -> Option<PathBuf> {
     v.pop()
 }
 
-/// The env names the snapshot; the journal tells how many restores happened.
-fn restores(data_dir: &Path) -> usize {
-    journal(data_dir)
-        .iter()
-        .filter(|e| e["event"] == "restore-snapshot")
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_every_member_and_coming_back_from_the_newest_snapshot() {
     let version = newest_35();

@@ -61,6 +61,15 @@ async fn dump_at(c: &mut Client, rev: i64) -> BTreeMap<Vec<u8>, Kv> {
         .collect()
 }
 
+/// A temp dir with a 3.4.23 member m1 in it holding `n` keys (`seed`), and a client of it.
+async fn seeded_34(n: usize, lease_every: usize) -> (tempfile::TempDir, Member, Client) {
+    let t = tempfile::tempdir().unwrap();
+    let m = Member::start("3.4.23", &t.path().join("m"), "m1");
+    let mut c = m.client().await;
+    seed(&mut c, n, lease_every).await;
+    (t, m, c)
+}
+
 /// Puts, overwrites, deletes, leases and a compaction: every kind of entry HashKV covers.
 async fn history(c: &mut Client) {
     seed(c, 300, 7).await;
@@ -212,21 +221,14 @@ async fn a_snapshot_under_writes_matches_the_member_and_restores_by_env_once() {
             "a write after the restore survives reruns"
         );
         r.stop();
-        let restores = journal(&data)
-            .iter()
-            .filter(|e| e["event"] == "restore-snapshot")
-            .count();
-        assert_eq!(restores, 1);
+        assert_eq!(restores(&data), 1);
         assert!(sha.len() == 64);
     }
 }
 
 #[tokio::test]
 async fn a_different_snapshot_or_data_never_restored_is_refused_untouched() {
-    let t = tempfile::tempdir().unwrap();
-    let m = Member::start("3.4.23", &t.path().join("m"), "m1");
-    let mut c = m.client().await;
-    seed(&mut c, 50, 0).await;
+    let (t, m, mut c) = seeded_34(50, 0).await;
     let out = t.path().join("snaps");
     let first = snapshot_ok(&m.client_url, &out, &[]);
     c.put("/registry/more", "x", None).await.unwrap();
@@ -448,10 +450,7 @@ fn a_snapshot_crashed_midway_leaves_no_backup_and_the_next_run_cleans_up() {
 #[cfg(feature = "failpoints")]
 #[tokio::test]
 async fn a_restore_crashed_midway_converges_on_the_next_run() {
-    let t = tempfile::tempdir().unwrap();
-    let m = Member::start("3.4.23", &t.path().join("m"), "m1");
-    let mut c = m.client().await;
-    seed(&mut c, 60, 6).await;
+    let (t, m, mut c) = seeded_34(60, 6).await;
     let want = dump(&mut c).await;
     let file = snapshot_ok(&m.client_url, &t.path().join("snaps"), &[]);
     drop(c);
@@ -469,11 +468,8 @@ async fn a_restore_crashed_midway_converges_on_the_next_run() {
         env.set("FAILPOINTS", "");
         env.run_ok(&["migrate"], "rerun after the crash");
         env.run_ok(&["migrate"], "and once more: nothing to do");
-        let restores = journal(&data)
-            .iter()
-            .filter(|e| e["event"] == "restore-snapshot")
-            .count();
-        assert!((1..=2).contains(&restores), "{fp}: {restores}");
+        let n = restores(&data);
+        assert!((1..=2).contains(&n), "{fp}: {n}");
         let r = Member::start("3.4.23", &data, "m1");
         assert_eq!(dump(&mut r.client().await).await, want, "{fp}");
         r.stop();

@@ -177,7 +177,9 @@ impl V2 {
             key: dir.clone(),
             message,
         };
-        let url = self.key_url(&dir).map_err(|x| WalkError::V2(e(x)))?;
+        let url = self
+            .key_url(&dir)
+            .ok_or_else(|| WalkError::V2(e(format!("{} cannot take a path", self.base))))?;
         let mut resp = self
             .http
             .get(url)
@@ -228,19 +230,18 @@ impl V2 {
         })
     }
 
-    /// `/v2/keys<key>` with each path segment percent-encoded.
-    fn key_url(&self, key: &str) -> Result<reqwest::Url, String> {
-        let mut url =
-            reqwest::Url::parse(&format!("{}/v2/keys", self.base)).map_err(|x| x.to_string())?;
-        url.path_segments_mut()
-            .map_err(|()| format!("{} cannot take a path", self.base))?
-            .extend(key.split('/').filter(|s| !s.is_empty()));
-        if key == "/" || key.is_empty() {
-            url.path_segments_mut()
-                .map_err(|()| format!("{} cannot take a path", self.base))?
-                .push("");
+    /// `/v2/keys<key>` with each path segment percent-encoded; `None` when the base URL cannot
+    /// take a path.
+    fn key_url(&self, key: &str) -> Option<reqwest::Url> {
+        let mut url = reqwest::Url::parse(&format!("{}/v2/keys", self.base)).ok()?;
+        {
+            let mut path = url.path_segments_mut().ok()?;
+            path.extend(key.split('/').filter(|s| !s.is_empty()));
+            if key.trim_matches('/').is_empty() {
+                path.push("");
+            }
         }
-        Ok(url)
+        Some(url)
     }
 
     /// Fingerprint of every leaf key (probe keys excluded), streaming.

@@ -223,16 +223,7 @@ impl V3 {
 
     /// How many keys were live at `revision`.
     pub async fn count_at(&mut self, revision: i64) -> Result<u64, V3Error> {
-        let opts = GetOptions::new()
-            .with_range(vec![0])
-            .with_count_only()
-            .with_revision(revision);
-        let r = self
-            .client
-            .get(vec![0], Some(opts))
-            .await
-            .map_err(err("count at a revision"))?;
-        Ok(r.count().max(0) as u64)
+        self.count(revision).await
     }
 
     /// Connects to whichever of `urls` answers (a cluster's members).
@@ -400,7 +391,15 @@ impl V3 {
 
     /// How many keys the store holds (a read served through the whole keyspace's index).
     pub async fn count_keys(&mut self) -> Result<u64, V3Error> {
-        let opts = GetOptions::new().with_range(vec![0]).with_count_only();
+        self.count(0).await
+    }
+
+    /// Keys live at `revision` (0: now).
+    async fn count(&mut self, revision: i64) -> Result<u64, V3Error> {
+        let opts = GetOptions::new()
+            .with_range(vec![0])
+            .with_count_only()
+            .with_revision(revision);
         let r = self
             .client
             .get(vec![0], Some(opts))

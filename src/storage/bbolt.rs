@@ -944,32 +944,38 @@ impl<'db> Bucket<'db> {
     /// The greatest key (the last element of the rightmost leaf), without walking the bucket;
     /// `None` for an empty bucket.
     pub fn last_key(&self) -> Result<Option<Vec<u8>>> {
-        let mut page = match &self.root {
-            Root::Page(p) => self.db.read_page(*p)?,
-            Root::Inline(p) => p.clone(),
-        };
-        for _ in 0..MAX_DEPTH {
-            let pgid = page.pgid;
-            let at = |fault: PageFault| self.db.tree_error(&self.name, pgid, fault);
-            let Some(last) = page.count.checked_sub(1) else {
-                return Ok(None);
-            };
-            if page.branch {
-                let (_, child) = page.branch_element(last).map_err(at)?;
-                page = self.db.read_page(child)?;
-                continue;
-            }
-            return Ok(Some(page.leaf_element(last).map_err(at)?.key.to_vec()));
-        }
-        Err(self.db.tree_error(
-            &self.name,
-            page.pgid,
-            format!("deeper than {MAX_DEPTH} levels"),
-        ))
+        self.descend(
+            |page| Ok(page.count.checked_sub(1)),
+            |page| match page.count.checked_sub(1) {
+                Some(last) => Ok(Some(page.leaf_element(last)?.key.to_vec())),
+                None => Ok(None),
+            },
+        )
     }
 
     /// Descends to the leaf holding `key`; returns its element flags and value.
     fn lookup(&self, key: &[u8]) -> Result<Option<(u32, Vec<u8>)>> {
+        self.descend(
+            |page| page.branch_index(key).map(Some),
+            |page| {
+                Ok(match page.find(key)? {
+                    Some(i) => {
+                        let e = page.leaf_element(i)?;
+                        Some((e.flags, e.value.to_vec()))
+                    }
+                    None => None,
+                })
+            },
+        )
+    }
+
+    /// Walks from the root down the branch element `pick` chooses on each branch page (none:
+    /// the answer is `None`), then answers with `at_leaf` on the leaf reached.
+    fn descend<T>(
+        &self,
+        pick: impl Fn(&Page) -> std::result::Result<Option<usize>, PageFault>,
+        at_leaf: impl Fn(&Page) -> std::result::Result<Option<T>, PageFault>,
+    ) -> Result<Option<T>> {
         let mut page = match &self.root {
             Root::Page(p) => self.db.read_page(*p)?,
             Root::Inline(p) => p.clone(),
@@ -978,18 +984,14 @@ impl<'db> Bucket<'db> {
             let pgid = page.pgid;
             let at = |fault: PageFault| self.db.tree_error(&self.name, pgid, fault);
             if page.branch {
-                let i = page.branch_index(key).map_err(at)?;
+                let Some(i) = pick(&page).map_err(at)? else {
+                    return Ok(None);
+                };
                 let (_, child) = page.branch_element(i).map_err(at)?;
                 page = self.db.read_page(child)?;
                 continue;
             }
-            return Ok(match page.find(key).map_err(at)? {
-                Some(i) => {
-                    let e = page.leaf_element(i).map_err(at)?;
-                    Some((e.flags, e.value.to_vec()))
-                }
-                None => None,
-            });
+            return at_leaf(&page).map_err(at);
         }
         Err(self.db.tree_error(
             &self.name,

@@ -92,29 +92,28 @@ pub struct KvHash {
 
 /// What a snapshot holds, as our readers found it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+///
+/// - `size`, `trailer`, `sha256`: the file's bytes, etcd's checksum, and the SHA-256 of the whole
+///   file (what a restore records);
+/// - `revision`: the newest main revision in bucket `key`; `keys`: those live at it; `entries`:
+///   every revision entry (history and deletes included); `other_elements`: the elements of every
+///   other bucket (with `entries`, what `etcdctl snapshot status` calls the total keys);
+/// - `scheduled_compact`, `finished_compact`: `scheduledCompactRev` and `finishedCompactRev`;
+/// - `cluster_version`: bucket `cluster`'s `clusterVersion` ("3.5.0"), the line that wrote it;
+/// - `hash`: HashKV at `revision` with the compaction the file records (scheduled, else finished);
+/// - `digest`: our keydigest of every entry, which a restore of the file must leave as it was.
 pub struct SnapshotFacts {
     pub size: u64,
     pub trailer: Trailer,
-    /// SHA-256 of the whole file, hex: what a restore records.
     pub sha256: String,
-    /// The newest main revision in bucket `key`.
     pub revision: i64,
-    /// Keys live at that revision.
     pub keys: u64,
-    /// Revision entries in bucket `key` (history and deletes included).
     pub entries: u64,
-    /// Elements read in every other bucket (bucket `key`'s entries plus these are what
-    /// `etcdctl snapshot status` calls the total keys).
     pub other_elements: u64,
-    /// Compaction asked for (`scheduledCompactRev`), and completed (`finishedCompactRev`).
     pub scheduled_compact: Option<i64>,
     pub finished_compact: Option<i64>,
-    /// `clusterVersion` in bucket `cluster` (e.g. "3.5.0"): the release line that wrote it.
     pub cluster_version: Option<String>,
-    /// HashKV at `revision` with the compaction the file records (scheduled, else finished).
     pub hash: KvHash,
-    /// Our digest of every entry of bucket `key` (keydigest), which a restore of the file must
-    /// leave as it was.
     pub digest: KeyDigest,
 }
 

@@ -598,6 +598,14 @@ impl Kv {
     }
 }
 
+/// How many restores from a snapshot the data dir's journal records.
+pub fn restores(data_dir: &Path) -> usize {
+    journal(data_dir)
+        .iter()
+        .filter(|e| e["event"] == "restore-snapshot")
+        .count()
+}
+
 /// The revision in the name of a snapshot `etcd-migrate snapshot` took
 /// (`<member>-<utc>-rev<N>.db`).
 pub fn snapshot_revision(path: &Path) -> i64 {
