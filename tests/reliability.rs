@@ -902,18 +902,10 @@ async fn a_full_disk_fails_the_step_cleanly_and_a_rerun_after_freeing_space_comp
 /// A verified snapshot of a member of `version` holding 30 keys, saved into `dir`.
 async fn snapshot_of(version: &str, dir: &Path) -> PathBuf {
     let m = Member::start(version, &dir.join(format!("m-{version}")), "m1");
-    m.wait_cluster_version();
     seed(&mut m.client().await, 30, 0).await;
-    let o = Command::new(env!("CARGO_BIN_EXE_etcd-migrate"))
-        .arg("snapshot")
-        .env_clear()
-        .env("SNAPSHOT_ENDPOINT", &m.client_url)
-        .env("SNAPSHOT_DIR", dir.join("snaps"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "snapshot: {}", text(&o));
+    let path = snapshot_with_cluster_version(&m.client_url, &dir.join("snaps"));
     m.stop();
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+    path
 }
 
 #[tokio::test]

@@ -521,14 +521,6 @@ impl Member {
         );
     }
 
-    /// Waits until the cluster version is decided (and so recorded in the backend, where a
-    /// snapshot carries it).
-    pub fn wait_cluster_version(&self) {
-        wait_until("the cluster version", Duration::from_secs(20), || {
-            http_get(&self.client_url, "/version").filter(|v| !v.contains("not_decided"))
-        });
-    }
-
     pub async fn client(&self) -> Client {
         Client::connect([self.client_url.as_str()], None)
             .await
@@ -596,6 +588,34 @@ impl Kv {
             lease: kv.lease(),
         }
     }
+}
+
+/// `etcd-migrate snapshot` of the member at `endpoint` into `out`, taken again until the file
+/// records its release line (`clusterVersion`, which etcd writes to its backend some time after
+/// the cluster version is decided): the path of that snapshot. Earlier tries are removed.
+pub fn snapshot_with_cluster_version(endpoint: &str, out: &Path) -> PathBuf {
+    wait_until(
+        "a snapshot that records the cluster version",
+        Duration::from_secs(30),
+        || {
+            let o = Command::new(env!("CARGO_BIN_EXE_etcd-migrate"))
+                .arg("snapshot")
+                .env_clear()
+                .env("SNAPSHOT_ENDPOINT", endpoint)
+                .env("SNAPSHOT_DIR", out)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "snapshot: {}", text(&o));
+            let path = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+            let facts =
+                etcd_migrate::storage::snapcheck::check(&path, &Default::default()).unwrap();
+            if facts.cluster_version.is_some() {
+                return Some(path);
+            }
+            std::fs::remove_file(&path).unwrap();
+            None
+        },
+    )
 }
 
 /// How many restores from a snapshot the data dir's journal records.
