@@ -216,11 +216,10 @@ fn release_for(
 
 /// "3.5.0" -> 3.5.
 fn parse_line(s: &str) -> Option<Minor> {
-    let mut it = s.trim().split('.');
-    Some(Minor::new(
-        it.next()?.parse().ok()?,
-        it.next()?.parse().ok()?,
-    ))
+    s.trim()
+        .parse::<EtcdVersion>()
+        .ok()
+        .map(EtcdVersion::minor_line)
 }
 
 #[cfg(test)]

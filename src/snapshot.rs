@@ -382,7 +382,7 @@ async fn verify(
         let count = member_api.count_at(revision).await;
         (hash, count, t.elapsed())
     });
-    let rule = rule_of(member_version);
+    let rule = snapcheck::skips_compacted_tombstone(member_version);
     let t = Instant::now();
     let facts = read_back(tmp, streamed, rule).await?;
     let read_ms = t.elapsed().as_millis() as u64;
@@ -461,17 +461,6 @@ fn human(d: Duration) -> String {
     } else {
         format!("{s}s")
     }
-}
-
-/// HashKV's tombstone rule of the member's release ("3.5.30").
-fn rule_of(version: &str) -> bool {
-    let mut it = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
-    let (a, b, c) = (
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-    );
-    snapcheck::skips_compacted_tombstone(a, b, c)
 }
 
 /// A streamed file that failed verification is kept beside the backups under a name that is
@@ -638,12 +627,5 @@ mod tests {
         // keep 0 is taken as 1: the snapshot just taken stays.
         prune(d.path(), "m1", 0, &newest).unwrap();
         assert_eq!(list(d.path(), "m1"), vec![newest]);
-    }
-
-    #[test]
-    fn tombstone_rule_follows_the_members_release() {
-        assert!(!rule_of("3.4.23"));
-        assert!(rule_of("3.5.30"));
-        assert!(!rule_of("3.5.1"));
     }
 }

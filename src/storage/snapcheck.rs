@@ -23,6 +23,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::storage::bbolt::{BboltError, Bucket, Db, Value};
 use crate::storage::keydigest::KeyDigest;
 use crate::storage::mvcc::{self, parse_revision_key, KeyValueRef, MvccError, KEY_BUCKET};
+use crate::version::EtcdVersion;
 
 /// Bytes of the SHA-256 etcd appends to a snapshot stream.
 pub const TRAILER_LEN: usize = 32;
@@ -70,10 +71,14 @@ pub enum Trailer {
 
 /// Which releases' HashKV rule applies to a tombstone at the compaction revision: etcd since
 /// 3.5.16 and 3.4.34 skips it (older releases deleted it when compacting, newer keep it).
-pub fn skips_compacted_tombstone(major: u64, minor: u64, patch: u64) -> bool {
-    match (major, minor) {
-        (3, 4) => patch >= 34,
-        (3, 5) => patch >= 16,
+/// `version` is a release ("3.5.30") or a cluster version ("3.5.0"); unparsable is old.
+pub fn skips_compacted_tombstone(version: &str) -> bool {
+    let Ok(v) = version.trim().parse::<EtcdVersion>() else {
+        return false;
+    };
+    match (v.major, v.minor) {
+        (3, 4) => v.patch >= 34,
+        (3, 5) => v.patch >= 16,
         (3, m) => m > 5,
         (m, _) => m > 3,
     }
@@ -238,8 +243,7 @@ pub fn check_read(
     let rule = rule.unwrap_or_else(|| {
         cluster_version
             .as_deref()
-            .and_then(parse_version)
-            .is_some_and(|(a, b, c)| skips_compacted_tombstone(a, b, c))
+            .is_some_and(skips_compacted_tombstone)
     });
     let scan = KeyFacts::read(&db, compact, Some(progress)).map_err(|e| match e {
         MvccError::MissingBucket(_) => SnapshotError::NotEtcd {
@@ -304,11 +308,6 @@ fn open(path: &Path) -> Result<Db, SnapshotError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
-    let mut it = s.trim().splitn(3, '.').map(|p| p.parse::<u64>().ok());
-    Some((it.next()??, it.next()??, it.next()??))
 }
 
 /// `clusterVersion` from bucket `cluster`, if any.
