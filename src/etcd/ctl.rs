@@ -117,7 +117,7 @@ pub async fn snapshot_restore(
     v: EtcdVersion,
     file: &Path,
     data_dir: &Path,
-    copied_from_data_dir: bool,
+    skip_hash_check: bool,
     alone: bool,
 ) -> Result<ToolOutput, CtlError> {
     let m = &config.member;
@@ -157,7 +157,7 @@ pub async fn snapshot_restore(
         args.push("--initial-cluster-token".into());
         args.push(token.to_string_lossy().into_owned());
     }
-    if copied_from_data_dir {
+    if skip_hash_check {
         args.push("--skip-hash-check".into());
     }
     run(bundle, config, tool, v, "snapshot restore", args).await

@@ -44,6 +44,8 @@ pub async fn run(
     let source = Source {
         file: snapshot.to_path_buf(),
         copied_from_data_dir: facts.trailer == Trailer::Absent,
+        // `decide` checked the trailer against the whole file before anything was touched.
+        trailer_checked: facts.trailer == Trailer::Valid,
         saved: None,
         alone: true,
     };

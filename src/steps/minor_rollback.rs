@@ -28,6 +28,10 @@ use crate::staging::Stage;
 pub(super) struct Source {
     pub(super) file: PathBuf,
     pub(super) copied_from_data_dir: bool,
+    /// We have read the file's SHA-256 trailer and found it right: the tool need not read the
+    /// whole file once more to check it (`--skip-hash-check` only skips that check; the tool
+    /// still strips the trailer).
+    pub(super) trailer_checked: bool,
     /// The stop of 3.N when it had to run to save one.
     pub(super) saved: Option<Stopped>,
     /// Restore as a cluster of this member alone (a restore from a backup after losing a
@@ -127,7 +131,7 @@ pub(super) async fn restore_staged(
         to,
         &source.file,
         &restored,
-        source.copied_from_data_dir,
+        source.copied_from_data_dir || source.trailer_checked,
         source.alone,
     );
     let meter = crate::meter::Meter::file(
@@ -201,6 +205,7 @@ async fn snapshot_source(
         return Ok(Source {
             file: backend_of(ctx.data_dir),
             copied_from_data_dir: true,
+            trailer_checked: false,
             saved: None,
             alone: false,
         });
@@ -217,6 +222,7 @@ async fn snapshot_source(
     Ok(Source {
         file: saved_file.to_path_buf(),
         copied_from_data_dir: false,
+        trailer_checked: false,
         saved: Some(stopped),
         alone: false,
     })
