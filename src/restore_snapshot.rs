@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::etcd::bundle::Bundle;
 use crate::layout::Layout;
 use crate::meter::{Meter, Unit};
-use crate::progress;
+use crate::progress::{self, JournalEntry};
 use crate::storage::snapcheck::{self, SnapshotError, SnapshotFacts};
 use crate::version::{EtcdVersion, Minor, VersionFile};
 
@@ -66,6 +66,8 @@ pub struct Pending {
     pub path: PathBuf,
     pub facts: SnapshotFacts,
     pub release: EtcdVersion,
+    /// The file as it was when it was verified (see [`stamp`]).
+    pub stamp: Option<String>,
 }
 
 /// What the env asks of this run, decided before anything is touched.
@@ -82,6 +84,7 @@ pub fn decide(
     if has_data {
         return already_restored(&layout, path).map(|()| None);
     }
+    let stamp = stamp(path);
     let facts = verify(path)?;
     let release = release_for(path, &facts, bundle, target)?;
     tracing::info!(snapshot = %path.display(), bytes = facts.size, revision = facts.revision, keys = facts.keys,
@@ -90,6 +93,7 @@ pub fn decide(
         path: path.to_path_buf(),
         facts,
         release,
+        stamp,
     }))
 }
 
@@ -107,8 +111,7 @@ pub async fn restore(
         data_dir: &config.data_dir,
         members: 1,
     };
-    let r = crate::steps::from_snapshot::run(&ctx, &pending.path, &pending.facts, pending.release)
-        .await?;
+    let r = crate::steps::from_snapshot::run(&ctx, pending).await?;
     tracing::info!(version = %r.at, keys = r.keys, revisions_verified = r.revisions, restore_ms = r.restore_ms,
         prove_ms = r.prove_ms, sha256 = %pending.facts.sha256,
         "restored the snapshot: every revision read back as in the file, etcd {} serves it as a one-member cluster", r.at.version);
@@ -143,14 +146,28 @@ fn already_restored(layout: &Layout, path: &Path) -> Result<(), RestoreSnapshotE
     let Some((last, last_sha)) = restores.last() else {
         return Err(refuse("that was never restored from a snapshot".into()));
     };
+    let at_path = |e: &&JournalEntry| {
+        e.detail.get("snapshot").and_then(|v| v.as_str()) == Some(&*path.to_string_lossy())
+    };
     if !path.exists() {
-        let same_path =
-            last.detail.get("snapshot").and_then(|v| v.as_str()) == Some(&*path.to_string_lossy());
-        if same_path {
+        if at_path(last) {
             tracing::warn!(snapshot = %path.display(), restored_at = %last.at, "RESTORE_SNAPSHOT names a file that is gone; the data dir was restored from that path: nothing to do");
             return Ok(());
         }
         return Err(refuse(format!("restored from another file ({last_sha})")));
+    }
+    // The very file we restored, untouched since (same size, mtime and inode): its SHA-256 is
+    // the one in the journal, so the gigabyte is not read again on every start of the pod. A
+    // file that only looks the same can at worst leave this data alone, never replace it.
+    let now = stamp(path);
+    if let Some((e, sha)) = restores.iter().find(|(e, _)| {
+        at_path(e)
+            && now.is_some()
+            && e.detail.get("snapshot_stamp").and_then(|v| v.as_str()) == now.as_deref()
+    }) {
+        tracing::info!(snapshot = %path.display(), sha256 = %sha, restored_at = %e.at,
+            "the data dir was restored from this snapshot already (the file is unchanged since: same size, mtime and inode): not restoring again");
+        return Ok(());
     }
     let (_, _, sha) = snapcheck::checksums(path, &AtomicU64::new(0)).map_err(|e| {
         RestoreSnapshotError::Unreadable {
@@ -167,6 +184,19 @@ fn already_restored(layout: &Layout, path: &Path) -> Result<(), RestoreSnapshotE
         "restored from another snapshot (sha256 {last_sha} at {}; this file's is {sha})",
         last.at
     )))
+}
+
+/// What identifies a file without reading it: size, mtime (ns), device and inode.
+pub fn stamp(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "size={} mtime_ns={} dev={} ino={}",
+        m.size(),
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        m.dev(),
+        m.ino()
+    ))
 }
 
 /// The release of the file's line that restores it: the target's own when the lines agree,

@@ -199,12 +199,25 @@ async fn a_snapshot_under_writes_matches_the_member_and_restores_by_env_once() {
         drop(rc);
         r.stop();
 
-        // The manifest keeps the env: the next starts restore nothing.
-        for _ in 0..2 {
+        // The manifest keeps the env: the next starts restore nothing. The file untouched since
+        // the restore is known by its size, mtime and inode, without reading it; once its mtime
+        // moves, it is known by its SHA-256 again.
+        for touched in [false, true] {
+            if touched {
+                let f = std::fs::File::options().write(true).open(&file).unwrap();
+                f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+                    .unwrap();
+            }
             let o = env.run_ok(&["migrate"], "rerun with the same RESTORE_SNAPSHOT");
             assert!(
                 text(&o).contains("restored from this snapshot already"),
                 "{}",
+                text(&o)
+            );
+            assert_eq!(
+                text(&o).contains("the file is unchanged since"),
+                !touched,
+                "touched {touched}: {}",
                 text(&o)
             );
         }

@@ -4,14 +4,14 @@
 //! release serves it privately while our reader compares every revision with the file's; then
 //! version.txt, the journal (with the file's SHA-256) and the move of the member dir.
 
-use std::path::Path;
 use std::time::Instant;
 
 use crate::fsutil;
 use crate::progress::{self, JournalEntry};
+use crate::restore_snapshot::Pending;
 use crate::staging::Stage;
-use crate::storage::snapcheck::{SnapshotFacts, Trailer};
-use crate::version::{EtcdVersion, Storage, VersionFile};
+use crate::storage::snapcheck::Trailer;
+use crate::version::{Storage, VersionFile};
 
 use super::minor_rollback::{prove, restore_staged, Source};
 use super::{Ctx, StepError};
@@ -26,13 +26,9 @@ pub struct Restored {
     pub prove_ms: u64,
 }
 
-/// Restores `snapshot` (already verified: `facts`) with `release` into the data dir.
-pub async fn run(
-    ctx: &Ctx<'_>,
-    snapshot: &Path,
-    facts: &SnapshotFacts,
-    release: EtcdVersion,
-) -> Result<Restored, StepError> {
+/// Restores the snapshot (already verified) with its release into the data dir.
+pub async fn run(ctx: &Ctx<'_>, pending: &Pending) -> Result<Restored, StepError> {
+    let (snapshot, facts, release) = (&*pending.path, &pending.facts, pending.release);
     let t0 = Instant::now();
     let work = ctx.work_dir();
     fsutil::create_dir_mode(&work, 0o700)?;
@@ -69,6 +65,9 @@ pub async fn run(
     let mut detail = progress::Detail::new();
     detail.insert("snapshot".into(), snapshot.display().to_string().into());
     detail.insert("sha256".into(), facts.sha256.clone().into());
+    if let Some(stamp) = &pending.stamp {
+        detail.insert("snapshot_stamp".into(), stamp.clone().into());
+    }
     detail.insert("snapshot_revision".into(), facts.revision.into());
     detail.insert("revisions_verified".into(), before.entries.into());
     detail.insert("restore_ms".into(), restore_ms.into());
