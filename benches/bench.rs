@@ -431,6 +431,19 @@ async fn sizes(root: &Path) -> Vec<Row> {
     rows
 }
 
+/// Which child of a storage migration peaked: `etcdctl migrate` (the children's peak when it
+/// was reaped, from the journal) or the private etcd after it (the rest).
+fn which_child(det: &serde_json::Value, children_mb: u64) -> String {
+    let Some(tool) = det["children_peak_rss_mb_after_etcdctl_migrate"].as_u64() else {
+        return "per child: not recorded".into();
+    };
+    if children_mb > tool {
+        format!("etcdctl migrate {tool} MiB; the private etcd serving v2 and v3 {children_mb} MiB")
+    } else {
+        format!("etcdctl migrate {tool} MiB; the private etcd at most that")
+    }
+}
+
 /// The storage migration etcd2 -> etcd3 of a 1 GB etcd2 member, at 3.4.23: time, where it went,
 /// and memory (etcd-migrate's own; `etcdctl migrate` and the private etcd are children).
 async fn storage_migration_1g(root: &Path) -> Vec<Row> {
@@ -448,7 +461,7 @@ async fn storage_migration_1g(root: &Path) -> Vec<Row> {
     fs::remove_dir_all(d.parent().unwrap()).unwrap();
     vec![
         Row { id: "P3 1g", what: format!("storage migration etcd2 -> etcd3 at 3.4.23 of a 1 GB etcd2 member ({shape})"), figure: format!("{:.1} s: etcdctl migrate {:.1} s, capture {:.1} s, reattach {:.1} s; {} TTL keys leased", secs(ran.took), s("etcdctl_migrate_ms"), s("capture_ms"), s("reattach_ms"), det["ttl_keys_leased"]), goal: "(report)", met: None },
-        Row { id: "RSS migrate", what: "the same: peak RSS of etcd-migrate itself; of its largest child (etcdctl migrate or the private etcd)".into(), figure: format!("{} MiB; children {} MiB", ran.own_mb, ran.etcd_mb), goal: "<= 256 MB", met: Some(ran.own_mb <= 244) },
+        Row { id: "RSS migrate", what: "the same: peak RSS of etcd-migrate itself; of its largest child (etcdctl migrate or the private etcd)".into(), figure: format!("{} MiB; children {} MiB ({})", ran.own_mb, ran.etcd_mb, which_child(&det, ran.etcd_mb)), goal: "<= 256 MB", met: Some(ran.own_mb <= 244) },
     ]
 }
 

@@ -210,6 +210,9 @@ async fn etcd2_to_etcd3_keeps_every_key_and_each_keys_remaining_ttl() {
         check_migrated(&data, target, &before, captured_at, &Expect { leased }, 1).await;
         let detail = journal_detail(&data);
         assert_eq!(detail["ttl_keys"], 20110);
+        // Which child a memory limit must fit: `etcdctl migrate`'s peak is recorded apart.
+        let tool_mb = detail["children_peak_rss_mb_after_etcdctl_migrate"].as_u64();
+        assert!(tool_mb.is_some_and(|mb| mb > 0), "{detail}");
         assert_eq!(
             detail["ttl_keys_outside_ttl_dir"], 110,
             "masterleases and /other are outside /registry/events"

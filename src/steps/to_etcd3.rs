@@ -311,6 +311,12 @@ pub async fn run(
     let t = Instant::now();
     let (stage, migrate) = convert(ctx, at).await?;
     let (migrate_ms, tool_ms) = (ms(t), migrate.elapsed.as_millis() as u64);
+    // The largest child reaped so far: `etcdctl migrate` (or an earlier step's), so that the
+    // journal tells which child a pod's memory limit would have to fit.
+    report.detail.insert(
+        "children_peak_rss_mb_after_etcdctl_migrate".into(),
+        crate::meter::children_peak_rss_mb().into(),
+    );
 
     // 2. Capture over v2, on the staging dir, with v3 served too.
     let t = Instant::now();
