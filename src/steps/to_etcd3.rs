@@ -309,14 +309,8 @@ pub async fn run(
 
     // 1. Read the source and write it staged: `etcdctl migrate` on a copy.
     let t = Instant::now();
-    let (stage, migrate) = convert(ctx, at).await?;
+    let (stage, migrate) = convert(ctx, at, &mut report.detail).await?;
     let (migrate_ms, tool_ms) = (ms(t), migrate.elapsed.as_millis() as u64);
-    // The largest child reaped so far: `etcdctl migrate` (or an earlier step's), so that the
-    // journal tells which child a pod's memory limit would have to fit.
-    report.detail.insert(
-        "children_peak_rss_mb_after_etcdctl_migrate".into(),
-        crate::meter::children_peak_rss_mb().into(),
-    );
 
     // 2. Capture over v2, on the staging dir, with v3 served too.
     let t = Instant::now();
@@ -428,10 +422,13 @@ async fn capture_checked(
 }
 
 /// Stage 1: the member dir copied into staging and converted there by `etcdctl migrate` (it
-/// also creates the v3 backend that etcd 3.1+ insists on, etcd-io/etcd#9480).
+/// also creates the v3 backend that etcd 3.1+ insists on, etcd-io/etcd#9480). Records in
+/// `detail` the largest child reaped by then (`etcdctl migrate`, or an earlier step's): the
+/// journal tells which child a pod's memory limit would have to fit.
 async fn convert(
     ctx: &Ctx<'_>,
     at: EtcdVersion,
+    detail: &mut crate::progress::Detail,
 ) -> Result<(Stage, crate::etcd::process::ToolOutput), StepError> {
     let member = ctx.layout.member();
     fsutil::ensure_space(&ctx.work_dir(), fsutil::tree_size(&member)?)?;
@@ -440,6 +437,10 @@ async fn convert(
     fail::fail_point!("to-etcd3-before-migrate");
     let migrate = ctl::migrate(ctx.bundle, ctx.config, at, &stage.path).await?;
     fail::fail_point!("to-etcd3-after-migrate");
+    detail.insert(
+        "children_peak_rss_mb_after_etcdctl_migrate".into(),
+        crate::meter::children_peak_rss_mb().into(),
+    );
     Ok((stage, migrate))
 }
 
