@@ -1504,7 +1504,12 @@ fn machine() -> String {
     )
 }
 
-/// One table row as BENCHMARKS.md has it.
+/// A file at the top of the repo (BENCHMARKS.md, its notes).
+fn repo_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+/// One table row as BENCHMARKS.md has it (printed too).
 fn row_line(r: &Row) -> String {
     let met = match r.met {
         Some(true) => "yes",
@@ -1521,7 +1526,7 @@ fn row_line(r: &Row) -> String {
 /// `BENCH_MERGE=1`: a subset's rows replace the rows of the same id in BENCHMARKS.md (new ids
 /// are added at the end of the table) and the header says which rows this run made, when.
 fn merge_into_benchmarks_md(which: &[String], rows: &[Row]) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+    let path = repo_file("BENCHMARKS.md");
     let old = fs::read_to_string(&path).unwrap_or_default();
     let id_of = |line: &str| line.split('|').nth(1).map(|c| c.trim().to_string());
     let mut new: Vec<(String, String)> = rows
@@ -1558,9 +1563,8 @@ fn merge_into_benchmarks_md(which: &[String], rows: &[Row]) {
     // The notes as BENCHMARKS.notes.md has them now.
     if let Some(at) = out.iter().position(|l| l.starts_with("## Notes")) {
         out.truncate(at);
-        let notes = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.notes.md");
         out.extend(
-            fs::read_to_string(notes)
+            fs::read_to_string(repo_file("BENCHMARKS.notes.md"))
                 .unwrap_or_default()
                 .lines()
                 .map(String::from),
@@ -1649,19 +1653,10 @@ fn main() {
     ));
     md.push_str("| id | what | figure | goal | met |\n|---|---|---|---|---|\n");
     for r in &rows {
-        let met = match r.met {
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "-",
-        };
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {met} |\n",
-            r.id, r.what, r.figure, r.goal
-        ));
-        println!("{:<8} {:<10} {}  ({})", r.id, met, r.figure, r.goal);
+        md.push_str(&row_line(r));
+        md.push('\n');
     }
-    let notes = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.notes.md");
-    if let Ok(n) = fs::read_to_string(&notes) {
+    if let Ok(n) = fs::read_to_string(repo_file("BENCHMARKS.notes.md")) {
         md.push('\n');
         md.push_str(&n);
     }
@@ -1669,10 +1664,6 @@ fn main() {
         .map(|v| v != "0")
         .unwrap_or(true)
     {
-        fs::write(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md"),
-            md,
-        )
-        .unwrap();
+        fs::write(repo_file("BENCHMARKS.md"), md).unwrap();
     }
 }
