@@ -414,15 +414,23 @@ async fn verify(
     });
     let rule = snapcheck::skips_compacted_tombstone(member_version);
     let t = Instant::now();
-    let facts = read_back(tmp, streamed, rule).await?;
+    let read = read_back(tmp, streamed, rule).await;
     let read_ms = t.elapsed().as_millis() as u64;
     let mismatch = |what: String| Rejected::Mismatch { revision, what };
-    if facts.revision != revision {
-        return Err(mismatch(format!(
-            "the file's newest revision read {} on a full read",
-            facts.revision
-        )));
-    }
+    let facts = match read {
+        Ok(facts) if facts.revision == revision => facts,
+        // The file is rejected: our HashKV and count requests to the member are cancelled.
+        other => {
+            member.abort();
+            return Err(match other {
+                Err(e) => e,
+                Ok(facts) => mismatch(format!(
+                    "the file's newest revision read {} on a full read",
+                    facts.revision
+                )),
+            });
+        }
+    };
     let (hash, count, member_took) = member
         .await
         .map_err(|e| mismatch(format!("asking the member failed: {e}")))?;
